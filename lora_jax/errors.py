@@ -1,0 +1,19 @@
+"""The one exception family for user errors: the CLI turns these into one line and exit status 2."""
+
+__all__ = ["LoraJaxError", "ConfigError", "CheckpointFormatError", "DataError"]
+
+
+class LoraJaxError(ValueError):
+    """Bad input from the user; the message names the value and the fix."""
+
+
+class ConfigError(LoraJaxError):
+    """A configuration value is invalid."""
+
+
+class CheckpointFormatError(LoraJaxError):
+    """A model, adapter or checkpoint on disk is missing, malformed or does not fit."""
+
+
+class DataError(LoraJaxError):
+    """A dataset file is missing, malformed or empty."""

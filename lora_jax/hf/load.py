@@ -1,0 +1,188 @@
+"""Load a Hugging Face Llama directory (config.json + safetensors) into a Flax parameter tree.
+
+Tensors stream one at a time from the safetensors files; each Flax leaf is assembled in one host
+buffer (stacked over layers when scanning) and moved to its device(s) as soon as it is complete, so
+host memory holds at most the leaves still being filled, never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Any, Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from lora_jax.config import LlamaConfig
+from lora_jax.errors import CheckpointFormatError, ConfigError
+from lora_jax.hf.names import IGNORED_SUFFIXES, Entry, flax_path, hf_entries
+
+__all__ = ["load_pretrained", "weight_files", "np_dtype"]
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def np_dtype(name: str):
+    return np.dtype(_NP_DTYPES[name])
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a HF model directory (index-aware); refuses pickled checkpoints."""
+    if not os.path.isdir(path):
+        raise CheckpointFormatError(f"model directory {path!r} does not exist; pass a Hugging Face "
+                                    "model directory (config.json + *.safetensors)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointFormatError(f"{index} is not a valid safetensors index ({e!r}); "
+                                        "re-export the model") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise CheckpointFormatError(f"{index} names files that are not there: {missing}; "
+                                        "copy the whole model directory")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    pickled = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickled:
+        raise CheckpointFormatError(
+            f"{path} holds only pickled weights ({', '.join(sorted(pickled))}); lora_jax never "
+            "unpickles. Convert them once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+    raise CheckpointFormatError(f"no model.safetensors or model.safetensors.index.json in {path}; "
+                                "pass a Hugging Face model directory saved with save_pretrained")
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="np")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointFormatError(f"cannot read {file}: {e}. The file is truncated or not "
+                                    "safetensors; copy or export it again") from None
+
+
+def _index_tensors(files: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (file, shape), read from the headers only."""
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                found[key] = (file, tuple(f.get_slice(key).get_shape()))
+    return found
+
+
+def check_tensors(cfg: LlamaConfig, found: dict[str, tuple[str, tuple[int, ...]]]) -> list[Entry]:
+    """Refuses missing or unexpected keys and shape mismatches, naming each."""
+    entries = hf_entries(cfg)
+    expected = {e.hf_key for e in entries}
+    extra = sorted(k for k in found if k not in expected and not k.endswith(IGNORED_SUFFIXES)
+                   and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
+    missing = sorted(expected - set(found))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {_short(missing)}")
+        if extra:
+            parts.append(f"unexpected tensors: {_short(extra)}")
+        raise CheckpointFormatError("; ".join(parts) + ". The weights do not match config.json "
+                                    "(wrong config, or not a LlamaForCausalLM checkpoint)")
+    for e in entries:
+        shape = found[e.hf_key][1]
+        if shape != e.hf_shape:
+            raise CheckpointFormatError(f"tensor {e.hf_key} has shape {list(shape)} but config.json "
+                                        f"implies {list(e.hf_shape)}; the config and weights disagree")
+    return entries
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: bool = True,
+                    remat_policy: str = "none", compute_dtype: Any = None,
+                    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None):
+    """Load a HF Llama directory -> `(LlamaConfig, params)`.
+
+    dtype: parameter dtype (`"float32"`, `"bfloat16"`); None keeps the checkpoint's own.
+    mesh: a `jax.sharding.Mesh`; each leaf goes straight to its sharding (see `lora_jax.sharding`).
+    compute_dtype: activation dtype; defaults to the parameter dtype.
+    """
+    path = os.fspath(path)
+    files = weight_files(path)
+    hf_cfg = LlamaConfig.from_hf(path)  # validates model type and options before reading weights
+    found = _index_tensors(files)
+    entries = check_tensors(hf_cfg, found)
+    if dtype is None:
+        with _open(found[entries[0].hf_key][0]) as f:
+            stored = f.get_slice(entries[0].hf_key).get_dtype()
+        dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(stored)
+        if dtype is None:
+            raise ConfigError(f"checkpoint dtype {stored} is not supported; pass dtype='float32' or 'bfloat16'")
+    cfg = hf_cfg.replace(param_dtype=dtype, dtype=compute_dtype or dtype, scan_layers=scan_layers,
+                         remat_policy=remat_policy)
+    target = np_dtype(cfg.param_dtype)
+    if place is None:
+        place = _placer(cfg, mesh)
+
+    # Group entries by destination leaf, so each leaf is filled, placed and released in turn.
+    by_leaf: dict[tuple[str, ...], list[Entry]] = defaultdict(list)
+    for e in entries:
+        by_leaf[flax_path(e, cfg.scan_layers)].append(e)
+    by_file: dict[str, list[Entry]] = defaultdict(list)
+    for e in entries:
+        by_file[found[e.hf_key][0]].append(e)
+
+    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    remaining = {leaf: len(es) for leaf, es in by_leaf.items()}
+    placed: dict[tuple[str, ...], Any] = {}
+    for file, file_entries in by_file.items():
+        with _open(file) as f:
+            for e in file_entries:
+                leaf = flax_path(e, cfg.scan_layers)
+                try:
+                    tensor = f.get_tensor(e.hf_key)
+                except (SafetensorError, OSError, ValueError) as err:
+                    raise CheckpointFormatError(f"cannot read tensor {e.hf_key} from {file}: {err}; "
+                                                "the file is truncated or corrupt") from None
+                if e.transpose:
+                    tensor = tensor.T
+                tensor = tensor.astype(target)
+                if e.layer is not None and cfg.scan_layers:
+                    if leaf not in buffers:
+                        buffers[leaf] = np.empty((cfg.num_hidden_layers,) + tensor.shape, target)
+                    buffers[leaf][e.layer] = tensor
+                else:
+                    buffers[leaf] = np.ascontiguousarray(tensor)
+                del tensor
+                remaining[leaf] -= 1
+                if remaining[leaf] == 0:
+                    placed[leaf] = place(leaf, buffers.pop(leaf))
+    return cfg, _nest(placed)
+
+
+def _placer(cfg: LlamaConfig, mesh):
+    if mesh is None:
+        return lambda path, array: jax.device_put(array)
+    from lora_jax.sharding import param_sharding
+
+    return lambda path, array: jax.device_put(array, param_sharding(path, array, mesh))

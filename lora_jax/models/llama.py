@@ -1,0 +1,235 @@
+"""A Flax (linen) Llama whose parameter tree mirrors Hugging Face's module names.
+
+The model knows nothing of LoRA: adapters enter only through method interception of the plain
+`nn.Dense` projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`).
+
+Parameter tree (Flax kernels are `[in, out]`; HF weights are `[out, in]`):
+
+    embed_tokens/embedding            [vocab, embed]
+    layers/self_attn/q_proj/kernel    [layers, embed, heads*head_dim]   (scan_layers=True)
+    layers_3/mlp/down_proj/kernel     [mlp, embed]                       (scan_layers=False)
+    layers/input_layernorm/scale, layers/post_attention_layernorm/scale, norm/scale
+    lm_head/kernel                    [embed, vocab]                     (absent when tied)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from lora_jax.config import LlamaConfig
+
+__all__ = ["Llama", "KVCache", "init_kv_cache", "rope_inv_freq"]
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+    """Keys/values for incremental decoding: `[layers, batch, max_len, kv_heads, head_dim]`."""
+
+    k: Array
+    v: Array
+
+
+def init_kv_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies of rotary embeddings, with llama3 scaling where configured (as HF does)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if cfg.rope_type == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_position_embeddings
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def _rope(positions: Array, cfg: LlamaConfig) -> tuple[Array, Array]:
+    """cos, sin of shape `[batch, seq, head_dim]` in fp32 (split-halves layout, as HF)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _apply_rope(x_bthd: Array, cos: Array, sin: Array) -> Array:
+    half = x_bthd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x_bthd.dtype), sin[:, :, None, :].astype(x_bthd.dtype)
+    return x_bthd * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * y.astype(self.dtype)
+
+
+def _dense(cfg: LlamaConfig, features: int, name: str, bias: bool) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_btd, cos, sin, mask, cache):
+        cfg = self.config
+        b, t, _ = x_btd.shape
+        n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = _dense(cfg, n * h, "q_proj", cfg.attention_bias)(x_btd).reshape(b, t, n, h)
+        kk = _dense(cfg, k * h, "k_proj", cfg.attention_bias)(x_btd).reshape(b, t, k, h)
+        v = _dense(cfg, k * h, "v_proj", cfg.attention_bias)(x_btd).reshape(b, t, k, h)
+        q, kk = _apply_rope(q, cos, sin), _apply_rope(kk, cos, sin)
+        q, kk, v = (checkpoint_name(a, "qkv") for a in (q, kk, v))
+        new_cache = None
+        if cache is not None:
+            cache_k, cache_v, index = cache
+            kk = jax.lax.dynamic_update_slice_in_dim(cache_k, kk.astype(cache_k.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+            new_cache = (kk, v)
+            kk, v = kk.astype(q.dtype), v.astype(q.dtype)
+        if mask is None:  # plain causal: the fast path (cuDNN flash attention on GPU)
+            out = jax.nn.dot_product_attention(q, kk, v, is_causal=True,
+                                               implementation=cfg.attention_impl)
+        else:
+            out = jax.nn.dot_product_attention(q, kk, v, mask=mask)
+        out = checkpoint_name(out, "attn_out")
+        out = _dense(cfg, cfg.hidden_size, "o_proj", cfg.attention_bias)(out.reshape(b, t, n * h))
+        return out, new_cache
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg, cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x)
+        up = _dense(cfg, cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x)
+        return _dense(cfg, cfg.hidden_size, "down_proj", cfg.mlp_bias)(nn.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    """One decoder layer. Signature fits `nn.scan`: `(x, rope, mask, cache) -> (x, cache)`."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, rope, mask, cache):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        attn, new_cache = LlamaAttention(cfg, name="self_attn")(
+            norm("input_layernorm")(x), rope[0], rope[1], mask, cache)
+        x = x + attn
+        x = x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        return x, new_cache
+
+
+_POLICIES = {
+    "full": lambda: jax.checkpoint_policies.nothing_saveable,
+    "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_out": lambda: jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
+}
+
+
+def _block_class(cfg: LlamaConfig):
+    block = LlamaBlock
+    if cfg.remat_policy != "none":
+        block = nn.remat(block, policy=_POLICIES[cfg.remat_policy](), prevent_cse=not cfg.scan_layers)
+    return block
+
+
+class Llama(nn.Module):
+    """Llama causal LM. `__call__(input_ids, positions=None, segment_ids=None)` -> logits.
+
+    - `segment_ids` ([batch, seq], 0 = padding) keeps packed documents from attending to each other.
+    - `return_hidden=True` returns the final normed hidden states instead of logits (for a loss
+      that never materialises `[tokens, vocab]` logits).
+    - `cache` (a `KVCache`) with `cache_index` and `cache_mask` ([batch, max_len], valid key slots)
+      runs incremental decoding and returns `(logits, new_cache)`.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden=False,
+                 cache: KVCache | None = None, cache_index=None, cache_mask=None):
+        cfg = self.config
+        b, t = input_ids.shape
+        if positions is None:
+            start = 0 if cache is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        rope = _rope(positions, cfg)
+        mask = _attention_mask(t, segment_ids, cache, cache_index, cache_mask)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+        x = embed(input_ids)
+        block = _block_class(cfg)
+        layer_cache = None
+        if cache is not None:
+            layer_cache = (cache.k, cache.v, jnp.broadcast_to(cache_index, (cfg.num_hidden_layers,)))
+        if cfg.scan_layers:
+            scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0},
+                              split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_hidden_layers)
+            x, new_layer_cache = scanned(cfg, name="layers")(x, rope, mask, layer_cache)
+        else:
+            outs = []
+            for i in range(cfg.num_hidden_layers):
+                li = None if layer_cache is None else jax.tree.map(lambda c: c[i], layer_cache)
+                x, out = block(cfg, name=f"layers_{i}")(x, rope, mask, li)
+                outs.append(out)
+            new_layer_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+        x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
+        if return_hidden:
+            out = x
+        elif cfg.tie_word_embeddings:
+            out = embed.attend(x)
+        else:
+            out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                           kernel_init=nn.initializers.normal(0.02), name="lm_head")(x)
+        if cache is None:
+            return out
+        return out, KVCache(*new_layer_cache)
+
+
+def _attention_mask(t, segment_ids, cache, cache_index, cache_mask):
+    """None for plain causal attention (the fast path); else a boolean `[batch, 1, q, k]` mask."""
+    if cache is not None:
+        max_len = cache.k.shape[2]
+        q_slot = cache_index + jnp.arange(t)
+        allowed = jnp.arange(max_len)[None, :] <= q_slot[:, None]  # [q, k]
+        if cache_mask is not None:
+            allowed = allowed[None] & cache_mask[:, None, :].astype(bool)
+        return jnp.broadcast_to(allowed, (cache.k.shape[1], t, max_len))[:, None]
+    if segment_ids is None:
+        return None
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None]

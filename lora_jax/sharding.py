@@ -1,0 +1,130 @@
+"""Device meshes and the one table from logical axis names to mesh axes.
+
+Every parameter's logical axes follow from its path (the tree mirrors HF names, so this is a table,
+not code paths); an adapter's `a` takes its kernel's input axis, `b` its output axis, rank replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lora_jax.errors import ConfigError
+
+__all__ = ["make_mesh", "DEFAULT_RULES", "logical_axes", "param_sharding", "tree_shardings",
+           "batch_sharding", "MESH_AXES"]
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "norm": None,
+    "rank": None,
+    "sweep": None,
+}
+
+_KERNEL_AXES = {
+    "q_proj": ("embed", "heads"),
+    "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("heads", "embed"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+    "lm_head": ("embed", "vocab"),
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A mesh with axes ("data", "fsdp", "tensor"); one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ConfigError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: at most one may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+        raise ConfigError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} does not divide the "
+                          f"{len(devices)} devices; choose sizes whose product is {len(devices)}")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != len(devices):
+        raise ConfigError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} uses "
+                          f"{int(np.prod(sizes))} devices but {len(devices)} are present")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names of a base parameter or adapter leaf, from its path."""
+    path = tuple(str(p) for p in path)
+    leaf = path[-1]
+    stacked = "layers" in path
+    module = next((p for p in reversed(path[:-1]) if p in _KERNEL_AXES), None)
+    if path[0] == "embed_tokens":
+        axes: tuple = ("vocab", "embed")
+    elif module is not None and leaf == "kernel":
+        axes = _KERNEL_AXES[module]
+    elif module is not None and leaf == "bias":
+        axes = (_KERNEL_AXES[module][1],)
+    elif module is not None and leaf == "a":
+        axes = (_KERNEL_AXES[module][0], "rank")
+    elif module is not None and leaf == "b":
+        axes = ("rank", _KERNEL_AXES[module][1])
+    elif module is not None and leaf == "m":
+        axes = (_KERNEL_AXES[module][1],)
+    else:
+        axes = ("norm",) * (ndim - int(stacked))
+    if stacked:
+        axes = ("layers",) + axes
+    if len(axes) < ndim:  # leading axes we do not name (e.g. a sweep axis) stay replicated
+        axes = ("sweep",) * (ndim - len(axes)) + axes
+    return axes
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+             rules: Mapping = DEFAULT_RULES) -> P:
+    """Map logical axes to a PartitionSpec; a dimension that the mesh axis does not divide stays
+    replicated (sharding it would need padding)."""
+    out = []
+    used: set[str] = set()
+    for name, dim in zip(axes, shape):
+        target = rules.get(name) if name else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if n not in used and mesh.shape.get(n, 1) > 1)
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        if names and dim % size == 0:
+            used.update(names)
+            out.append(names[0] if len(names) == 1 else names)
+        else:
+            out.append(None)
+    return P(*out)
+
+
+def param_sharding(path, ndim_or_shape, mesh: Mesh, cfg=None, rules: Mapping = DEFAULT_RULES,
+                   shape=None) -> NamedSharding:
+    shape = tuple(shape if shape is not None else getattr(ndim_or_shape, "shape", ()))
+    ndim = len(shape) if shape else int(ndim_or_shape)
+    axes = logical_axes(path, ndim)
+    return NamedSharding(mesh, spec_for(axes, shape or (1,) * ndim, mesh, rules))
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
+    """NamedShardings for every leaf of a parameter or adapter tree (arrays or ShapeDtypeStructs)."""
+    def one(path, leaf):
+        names = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+        return NamedSharding(mesh, spec_for(logical_axes(names, leaf.ndim), leaf.shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping = DEFAULT_RULES) -> NamedSharding:
+    batch = tuple(n for n in (rules["batch"] if not isinstance(rules["batch"], str) else (rules["batch"],))
+                  if mesh.shape.get(n, 1) > 1)
+    return NamedSharding(mesh, P(batch or None, *([None] * (ndim - 1))))
