@@ -10,10 +10,13 @@
     lj.save_pretrained(out_dir, params, cfg, lora, lcfg)   # merged HF model dir
 """
 
-from lora_jax.config import LlamaConfig
+from lora_jax.config import LlamaConfig, LoraConfig
 from lora_jax.errors import CheckpointFormatError, ConfigError, DataError, LoraJaxError
 from lora_jax.hf.load import load_pretrained
 from lora_jax.hf.save import save_pretrained
+from lora_jax.lora import (Split, apply, combine, count_parameters, dora_weight_norms, init_lora,
+                           lora_dense, lora_interception, lora_labels, make_optimizer, merge,
+                           print_trainable_parameters, split_trainable, unmerge)
 from lora_jax.models.llama import KVCache, Llama, init_kv_cache
 from lora_jax.sharding import make_mesh
 

@@ -234,3 +234,135 @@ def _hf_dict(source: Any) -> dict:
         return source.to_dict()
     raise ConfigError(f"cannot read a Llama config from {type(source).__name__}; pass a directory, "
                       "a config.json path, a dict or a transformers config")
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_INIT_CHOICES = (True, False, "gaussian", "pissa")
+
+
+def _as_tuple(value, name: str, kind=str) -> tuple | None:
+    if value is None:
+        return None
+    if isinstance(value, kind):
+        return (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name}={value!r} must be a list of {kind.__name__}") from None
+    if not all(isinstance(v, kind) and not isinstance(v, bool) for v in out):
+        raise ConfigError(f"{name}={value!r} must be a list of {kind.__name__}")
+    return out
+
+
+def _as_pairs(value, name: str, kind) -> tuple[tuple[str, Any], ...]:
+    """Patterns are stored as sorted (key, value) pairs so the config stays hashable (jit-static)."""
+    if not value:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    out = []
+    for k, v in items:
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, kind) or v <= 0:
+            raise ConfigError(f"{name} entry {k!r}: {v!r} must map a module pattern to a positive "
+                              f"{kind.__name__ if isinstance(kind, type) else 'number'}")
+        out.append((k, v))
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA settings with PEFT's field names and meanings (see `peft.LoraConfig`).
+
+    `target_modules`: module names (matched as PEFT does: equal to, or a dotted suffix of, the HF
+    module name such as `model.layers.3.self_attn.q_proj`), a string regex (full match), or
+    `"all-linear"` for the seven projections. Patterns (`rank_pattern`, `alpha_pattern`) are keyed
+    by regexes matched against the end of the HF module name, as in PEFT.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Any = ("q_proj", "v_proj")
+    exclude_modules: Any = None
+    layers_to_transform: Any = None
+    rank_pattern: Any = ()
+    alpha_pattern: Any = ()
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: Any = True
+    modules_to_save: Any = ()
+    loraplus_lr_ratio: float | None = None
+    bias: str = "none"
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r={self.r!r} must be a positive integer (the adapter rank), e.g. r=16")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha={self.lora_alpha!r} must be a positive number, e.g. 2*r")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1), e.g. 0.05")
+        targets = self.target_modules
+        if targets == "all-linear":
+            targets = ALL_LINEAR
+        elif isinstance(targets, str):
+            _check_regex(targets, "target_modules")
+        else:
+            targets = _as_tuple(targets, "target_modules")
+            if not targets:
+                raise ConfigError("target_modules is empty; name modules such as ('q_proj', 'v_proj') "
+                                  "or pass 'all-linear'")
+        object.__setattr__(self, "target_modules", targets)
+        excl = self.exclude_modules
+        if isinstance(excl, str):
+            _check_regex(excl, "exclude_modules")
+        else:
+            object.__setattr__(self, "exclude_modules", _as_tuple(excl, "exclude_modules"))
+        layers = self.layers_to_transform
+        if layers is not None:
+            layers = _as_tuple(layers, "layers_to_transform", int)
+            if any(i < 0 for i in layers):
+                raise ConfigError(f"layers_to_transform={list(layers)} has a negative index; "
+                                  "layers are numbered from 0")
+        object.__setattr__(self, "layers_to_transform", layers)
+        object.__setattr__(self, "rank_pattern", _as_pairs(self.rank_pattern, "rank_pattern", int))
+        object.__setattr__(self, "alpha_pattern",
+                           _as_pairs(self.alpha_pattern, "alpha_pattern", (int, float)))
+        for key, _ in self.rank_pattern + self.alpha_pattern:
+            _check_regex(key, "pattern key")
+        if self.init_lora_weights not in _INIT_CHOICES or isinstance(self.init_lora_weights, int) \
+                and not isinstance(self.init_lora_weights, bool):
+            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r}; choose one of "
+                              f"{_INIT_CHOICES}")
+        object.__setattr__(self, "modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save") or ())
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ConfigError(f"loraplus_lr_ratio={self.loraplus_lr_ratio!r} must be positive, e.g. 16")
+        if self.bias != "none":
+            raise ConfigError(f"bias={self.bias!r} is not supported; lora_jax trains no biases, use 'none'")
+        if self.use_dora and self.init_lora_weights == "pissa":
+            raise ConfigError("use_dora=True with init_lora_weights='pissa' is not supported (PEFT "
+                              "does not define it either); use one or the other")
+
+    def replace(self, **changes) -> "LoraConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rank_pattern"] = dict(self.rank_pattern)
+        d["alpha_pattern"] = dict(self.alpha_pattern)
+        for k in ("target_modules", "exclude_modules", "layers_to_transform", "modules_to_save"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
+        return cls(**d)
+
+
+def _check_regex(pattern: str, name: str) -> None:
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{name} {pattern!r} is not a valid regular expression ({e})") from None

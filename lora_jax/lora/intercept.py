@@ -1,0 +1,62 @@
+"""Routing targeted projections to `lora_dense` through Flax method interception.
+
+The model knows nothing of LoRA. Inside `lora_interception()`, every `nn.Dense.__call__` whose bound
+scope holds a `"lora"` collection entry (its adapter leaves, at the kernel's own path) is replaced
+by `lora_dense`; every other call, and `setup`, passes through untouched. Because the replacement
+never calls the wrapped method, a `super()` chain cannot fire it twice. Reading the adapters from
+the bound module (rather than matching names) is what makes it work inside `nn.scan` and `nn.remat`:
+the scan slices the `"lora"` collection per layer exactly as it slices `"params"`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lora_jax.config import LoraConfig
+from lora_jax.lora.kernel import lora_dense
+
+__all__ = ["lora_interception", "apply"]
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    return module.has_variable("lora", name)
+
+
+@contextlib.contextmanager
+def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = True):
+    """Within this context, adapted `nn.Dense` calls run `lora_dense` with their adapter leaves.
+
+    Dropout (`lcfg.lora_dropout`) is active only when `deterministic=False`; it draws from the
+    module's `"dropout"` rng stream.
+    """
+    rate = float(lcfg.lora_dropout) if lcfg is not None else 0.0
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
+                or not _has(module, "a")):
+            return next_fun(*args, **kwargs)
+        (x,) = args
+        kernel = module.get_variable("params", "kernel")
+        bias = module.get_variable("params", "bias") if module.use_bias else None
+        dtype = module.dtype or jnp.result_type(x, kernel)
+        rng = module.make_rng("dropout") if (not deterministic and rate > 0) else None
+        return lora_dense(
+            jnp.asarray(x, dtype), kernel,
+            module.get_variable("lora", "a"), module.get_variable("lora", "b"),
+            module.get_variable("lora", "scale"), bias=bias,
+            magnitude=module.get_variable("lora", "m") if _has(module, "m") else None,
+            dropout_rng=rng, dropout_rate=rate)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def apply(model: nn.Module, params, lora, lcfg: LoraConfig | None, *args, rngs=None,
+          deterministic: bool = True, **kwargs):
+    """`model.apply` with the adapters in effect: base + adapters via the interceptor."""
+    with lora_interception(lcfg, deterministic=deterministic):
+        return model.apply({"params": params, "lora": lora}, *args, rngs=rngs, **kwargs)

@@ -1,0 +1,64 @@
+"""`lora_dense`: the adapted projection, without ever forming W + s*A@B.
+
+    y = x @ W + s * dropout(x) @ A @ B                                   (LoRA)
+    y = f * (x @ W) + f * s * dropout(x) @ A @ B,  f = m / ||W + s*A@B||  (DoRA, norm detached)
+
+The DoRA column norm is expanded so that no `[in, out]` array is derived from A and B:
+    ||W_j + s (AB)_j||^2 = ||W_j||^2 + 2s <A^T W, B>_j + s^2 <(A^T A) B, B>_j
+which costs two rank-r products instead of a full-size weight.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["lora_dense", "dora_column_norm"]
+
+
+def _mm(x, w):
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def dora_column_norm(kernel, a, b, scale):
+    """||W + s*A@B|| per output column, from rank-r products only (fp32)."""
+    w, a, b = (t.astype(jnp.float32) for t in (kernel, a, b))
+    w_sq = jnp.sum(w * w, axis=0)
+    cross = jnp.sum((a.T @ w) * b, axis=0)
+    lora_sq = jnp.sum(((a.T @ a) @ b) * b, axis=0)
+    return jnp.sqrt(jnp.maximum(w_sq + 2 * scale * cross + scale * scale * lora_sq, 0.0))
+
+
+def _row(v, ndim):
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("dropout_rate",))
+def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=None,
+               dropout_rate: float = 0.0):
+    """`x @ kernel (+ bias)` plus the low-rank update, in the dtype of `x`.
+
+    x: [..., in]; kernel: [in, out]; a: [in, r]; b: [r, out]; scale: scalar (alpha/r or alpha/sqrt r);
+    magnitude: [out] for DoRA; dropout_rng: a key when dropout is active (training).
+    """
+    dtype = x.dtype
+    kernel = kernel.astype(dtype)
+    base = _mm(x, kernel)
+    xd = x
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
+        xd = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(dtype)
+    low_rank = _mm(_mm(xd, a.astype(dtype)), b.astype(dtype))
+    s = jnp.asarray(scale, jnp.float32)
+    if magnitude is None:
+        y = base + (s * low_rank).astype(dtype)
+    else:
+        norm = jax.lax.stop_gradient(dora_column_norm(kernel, a, b, s))
+        factor = _row(jnp.where(s != 0, magnitude.astype(jnp.float32) / norm, 1.0), x.ndim)
+        base_d = base if xd is x else _mm(xd, kernel)  # PEFT runs the dropped input through W too
+        y = base + ((factor - 1) * base_d + factor * s * low_rank).astype(dtype)
+    if bias is not None:
+        y = y + _row(bias.astype(dtype), x.ndim)
+    return y

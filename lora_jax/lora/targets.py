@@ -1,0 +1,127 @@
+"""Deciding, once, which projections get an adapter, with what rank and scale (PEFT's rules).
+
+Matching runs on Hugging Face module names (`model.layers.3.self_attn.q_proj`) so `target_modules`,
+`exclude_modules`, `layers_to_transform`, `rank_pattern` and `alpha_pattern` mean exactly what they
+mean in PEFT. The result, a list of `Target`s, drives init, merge, export and import alike.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple
+
+from lora_jax.config import LoraConfig
+from lora_jax.errors import ConfigError
+from lora_jax.hf.names import PROJECTIONS, projection_parent
+
+__all__ = ["Target", "ModelShape", "plan_targets", "model_shape", "hf_module_name"]
+
+
+class ModelShape(NamedTuple):
+    """What targeting needs to know of a parameter tree."""
+
+    num_layers: int
+    scan_layers: bool
+    io: dict  # projection name -> (in, out)
+
+
+class Target(NamedTuple):
+    layer: int
+    name: str  # projection, e.g. "q_proj"
+    parent: str  # "self_attn" or "mlp"
+    r: int
+    alpha: float
+    scale: float
+    fan_in: int
+    fan_out: int
+
+    @property
+    def hf_name(self) -> str:
+        return hf_module_name(self.layer, self.name)
+
+
+def hf_module_name(layer: int, name: str) -> str:
+    return f"model.layers.{layer}.{projection_parent(name)}.{name}"
+
+
+def model_shape(params) -> ModelShape:
+    """Layer count, scanning and projection shapes, read off a Llama parameter tree."""
+    if "layers" in params:
+        layer0 = params["layers"]
+        num_layers = int(layer0["self_attn"]["q_proj"]["kernel"].shape[0])
+        scan = True
+    else:
+        keys = [k for k in params if k.startswith("layers_")]
+        if not keys:
+            raise ConfigError("the parameter tree has no 'layers' or 'layers_<i>' entries; pass the "
+                              "params of lora_jax.Llama (from load_pretrained or Llama.init)")
+        num_layers, scan, layer0 = len(keys), False, params["layers_0"]
+    io = {}
+    for name in PROJECTIONS:
+        shape = layer0[projection_parent(name)][name]["kernel"].shape
+        io[name] = (int(shape[-2]), int(shape[-1]))
+    return ModelShape(num_layers, scan, io)
+
+
+def _target_match(lcfg: LoraConfig, key: str) -> bool:
+    """PEFT's check_target_module_exists, for the modules a Llama has."""
+    excl = lcfg.exclude_modules
+    if excl:
+        if isinstance(excl, str):
+            if re.fullmatch(excl, key):
+                return False
+        elif key in excl or any(key.endswith(f".{e}") for e in excl):
+            return False
+    if isinstance(lcfg.target_modules, str):
+        return re.fullmatch(lcfg.target_modules, key) is not None
+    found = key in lcfg.target_modules or any(key.endswith(f".{t}") for t in lcfg.target_modules)
+    if found and lcfg.layers_to_transform is not None:
+        layer = int(re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key).group("idx"))
+        found = layer in lcfg.layers_to_transform
+    return found
+
+
+def _pattern_value(pairs, key: str, default):
+    """PEFT's get_pattern_key: the first pattern matching the end of the module name."""
+    for pattern, value in pairs:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def plan_targets(shape: ModelShape, lcfg: LoraConfig) -> list[Target]:
+    """Every adapted (layer, projection), with its rank and scale; errors name what exists."""
+    if lcfg.layers_to_transform is not None:
+        bad = [i for i in lcfg.layers_to_transform if i >= shape.num_layers]
+        if bad:
+            raise ConfigError(f"layers_to_transform={list(lcfg.layers_to_transform)} includes {bad}, but "
+                              f"the model has layers 0..{shape.num_layers - 1}")
+    names = [hf_module_name(i, n) for i in range(shape.num_layers) for n in PROJECTIONS]
+    for pattern, _ in lcfg.rank_pattern + lcfg.alpha_pattern:
+        if not any(re.match(rf"(.*\.)?({pattern})$", k) for k in names):
+            raise ConfigError(f"pattern key {pattern!r} matches no module; module names look like "
+                              f"{names[0]!r} (projections: {', '.join(PROJECTIONS)})")
+    targets = []
+    for i in range(shape.num_layers):
+        for name in PROJECTIONS:
+            key = hf_module_name(i, name)
+            if not _target_match(lcfg, key):
+                continue
+            r = _pattern_value(lcfg.rank_pattern, key, lcfg.r)
+            alpha = _pattern_value(lcfg.alpha_pattern, key, lcfg.lora_alpha)
+            scale = alpha / math.sqrt(r) if lcfg.use_rslora else alpha / r
+            fan_in, fan_out = shape.io[name]
+            targets.append(Target(i, name, projection_parent(name), r, float(alpha), scale, fan_in, fan_out))
+    if not targets:
+        raise ConfigError(
+            f"target_modules={_show(lcfg.target_modules)} matches no module"
+            + (f" (with layers_to_transform={list(lcfg.layers_to_transform)})"
+               if lcfg.layers_to_transform is not None else "")
+            + f"; the adaptable modules are {', '.join(PROJECTIONS)} "
+              f"(full names like {names[0]!r}), or use 'all-linear'")
+    return targets
+
+
+def _show(t):
+    return repr(t) if isinstance(t, str) else repr(list(t))

@@ -1,0 +1,249 @@
+"""LoRA as a pure parameter-tree transform.
+
+The adapter tree mirrors the kernel paths it adapts, beside (never inside) the frozen tree:
+
+    params["layers"]["self_attn"]["q_proj"]["kernel"]     [L, in, out]   (frozen)
+    lora["layers"]["self_attn"]["q_proj"]["a"]             [L, in, r]     trainable
+    lora["layers"]["self_attn"]["q_proj"]["b"]             [L, r, out]    trainable
+    lora["layers"]["self_attn"]["q_proj"]["scale"]         [L]            frozen (alpha / r, per layer)
+    lora["layers"]["self_attn"]["q_proj"]["m"]             [L, out]       trainable (DoRA magnitude)
+
+With scanned layers every layer shares one shape: a layer the config leaves alone gets zeros and
+scale 0 (an exact no-op), and per-layer ranks from `rank_pattern` are zero-padded to the largest,
+entries that stay exactly zero under AdamW because their gradients are exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from lora_jax.config import LoraConfig
+from lora_jax.errors import ConfigError
+from lora_jax.lora.targets import Target, model_shape, plan_targets
+
+__all__ = ["init_lora", "merge", "unmerge", "split_trainable", "combine", "Split", "targets_of",
+           "count_parameters", "print_trainable_parameters", "dora_weight_norms", "adapter_paths"]
+
+TRAINABLE_LEAVES = ("a", "b", "m")
+
+
+def targets_of(params, lcfg: LoraConfig) -> list[Target]:
+    return plan_targets(model_shape(params), lcfg)
+
+
+def _kernel(params, layer: int, t: Target, scan: bool):
+    mod = params["layers" if scan else f"layers_{layer}"][t.parent][t.name]["kernel"]
+    return mod[layer] if scan else mod
+
+
+def _col_norm(w_io):
+    """Norm of each output column of an `[in, out]` kernel: PEFT's `linalg.norm(W, dim=1)` on `[out, in]`."""
+    return jnp.sqrt(jnp.sum(jnp.square(w_io), axis=-2))
+
+
+def _init_one(t: Target, w_io, key, init) -> dict[str, jax.Array]:
+    """a [in, r], b [r, out] (fp32) as PEFT initialises them; also returns the kernel PiSSA leaves."""
+    ka, kb = jax.random.split(key)
+    if init == "pissa":
+        w = w_io.astype(jnp.float32)
+        u, s, vh = jnp.linalg.svd(w.T, full_matrices=False)  # torch layout [out, in]
+        sr = s[: t.r] / t.scale
+        a = (jnp.sqrt(sr)[:, None] * vh[: t.r]).T  # lora_A [r, in] -> [in, r]
+        b = (u[:, : t.r] * jnp.sqrt(sr)[None, :]).T  # lora_B [out, r] -> [r, out]
+        return {"a": a, "b": b}
+    if init == "gaussian":
+        a = jax.random.normal(ka, (t.fan_in, t.r), jnp.float32) / t.r
+    else:  # PEFT default: kaiming_uniform(a=sqrt(5)) on lora_A [r, in]: U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1.0 / math.sqrt(t.fan_in)
+        a = jax.random.uniform(ka, (t.fan_in, t.r), jnp.float32, -bound, bound)
+    if init is False:  # PEFT leaves nn.Linear's own init on lora_B too: non-zero, for tests
+        bound = 1.0 / math.sqrt(t.r)
+        b = jax.random.uniform(kb, (t.r, t.fan_out), jnp.float32, -bound, bound)
+    else:
+        b = jnp.zeros((t.r, t.fan_out), jnp.float32)
+    return {"a": a, "b": b}
+
+
+def init_lora(params, lcfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """The adapter tree for `params` under `lcfg` (pure: params in, adapters out).
+
+    With `init_lora_weights="pissa"` the adapters hold the top singular directions of each kernel;
+    the matching base is `unmerge(params, lora, lcfg)` (W minus s*B*A), which the trainer uses.
+    """
+    shape = model_shape(params)
+    targets = plan_targets(shape, lcfg)
+    by_module: dict[str, dict[int, Target]] = defaultdict(dict)
+    for t in targets:
+        by_module[t.name][t.layer] = t
+    lora: dict = {}
+    for idx, t in enumerate(targets):
+        w = _kernel(params, t.layer, t, shape.scan_layers)
+        leaves = _init_one(t, w, jax.random.fold_in(key, idx), lcfg.init_lora_weights)
+        leaves["scale"] = jnp.asarray(t.scale, jnp.float32)
+        if lcfg.use_dora:
+            delta = t.scale * leaves["a"] @ leaves["b"]
+            leaves["m"] = _col_norm(w.astype(jnp.float32) + delta)
+        by_module[t.name][t.layer] = leaves
+    for name, per_layer in by_module.items():
+        parent = targets[[t.name for t in targets].index(name)].parent
+        if shape.scan_layers:
+            entry = _stack_layers(per_layer, shape.num_layers, dtype)
+            lora.setdefault("layers", {}).setdefault(parent, {})[name] = entry
+        else:
+            for layer, leaves in per_layer.items():
+                lora.setdefault(f"layers_{layer}", {}).setdefault(parent, {})[name] = {
+                    k: v.astype(dtype) if k != "scale" else v for k, v in leaves.items()}
+    return lora
+
+
+def _stack_layers(per_layer: dict[int, dict], num_layers: int, dtype) -> dict:
+    """Stack per-layer leaves, zero-padding ranks to the largest and zero-filling absent layers."""
+    r_max = max(v["a"].shape[1] for v in per_layer.values())
+    first = next(iter(per_layer.values()))
+    fan_in, fan_out = first["a"].shape[0], first["b"].shape[1]
+    out = defaultdict(list)
+    for layer in range(num_layers):
+        leaves = per_layer.get(layer)
+        if leaves is None:
+            leaves = {"a": jnp.zeros((fan_in, r_max)), "b": jnp.zeros((r_max, fan_out)),
+                      "scale": jnp.zeros(()), **({"m": jnp.zeros((fan_out,))} if "m" in first else {})}
+        pad = r_max - leaves["a"].shape[1]
+        out["a"].append(jnp.pad(leaves["a"], ((0, 0), (0, pad))))
+        out["b"].append(jnp.pad(leaves["b"], ((0, pad), (0, 0))))
+        out["scale"].append(leaves["scale"])
+        if "m" in leaves:
+            out["m"].append(leaves["m"])
+    return {k: jnp.stack(v).astype(jnp.float32 if k == "scale" else dtype) for k, v in out.items()}
+
+
+def adapter_paths(lora) -> list[tuple[str, ...]]:
+    """Paths of the adapted modules (each holds a, b, scale[, m])."""
+    return sorted({p[:-1] for p in traverse_util.flatten_dict(lora) if p[-1] == "a"})
+
+
+def _node(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _delta(mod: dict) -> jax.Array:
+    """scale * A @ B in fp32, `[..., in, out]` (only merge uses this; training never forms it)."""
+    a, b = mod["a"].astype(jnp.float32), mod["b"].astype(jnp.float32)
+    scale = mod["scale"].astype(jnp.float32)[..., None, None]
+    return scale * jnp.einsum("...ir,...ro->...io", a, b)
+
+
+def dora_weight_norms(params, lora, lcfg: LoraConfig | None = None) -> dict:
+    """Column norms of W + s*B*A for each DoRA module: what `unmerge` needs to invert a DoRA merge."""
+    norms = {}
+    for path in adapter_paths(lora):
+        mod = _node(lora, path)
+        if "m" in mod:
+            w = _node(params, path)["kernel"].astype(jnp.float32)
+            norms[path] = _col_norm(w + _delta(mod))
+    return norms
+
+
+def merge(params, lora, lcfg: LoraConfig | None = None) -> dict:
+    """Plain params with each adapter folded in: W + s*A@B (DoRA: m * (W + s*A@B) / ||W + s*A@B||).
+    fp32 arithmetic, cast back to the kernel's dtype once; every other leaf is returned as is."""
+    flat = traverse_util.flatten_dict(params)
+    for path in adapter_paths(lora):
+        mod = _node(lora, path)
+        w = flat[path + ("kernel",)]
+        merged = w.astype(jnp.float32) + _delta(mod)
+        if "m" in mod:
+            norm = _col_norm(merged)
+            active = mod["scale"][..., None] != 0  # untargeted (zero-filled) layers stay untouched
+            factor = jnp.where(active, mod["m"].astype(jnp.float32) / norm, 1.0)
+            merged = merged * factor[..., None, :]
+        flat[path + ("kernel",)] = merged.astype(w.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def unmerge(params, lora, lcfg: LoraConfig | None = None, *, dora_norms: dict | None = None) -> dict:
+    """Inverse of `merge`: W - s*A@B. A DoRA merge is only invertible with the norms it divided by
+    (`dora_weight_norms(base, lora)` taken before merging)."""
+    flat = traverse_util.flatten_dict(params)
+    for path in adapter_paths(lora):
+        mod = _node(lora, path)
+        w = flat[path + ("kernel",)]
+        w32 = w.astype(jnp.float32)
+        if "m" in mod:
+            if dora_norms is None or path not in dora_norms:
+                raise ConfigError(
+                    f"unmerge of the DoRA module {'/'.join(path)} needs the weight norms used by merge; "
+                    "pass dora_norms=lora_jax.dora_weight_norms(base_params, lora) taken before merging")
+            active = mod["scale"][..., None] != 0
+            factor = jnp.where(active, mod["m"].astype(jnp.float32) / dora_norms[path], 1.0)
+            w32 = w32 / factor[..., None, :]
+        flat[path + ("kernel",)] = (w32 - _delta(mod)).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+class Split(NamedTuple):
+    """`trainable`/`frozen` each `{"params": ..., "lora": ...}` holding only their own leaves."""
+
+    trainable: dict
+    frozen: dict
+
+
+def _is_saved_module(path: tuple[str, ...], lcfg: LoraConfig) -> bool:
+    return any(m in path for m in lcfg.modules_to_save)
+
+
+def split_trainable(params, lora, lcfg: LoraConfig) -> Split:
+    """Adapters (a, b, m) and `modules_to_save` train; everything else (base, scales) is frozen."""
+    flat_p = traverse_util.flatten_dict(params)
+    missing = [m for m in lcfg.modules_to_save if not any(m in p for p in flat_p)]
+    if missing:
+        tops = sorted({p[0] for p in flat_p})
+        raise ConfigError(f"modules_to_save={list(lcfg.modules_to_save)}: {missing} not in the model; "
+                          f"top-level modules are {tops}")
+    train: dict = {}
+    frozen: dict = {}
+    for path, v in flat_p.items():
+        (train if _is_saved_module(path, lcfg) else frozen)[("params",) + path] = v
+    for path, v in traverse_util.flatten_dict(lora).items():
+        (train if path[-1] in TRAINABLE_LEAVES else frozen)[("lora",) + path] = v
+    unflat = lambda d: traverse_util.unflatten_dict(d) if d else {}
+    t, f = unflat(train), unflat(frozen)
+    for tree in (t, f):
+        tree.setdefault("params", {}), tree.setdefault("lora", {})
+    return Split(t, f)
+
+
+def combine(trainable, frozen) -> tuple[dict, dict]:
+    """Inverse of `split_trainable`: `(params, lora)`."""
+    flat = traverse_util.flatten_dict(frozen)
+    flat.update(traverse_util.flatten_dict(trainable))
+    tree = traverse_util.unflatten_dict(flat)
+    return tree.get("params", {}), tree.get("lora", {})
+
+
+def count_parameters(params, lcfg: LoraConfig) -> tuple[int, int]:
+    """(trainable, total) as PEFT's `print_trainable_parameters` counts them: real adapter entries
+    (no padding), `modules_to_save` copies counted as trainable and, like PEFT's wrapper, twice in
+    the total (original + trained copy)."""
+    targets = targets_of(params, lcfg)
+    lora_n = sum(t.r * (t.fan_in + t.fan_out) + (t.fan_out if lcfg.use_dora else 0) for t in targets)
+    flat = traverse_util.flatten_dict(params)
+    base_n = sum(int(np.prod(v.shape)) for v in flat.values())
+    saved_n = sum(int(np.prod(v.shape)) for p, v in flat.items() if _is_saved_module(p, lcfg))
+    return lora_n + saved_n, base_n + lora_n + saved_n
+
+
+def print_trainable_parameters(params, lcfg: LoraConfig) -> str:
+    trainable, total = count_parameters(params, lcfg)
+    line = (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}")
+    print(line)
+    return line
