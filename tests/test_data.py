@@ -21,8 +21,9 @@ from lora_jax.data import (ROW_KEYS, DataConfig, DataLoader, batch_indices, buil
 from lora_jax.errors import ConfigError, DataError
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                 "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def _make_tokenizer(bos: bool = True, chat_template: str | None = CHAT_TEMPLATE):

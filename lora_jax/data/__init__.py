@@ -2,7 +2,7 @@
 
     from lora_jax.data import DataConfig, DataLoader, build_datasets
     cfg = DataConfig(train_file="train.jsonl", seq_len=1024)
-    ds = build_datasets(cfg, tokenizer)            # tokenizer: transformers, loaded from local files
+    ds = build_datasets(cfg, tokenizer)            # a transformers tokenizer (local files)
     loader = DataLoader(ds.train_rows, batch_size=32, seed=cfg.seed,
                         process_index=jax.process_index(), process_count=jax.process_count())
     batch = next(loader)                           # {"input_ids", "targets", "loss_mask",

@@ -121,9 +121,9 @@ def _examples(records: Sequence[dict], where: Sequence[str], fmt: str, tokenizer
         ids, mask = tokenize_record(record, fmt, tokenizer, cfg.completion_only_loss, cfg.add_eos,
                                     where=at, bos_prefix=prefix)
         if len(ids) > cfg.seq_len and cfg.overlong == "error":
-            raise DataError(f"{at}: record is {len(ids)} tokens, longer than seq_len={cfg.seq_len}; "
-                            "raise data.seq_len, shorten the record, or set "
-                            "data.overlong=truncate")
+            raise DataError(f"{at}: record is {len(ids)} tokens, longer than "
+                            f"seq_len={cfg.seq_len}; raise data.seq_len, shorten the record, or "
+                            "set data.overlong=truncate")
         examples.append((ids, mask))
     examples, n_truncated = truncate_examples(examples, cfg.seq_len)
     kept = [(ids, mask) for ids, mask in examples if mask[1:].any()]

@@ -21,7 +21,7 @@ _EXPECTED = ('{"text": ...}, {"prompt": ..., "completion": ...} or '
 
 
 def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """``(line_number, record)`` for each non-blank line, 1-based, so later errors can name the line.
+    """``(line_number, record)`` per non-blank line (1-based), so later errors can name the line.
 
     Lines are decoded one by one (a UTF-8 BOM on the first is dropped) so that an encoding error,
     too, points at its line rather than a byte offset.
@@ -91,8 +91,9 @@ def detect_format(record: Mapping[str, Any], where: str) -> str:
         for key in ("prompt", "completion"):
             if key not in record:
                 other = "completion" if key == "prompt" else "prompt"
-                raise DataError(f"{where}: record has '{other}' but no '{key}'; a prompt/completion "
-                                'record needs both: {"prompt": ..., "completion": ...}')
+                raise DataError(f"{where}: record has '{other}' but no '{key}'; a "
+                                'prompt/completion record needs both: '
+                                '{"prompt": ..., "completion": ...}')
             if not isinstance(record[key], str):
                 raise DataError(
                     f"{where}: '{key}' is a JSON {_json_type(record[key])}, expected a string "

@@ -50,7 +50,7 @@ def batch_indices(n_rows: int, batch_size: int, seed: int, epoch: int, position:
 
 
 class DataLoader:
-    """Infinite iterator of batches (dicts of ``[local_batch, seq_len]`` numpy arrays) over ``rows``.
+    """Endless batches (dicts of ``[local_batch, seq_len]`` numpy arrays) over ``rows``.
 
     ``batch_size`` is global; each of ``process_count`` processes gets a disjoint contiguous slice
     and together they form the batch a single process would get. `get_state` / `set_state` resume

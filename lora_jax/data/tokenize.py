@@ -29,7 +29,7 @@ _PROBE = "Hello world"
 
 
 def special_prefix(tokenizer) -> list[int]:
-    """The token ids ``add_special_tokens=True`` puts before the text (Llama: ``[bos]``; none: ``[]``).
+    """The ids ``add_special_tokens=True`` puts before the text (Llama: ``[bos]``; else ``[]``).
 
     Found by encoding a probe with and without special tokens, so it follows the tokenizer's own
     post-processor instead of guessing from ``bos_token_id`` (which some tokenizers define but
@@ -52,7 +52,8 @@ def tokenize_record(record: Mapping[str, Any], fmt: str, tokenizer, completion_o
     and concatenated so the boundary is exact (a merge across it would blur which tokens are the
     completion); loss on completion (+ eos) only when ``completion_only``. messages: rendered with
     the chat template; loss on assistant turns (their content and end-of-turn tokens) only when
-    ``completion_only``. ``add_eos`` appends eos unless the sequence already ends with it.
+    ``completion_only``. ``add_eos`` appends eos unless the sequence already ends with it (for
+    messages: unless the template already closes the last assistant turn with eos).
     ``bos_prefix`` (default: `special_prefix(tokenizer)`) lets a caller compute it once per dataset.
     """
     if bos_prefix is None and fmt != "messages":
@@ -132,9 +133,9 @@ def _tokenize_messages(messages, tokenizer, completion_only: bool,
     (then ``add_eos`` adds nothing: templates that write ``eos`` then a newline would otherwise get
     a second eos after the newline)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: 'messages' records need a tokenizer with a chat_template and this "
-                        "one has none; use the chat/instruct model's tokenizer or convert the records "
-                        'to {"prompt", "completion"}')
+        raise DataError(f"{where}: 'messages' records need a tokenizer with a chat_template and "
+                        "this one has none; use the chat/instruct model's tokenizer or convert the "
+                        'records to {"prompt", "completion"}')
     text, spans = assistant_spans(messages, tokenizer, where)
     # The rendered text already holds the template's special tokens (bos included), so the
     # tokenizer must not add its own.
