@@ -89,7 +89,8 @@ def build_model(shape: str, device: torch.device, r: int = 16, grad_ckpt: bool =
     """Random-init bf16 Llama directly on `device`, wrapped with PEFT LoRA on all 7 projections.
 
     Constructing under `torch.device(device)` with bf16 as default dtype avoids materialising an
-    fp32 copy on the CPU first (32 GB for the 8B shape).
+    fp32 copy on the CPU first (32 GB for the 8B shape). No blanket `.to(bfloat16)`: that would
+    also round the fp32 RoPE `inv_freq` buffer, which `from_pretrained(dtype=bfloat16)` keeps.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -99,9 +100,11 @@ def build_model(shape: str, device: torch.device, r: int = 16, grad_ckpt: bool =
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
+            model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+    for param in model.parameters():  # no-op unless some version creates a parameter in fp32
+        param.data = param.data.to(torch.bfloat16)
     if grad_ckpt:
         # Non-reentrant checkpointing works with frozen inputs and torch.compile; input grads are
         # enabled anyway as PEFT's own recipe does, so embeddings never cut the backward graph.

@@ -9,6 +9,7 @@ only the architecture matters for throughput.
 from __future__ import annotations
 
 _LLAMA3_COMMON = dict(
+    model_type="llama",  # accepted by transformers.LlamaConfig; required by LlamaConfig.from_hf
     vocab_size=128256,
     num_key_value_heads=8,
     rms_norm_eps=1e-5,
@@ -46,6 +47,7 @@ SHAPES: dict[str, dict] = {
     ),
     # Minutes-free smoke test of the benchmark scripts on CPU.
     "tiny": dict(
+        model_type="llama",
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,
