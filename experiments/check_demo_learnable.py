@@ -33,11 +33,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
+    # Before importing transformers (it reads this once): the demo must load with no network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import peft
     import torch
     import transformers
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(args.seed)
     model_dir = os.path.join(args.demo, "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)

@@ -311,7 +311,7 @@ def copy_probe(rng: random.Random, words: list[str], n: int = 64) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT, help="demo directory (model/ and data/ inside)")
-    ap.add_argument("--pretrain-steps", type=int, default=1500)
+    ap.add_argument("--pretrain-steps", type=int, default=1000)
     ap.add_argument("--pretrain-batch", type=int, default=64)
     ap.add_argument("--pretrain-lr", type=float, default=3e-3)
     ap.add_argument("--n-train", type=int, default=2000)
@@ -357,6 +357,8 @@ def main() -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(model_dir, safe_serialization=True)
     save_tokenizer(tokenizer, model_dir)
+    for name in os.listdir(model_dir):  # safetensors writes 0600; package data should be readable
+        os.chmod(os.path.join(model_dir, name), 0o644)
     total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.out) for f in fs)
     print(f"wrote {model_dir}: {sorted(os.listdir(model_dir))}; demo total {total / 1e6:.2f} MB")
 

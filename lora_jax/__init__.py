@@ -13,6 +13,7 @@
 from lora_jax.config import LlamaConfig, LoraConfig
 from lora_jax.errors import CheckpointFormatError, ConfigError, DataError, LoraJaxError
 from lora_jax.hf.load import load_pretrained
+from lora_jax.hf.peft import apply_modules_to_save, load_peft, read_peft_config, save_peft
 from lora_jax.hf.save import save_pretrained
 from lora_jax.lora import (Split, apply, combine, count_parameters, dora_weight_norms, init_lora,
                            lora_dense, lora_interception, lora_labels, make_optimizer, merge,

@@ -366,3 +366,166 @@ def _check_regex(pattern: str, name: str) -> None:
         re.compile(pattern)
     except re.error as e:
         raise ConfigError(f"{name} {pattern!r} is not a valid regular expression ({e})") from None
+
+
+_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which base model and how to run it. `path=None` is the built-in demonstration model."""
+
+    path: str | None = None
+    dtype: str = "auto"  # parameters and compute: "auto" = bfloat16 on accelerators, float32 on CPU
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    loss_chunk_tokens: int = 8192  # the LM-head cross-entropy runs over chunks of this many tokens
+
+    def __post_init__(self):
+        if self.dtype not in ("auto",) + _DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r}; choose 'auto', 'float32' or 'bfloat16'")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        if self.loss_chunk_tokens <= 0:
+            raise ConfigError(f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW on the trainable leaves, warmup then decay, global-norm clipping."""
+
+    lr: float = 2e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr!r} must be positive, e.g. 2e-4")
+        if self.schedule not in _SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r}; choose one of {_SCHEDULES}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0, optim.min_lr_ratio in [0, 1] and "
+                              f"optim.weight_decay >= 0 (got {self.warmup_steps}, {self.min_lr_ratio}, "
+                              f"{self.weight_decay})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: how long, how big, how often to log, evaluate and checkpoint."""
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the start and the end only
+    eval_batches: int = 8
+    eval_generate: int = 64  # held-out prompts scored by exact match (prompt/completion, messages)
+    max_new_tokens: int = 48
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    output_dir: str = "runs/demo"
+    export_peft: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints",
+                     "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"train.{name}={value!r} must be a positive integer")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by "
+                              f"train.grad_accum={self.grad_accum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, one section per concern; `--set section.field=value` edits it."""
+
+    model: ModelConfig = ModelConfig()
+    lora: "LoraConfig" = None  # type: ignore[assignment]
+    data: Any = None
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        from lora_jax.data.config import DataConfig
+
+        if self.lora is None:
+            object.__setattr__(self, "lora", LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        if self.data is None:
+            object.__setattr__(self, "data", DataConfig())
+
+    def to_dict(self) -> dict:
+        return {"model": dataclasses.asdict(self.model), "lora": self.lora.to_dict(),
+                "data": dataclasses.asdict(self.data), "optim": dataclasses.asdict(self.optim),
+                "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        from lora_jax.data.config import DataConfig
+
+        sections = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
+                    "train": TrainConfig}
+        unknown = sorted(set(d) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; sections are {sorted(sections)}")
+        out = {}
+        for name, klass in sections.items():
+            values = dict(d.get(name) or {})
+            fields = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(values) - fields)
+            if bad:
+                raise ConfigError(f"unknown key(s) {[f'{name}.{b}' for b in bad]}{_suggest(bad[0], fields, name)}")
+            try:
+                out[name] = klass(**values)
+            except TypeError as e:  # e.g. a string where a number belongs
+                raise ConfigError(f"bad value in section {name!r}: {e}") from None
+        return cls(**out)
+
+    def with_overrides(self, pairs: list[str]) -> "RunConfig":
+        """Apply `section.field=value` strings (values parsed as YAML: 1e-4, true, [q_proj, v_proj])."""
+        import yaml
+
+        d = self.to_dict()
+        for pair in pairs:
+            if "=" not in pair:
+                raise ConfigError(f"--set {pair!r} is not key=value; e.g. --set lora.r=8")
+            key, raw = pair.split("=", 1)
+            section, _, field = key.strip().partition(".")
+            if section not in d or not field:
+                raise ConfigError(f"--set key {key!r} is unknown; keys look like lora.r, optim.lr, "
+                                  f"train.steps{_suggest(key, _all_keys(d), None)}")
+            if field not in d[section]:
+                raise ConfigError(f"--set key {key!r} is unknown"
+                                  f"{_suggest(key, _all_keys(d), None)}")
+            d[section][field] = _parse_value(raw)
+        return RunConfig.from_dict(d)
+
+
+def _parse_value(raw: str):
+    """YAML scalars and lists, plus the 1e-4 form YAML 1.1 reads as a string."""
+    import yaml
+
+    try:
+        return float(raw) if "e" in raw.lower() and not raw.isalpha() else yaml.safe_load(raw)
+    except (ValueError, yaml.YAMLError):
+        return raw
+
+
+def _all_keys(d: dict) -> list[str]:
+    return [f"{s}.{k}" for s, fields in d.items() for k in fields]
+
+
+def _suggest(key: str, options, section: str | None) -> str:
+    import difflib
+
+    opts = [f"{section}.{o}" if section else o for o in options]
+    close = difflib.get_close_matches(key if not section else f"{section}.{key}", opts, n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else ""

@@ -4,12 +4,14 @@ so a failure never leaves a half-written model behind."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -20,6 +22,7 @@ from lora_jax.hf.names import flax_path, hf_entries
 
 __all__ = ["save_pretrained", "parse_size", "atomic_dir", "TOKENIZER_FILES"]
 
+_NP_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
@@ -71,10 +74,10 @@ def _get(tree, path):
     return node
 
 
-def hf_tensors(params, cfg: LlamaConfig, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(params, cfg: LlamaConfig, dtype: str, entries=None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF key, torch-layout numpy tensor), one at a time, fetched from device as needed."""
     target = np_dtype(dtype)
-    for e in hf_entries(cfg):
+    for e in hf_entries(cfg) if entries is None else entries:
         leaf = _get(params, flax_path(e, cfg.scan_layers))
         if e.layer is not None and cfg.scan_layers:
             leaf = leaf[e.layer]
@@ -135,24 +138,71 @@ def write_model(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], cfg: Ll
 def save_pretrained(out_dir: str, params, cfg: LlamaConfig, lora=None, lcfg=None, *,
                     dtype: str | None = None, max_shard_size: int | str = "5GB",
                     tokenizer_dir: str | None = None) -> str:
-    """Write a transformers-loadable model directory; with `lora`, the merged model (W + s*B*A folded
-    in fp32, cast once). Returns the directory."""
-    dtype = dtype or cfg.param_dtype
-    if lora is not None:
-        from lora_jax.lora.tree import merge
+    """Write a transformers-loadable model directory; with `lora`, the merged model (W + s*A@B, DoRA:
+    m * (W + s*A@B) / ||W + s*A@B||, as `lora_jax.merge`), folded in fp32 and cast once to `dtype`.
 
+    Merging streams: each adapted kernel is merged one layer slice at a time as it is written, so
+    memory holds the model, one merged slice and the shard being filled, never a merged copy of the
+    model.
+    dtype: of the written tensors (default: the params' dtype, `cfg.param_dtype`).
+    Returns the directory.
+    """
+    dtype = dtype or cfg.param_dtype
+    if dtype not in _NP_DTYPE_NAMES:
+        raise ConfigError(f"dtype={dtype!r}; choose one of {_NP_DTYPE_NAMES}")
+    if lora is not None:
         if lcfg is None:
             raise ConfigError("save_pretrained got lora= but no lcfg=; pass the LoraConfig of the adapter")
-        tensors = _merged_tensors(params, lora, lcfg, cfg, dtype)
+        tensors = _merged_tensors(params, _adapters_by_kernel(params, lora, cfg), cfg, dtype)
     else:
         tensors = hf_tensors(params, cfg, dtype)
     write_model(out_dir, tensors, cfg, dtype, max_shard_size, tokenizer_dir)
     return os.path.abspath(out_dir)
 
 
-def _merged_tensors(params, lora, lcfg, cfg: LlamaConfig, dtype: str):
-    """Merge one layer-stacked leaf at a time, so host memory holds one leaf, not the model twice."""
-    from lora_jax.lora.tree import merge
+def _adapters_by_kernel(params, lora, cfg: LlamaConfig) -> dict[tuple[str, ...], dict]:
+    """Kernel path -> adapter leaves, checked against the model before anything is written."""
+    from lora_jax.lora.tree import adapter_paths
 
-    merged = merge(params, lora, lcfg)
-    yield from hf_tensors(merged, cfg, dtype)
+    kernels = {flax_path(e, cfg.scan_layers) for e in hf_entries(cfg)}
+    out = {}
+    for path in adapter_paths(lora):
+        kpath = path + ("kernel",)
+        if kpath not in kernels:
+            raise ConfigError(f"the adapter tree has an entry at {'/'.join(path)}, which is not a kernel of "
+                              f"this model ({'scanned' if cfg.scan_layers else 'unscanned'} layers); pass the "
+                              "adapters made for these params")
+        mod = _get(lora, path)
+        w = _get(params, kpath)
+        if mod["a"].shape[:-1] != w.shape[:-1] or mod["b"].shape[-1] != w.shape[-1]:
+            raise ConfigError(f"adapter {'/'.join(path)} has a {list(mod['a'].shape)}, b {list(mod['b'].shape)}, "
+                              f"which do not fit the kernel {list(w.shape)}")
+        out[kpath] = mod
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def _merge_slice(w, a, b, scale, m=None, *, out_dtype):
+    """One `[in, out]` kernel merged as `lora_jax.merge` does, in fp32, cast once; torch layout out."""
+    merged = w.astype(jnp.float32) + scale.astype(jnp.float32) * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+    if m is not None:
+        norm = jnp.sqrt(jnp.sum(jnp.square(merged), axis=0))
+        factor = jnp.where(scale != 0, m.astype(jnp.float32) / norm, 1.0)
+        merged = merged * factor[None, :]
+    return merged.T.astype(out_dtype)
+
+
+def _merged_tensors(params, adapters: dict, cfg: LlamaConfig, dtype: str):
+    """`hf_tensors` with each adapted kernel merged one (layer) slice at a time as it is written."""
+    target = np_dtype(dtype)
+    for e in hf_entries(cfg):
+        path = flax_path(e, cfg.scan_layers)
+        mod = adapters.get(path)
+        if mod is None:
+            yield from hf_tensors(params, cfg, dtype, entries=[e])
+            continue
+        pick = (lambda x: x[e.layer]) if (e.layer is not None and cfg.scan_layers) else (lambda x: x)
+        m = pick(mod["m"]) if "m" in mod else None
+        t = _merge_slice(pick(_get(params, path)), pick(mod["a"]), pick(mod["b"]), pick(mod["scale"]), m,
+                         out_dtype=target)
+        yield e.hf_key, np.ascontiguousarray(np.asarray(jax.device_get(t)))

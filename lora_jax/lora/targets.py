@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 from lora_jax.config import LoraConfig
 from lora_jax.errors import ConfigError
-from lora_jax.hf.names import PROJECTIONS, projection_parent
+from lora_jax.hf.names import PROJECTIONS, _projection_shapes, projection_parent
 
-__all__ = ["Target", "ModelShape", "plan_targets", "model_shape", "hf_module_name"]
+__all__ = ["Target", "ModelShape", "plan_targets", "model_shape", "shape_from_config", "hf_module_name"]
 
 
 class ModelShape(NamedTuple):
@@ -62,6 +62,12 @@ def model_shape(params) -> ModelShape:
         shape = layer0[projection_parent(name)][name]["kernel"].shape
         io[name] = (int(shape[-2]), int(shape[-1]))
     return ModelShape(num_layers, scan, io)
+
+
+def shape_from_config(cfg) -> ModelShape:
+    """The `ModelShape` a `LlamaConfig` implies, so targets can be planned without parameters."""
+    io = {name: (fan_in, fan_out) for name, (fan_out, fan_in) in _projection_shapes(cfg).items()}
+    return ModelShape(cfg.num_hidden_layers, cfg.scan_layers, io)
 
 
 def _target_match(lcfg: LoraConfig, key: str) -> bool:

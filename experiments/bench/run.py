@@ -1,0 +1,103 @@
+"""One command for the GPU comparison: lora_jax and transformers + PEFT on the same GPU, same shape,
+batch, rank (16), alpha (32), targets (all seven projections), AdamW, random bf16 weights.
+
+Each side runs in its own process (JAX and PyTorch would otherwise compete for device memory);
+the results are gathered into `results.jsonl` and a Markdown table.
+
+    python experiments/bench/run.py --suite 1b        # 1B shape, 8 x 2048, no remat
+    python experiments/bench/run.py --suite 8b        # 8B shape, 4 x 2048, remat
+    python experiments/bench/run.py --suite long      # 8B shape, batch 1, remat: longest sequence
+    python experiments/bench/run.py --suite 1b 8b long --out-dir bench_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+
+SUITES = {
+    "1b": [
+        ("jax", ["--shape", "1b", "--batch", "8", "--seq", "2048", "--remat", "none"]),
+        ("peft", ["--shape", "1b", "--batch", "8", "--seq", "2048", "--mode", "eager", "compile"]),
+    ],
+    "8b": [
+        ("jax", ["--shape", "8b", "--batch", "4", "--seq", "2048", "--remat", "full"]),
+        ("peft", ["--shape", "8b", "--batch", "4", "--seq", "2048", "--mode", "eager", "--grad-ckpt"]),
+    ],
+    "long": [
+        ("jax", ["--shape", "8b", "--batch", "1", "--remat", "full", "--steps", "3", "--warmup", "0",
+                 "--stop-at-first-ok", "--seq", "131072", "114688", "98304"]),
+        ("peft", ["--max-seq-search", "--seq", "28672", "32768"]),
+    ],
+}
+
+SCRIPTS = {"jax": os.path.join(_HERE, "jax_bench.py"), "peft": os.path.join(_HERE, "peft_bench.py")}
+JAX_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")}
+
+
+def run_one(side: str, args: list[str], log) -> list[dict]:
+    env = dict(os.environ)
+    if side == "jax":
+        env.update(JAX_ENV)
+    cmd = [PY, SCRIPTS[side], *args]
+    print("+", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    results = []
+    for line in proc.stdout:
+        log.write(line)
+        if line.startswith("RESULT "):
+            results.append(json.loads(line[7:]))
+            print(line.rstrip(), flush=True)
+    proc.wait()
+    return results
+
+
+def table(results: list[dict]) -> str:
+    head = ("| system | mode | shape | batch x seq | remat | tokens/s | MFU (798) | MFU (989) | peak GiB "
+            "| compile s | status |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in results:
+        f = lambda k, fmt: (fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-")
+        mode = r.get("mode", "-") + (" +ckpt" if r.get("grad_ckpt") else "")
+        rows.append(f"| {r.get('system')} | {mode} | {r.get('shape')} | {r.get('batch')} x {r.get('seq')} | "
+                    f"{r.get('remat', r.get('grad_ckpt', '-'))} | {f('tokens_per_s', '{:,.0f}')} | "
+                    f"{f('mfu_798', '{:.3f}')} | {f('mfu_989', '{:.3f}')} | {f('peak_gib', '{:.1f}')} | "
+                    f"{f('compile_s', '{:.1f}')} | {r.get('status', 'ok')} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", nargs="+", default=["1b"], choices=sorted(SUITES))
+    p.add_argument("--out-dir", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--only", choices=("jax", "peft"))
+    args = p.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = []
+    with open(os.path.join(args.out_dir, "log.txt"), "a") as log:
+        for suite in args.suite:
+            for side, side_args in SUITES[suite]:
+                if args.only and side != args.only:
+                    continue
+                results += [dict(r, suite=suite) for r in run_one(side, side_args, log)]
+    with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    md = f"Measured {datetime.date.today()} on {next((r.get('gpu') for r in results if r.get('gpu')), '?')}\n\n"
+    md += table(results)
+    with open(os.path.join(args.out_dir, "table.md"), "a") as f:
+        f.write(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

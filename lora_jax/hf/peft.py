@@ -1,0 +1,543 @@
+"""PEFT adapter directories (`adapter_config.json` + `adapter_model.safetensors`) <-> adapter trees.
+
+The file layout is the one `peft.PeftModel.save_pretrained` writes for a Llama (checked against PEFT 0.21):
+
+    base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight       [r, in]
+    base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_B.weight       [out, r]
+    base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_magnitude_vector   [out] (DoRA)
+    base_model.model.{HF key of a base tensor}        a `modules_to_save` module, e.g. lm_head.weight
+
+Flax `a` is `lora_A.weight.T`, `b` is `lora_B.weight.T`, `m` is the magnitude vector. Only real
+entries are written: layers an adapter leaves alone are skipped and ranks padded to the largest
+(`rank_pattern` with scanned layers) are sliced back to each module's own `r`.
+
+Loading is stricter than PEFT: a key the config does not explain, a key it needs that is absent
+(DoRA magnitudes included) and a shape that does not fit the base are errors naming the key, so an
+adapter is never run half-loaded or on the wrong base.
+
+PiSSA: an adapter initialised with `init_lora_weights="pissa"` is trained against the residual base
+`unmerge(params, lora0, lcfg)`, not the original weights. `save_peft` writes it as a plain LoRA
+adapter (`init_lora_weights: true`) relative to that residual base: save the residual with
+`save_pretrained(dir, residual_params, cfg)` and pass that directory as `base_model_name_or_path`
+(or merge with `save_pretrained(..., lora=, lcfg=)`). PEFT adapters saved as PiSSA/OLoRA/CorDA/
+LoftQ/LoRA-GA are relative to a base PEFT rewrites at load time, so `load_peft` refuses them; convert
+them with PEFT (`save_pretrained(..., path_initial_model_for_weight_conversion=...)`) first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from lora_jax.config import LlamaConfig, LoraConfig
+from lora_jax.errors import CheckpointFormatError, ConfigError
+from lora_jax.hf.load import np_dtype
+from lora_jax.hf.names import PROJECTIONS, Entry, flax_path, hf_entries, projection_parent
+from lora_jax.hf.save import atomic_dir
+from lora_jax.lora.targets import Target, model_shape, plan_targets, shape_from_config
+
+__all__ = ["save_peft", "load_peft", "apply_modules_to_save", "read_peft_config",
+           "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PREFIX = "base_model.model."
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# init_lora_weights values whose saved adapter is relative to a base PEFT rewrites when it loads.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Initialisations that only affect the starting point: once trained, the adapter is plain LoRA.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+# PEFT options lora_jax does not implement: (field, value that means "off", what it is).
+_UNSUPPORTED = (
+    ("fan_in_fan_out", False, "the transposed Conv1D layout (GPT-2); Llama projections are nn.Linear"),
+    ("lora_bias", False, "a trainable bias on lora_B"),
+    ("target_parameters", None, "LoRA on bare nn.Parameters (MoE experts)"),
+    ("layer_replication", None, "layer replication"),
+    ("trainable_token_indices", None, "trainable token embeddings"),
+    ("alora_invocation_tokens", None, "activated LoRA (aLoRA)"),
+    ("use_qalora", False, "QALoRA"),
+    ("megatron_config", None, "Megatron parallel layers"),
+    ("velora_config", None, "the VeLoRA variant"),
+    ("monteclora_config", None, "the MonteCLoRA variant"),
+    ("use_bdlora", None, "block-diagonal LoRA (BD-LoRA)"),
+    ("arrow_config", None, "Arrow routing"),
+    ("kasa_config", None, "the KaSA variant"),
+)
+
+_LORA_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\."
+    rf"(?P<name>{'|'.join(PROJECTIONS)})\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+
+
+# ------------------------------------------------------------------------------------------ config
+def _peft_config_dict(lcfg: LoraConfig, base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json as PEFT's LoraConfig reads it (only fields PEFT >= 0.17 knows; PEFT fills
+    the rest with its defaults)."""
+    targets = lcfg.target_modules
+    layers = lcfg.layers_to_transform
+    if isinstance(targets, str):
+        # lora_jax's planner, like PEFT's matcher, ignores layers_to_transform for a regex target
+        # (PEFT refuses the pair outright), so dropping it keeps the same adapted set.
+        layers = None
+    excl = lcfg.exclude_modules
+    init = lcfg.init_lora_weights
+    if init == "pissa":  # exported relative to the residual base: plain LoRA (module docstring)
+        init = True
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "auto_mapping": None,
+        "r": lcfg.r,
+        "lora_alpha": lcfg.lora_alpha,
+        "lora_dropout": lcfg.lora_dropout,
+        "target_modules": targets if isinstance(targets, str) else list(targets),
+        "exclude_modules": excl if excl is None or isinstance(excl, str) else list(excl),
+        "layers_to_transform": None if layers is None else list(layers),
+        "layers_pattern": None,
+        "rank_pattern": dict(lcfg.rank_pattern),
+        "alpha_pattern": dict(lcfg.alpha_pattern),
+        "use_rslora": lcfg.use_rslora,
+        "use_dora": lcfg.use_dora,
+        "init_lora_weights": init,
+        "modules_to_save": list(lcfg.modules_to_save) or None,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_bias": False,
+        "target_parameters": None,
+        "layer_replication": None,
+        "trainable_token_indices": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "use_qalora": False,
+        "qalora_group_size": 16,
+    }
+
+
+def read_peft_config(adapter_dir: str) -> LoraConfig:
+    """The `LoraConfig` of a PEFT adapter directory; refuses what lora_jax does not implement."""
+    adapter_dir = os.fspath(adapter_dir)
+    if not os.path.isdir(adapter_dir):
+        raise CheckpointFormatError(f"adapter directory {adapter_dir!r} does not exist; pass a PEFT "
+                                    f"adapter directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise CheckpointFormatError(f"no {ADAPTER_CONFIG} in {adapter_dir}; pass a directory written by "
+                                    "peft's save_pretrained or lora_jax.save_peft")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{path} is not valid JSON ({e}); export the adapter again") from None
+    if not isinstance(d, dict):
+        raise CheckpointFormatError(f"{path} holds a {type(d).__name__}, not a PEFT config object")
+
+    peft_type = d.get("peft_type")
+    if peft_type != "LORA":
+        raise CheckpointFormatError(f"{path}: peft_type={peft_type!r} is not supported; lora_jax loads "
+                                    "LoRA adapters (peft_type 'LORA', DoRA included) only")
+    task = d.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise CheckpointFormatError(f"{path}: task_type={task!r} is not supported; lora_jax runs "
+                                    "LlamaForCausalLM, so the adapter must be task_type 'CAUSAL_LM'")
+    for field, off, what in _UNSUPPORTED:
+        value = d.get(field, off)
+        if value not in (off, None, False, [], {}):
+            raise CheckpointFormatError(f"{path}: {field}={value!r} ({what}) is not supported by lora_jax; "
+                                        f"only adapters with {field}={off!r} can be loaded")
+    bias = d.get("bias", "none")
+    if bias != "none":
+        raise CheckpointFormatError(f"{path}: bias={bias!r} is not supported; lora_jax trains no biases, "
+                                    "so only adapters saved with bias='none' can be loaded")
+    pattern = d.get("layers_pattern")
+    if pattern not in (None, "layers", ["layers"], []):
+        raise CheckpointFormatError(f"{path}: layers_pattern={pattern!r} is not supported; a Llama's "
+                                    "layer list is 'layers' (use null or 'layers')")
+    init = d.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise CheckpointFormatError(
+            f"{path}: init_lora_weights={init!r} means the adapter is relative to a base that PEFT "
+            "rewrites when it loads (W minus the initial adapter), which lora_jax does not do. Convert it "
+            "to plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...), "
+            "or, if you load it onto the saved residual base, set init_lora_weights to true")
+    if init not in _PLAIN_INITS:
+        raise CheckpointFormatError(f"{path}: init_lora_weights={init!r} is not supported; lora_jax "
+                                    f"loads adapters initialised with one of {list(_PLAIN_INITS)}")
+    if init in ("eva", "orthogonal"):  # only the starting point differed; the trained adapter is plain
+        init = True
+
+    targets = d.get("target_modules")
+    if targets is None:  # PEFT's default for model_type llama
+        targets = ["q_proj", "v_proj"]
+    if not isinstance(targets, str):
+        if not isinstance(targets, (list, tuple)):
+            raise CheckpointFormatError(f"{path}: target_modules={targets!r} must be a list or a regex")
+        embeds = [t for t in targets if t.split(".")[-1] in ("embed_tokens", "lm_head")]
+        if embeds:
+            raise CheckpointFormatError(f"{path}: target_modules names {embeds}; LoRA on embeddings or "
+                                        "lm_head is not supported (use modules_to_save for them)")
+    try:
+        return LoraConfig(
+            r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
+            target_modules=targets, exclude_modules=d.get("exclude_modules"),
+            layers_to_transform=d.get("layers_to_transform"),
+            rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
+            use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
+            init_lora_weights=init, modules_to_save=d.get("modules_to_save") or ())
+    except ConfigError as e:
+        raise CheckpointFormatError(f"{path}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------ base entries
+def _config_from_params(params) -> LlamaConfig:
+    """A LlamaConfig with the tensor names and shapes of `params` (for the HF key table only: head
+    counts are recovered up to a common factor, which changes no shape)."""
+    scan = "layers" in params
+    layer0 = params["layers"] if scan else params["layers_0"]
+    lead = (lambda s: s[1:]) if scan else (lambda s: s)
+    shape = model_shape(params)
+    vocab, hidden = params["embed_tokens"]["embedding"].shape
+    q_out = shape.io["q_proj"][1]
+    kv_out = shape.io["k_proj"][1]
+    head_dim = math.gcd(q_out, kv_out)
+    return LlamaConfig(
+        vocab_size=int(vocab), hidden_size=int(hidden),
+        intermediate_size=int(lead(layer0["mlp"]["gate_proj"]["kernel"].shape)[1]),
+        num_hidden_layers=shape.num_layers, num_attention_heads=q_out // head_dim,
+        num_key_value_heads=kv_out // head_dim, head_dim=head_dim,
+        tie_word_embeddings="lm_head" not in params,
+        attention_bias="bias" in layer0["self_attn"]["q_proj"],
+        mlp_bias="bias" in layer0["mlp"]["gate_proj"], scan_layers=scan)
+
+
+def _module_of(hf_key: str) -> str:
+    return hf_key.rsplit(".", 1)[0]
+
+
+def _saved_entries(cfg: LlamaConfig, modules) -> list[Entry]:
+    """Base tensors of the `modules_to_save` modules, matched as PEFT does (name ends with)."""
+    entries = [e for e in hf_entries(cfg) if any(_module_of(e.hf_key).endswith(m) for m in modules)]
+    unmatched = [m for m in modules if not any(_module_of(e.hf_key).endswith(m) for e in entries)]
+    if unmatched:
+        tied = " (lm_head is tied to embed_tokens in this model)" if cfg.tie_word_embeddings else ""
+        raise ConfigError(f"modules_to_save={list(modules)}: {unmatched} match no module of the model{tied}; "
+                          "modules are e.g. 'lm_head', 'embed_tokens', 'norm', 'input_layernorm'")
+    return entries
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _short(keys, n: int = 8) -> str:
+    keys = list(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# -------------------------------------------------------------------------------------------- save
+def _host(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x), np.float32)
+
+
+def _adapter_tensors(lora, lcfg: LoraConfig, targets: list[Target], target_dtype) -> dict[str, np.ndarray]:
+    """PEFT tensors of the real (layer, projection) entries, checked against `lcfg` first."""
+    from lora_jax.lora.tree import adapter_paths
+
+    scan = "layers" in lora
+    have = set(adapter_paths(lora))
+    want = {(("layers",) if scan else (f"layers_{t.layer}",)) + (t.parent, t.name) for t in targets}
+    if have != want:
+        parts = []
+        if want - have:
+            parts.append(f"lcfg targets {_short('/'.join(p) for p in sorted(want - have))} but the adapter "
+                         "tree has no entry there")
+        if have - want:
+            parts.append(f"the adapter tree holds {_short('/'.join(p) for p in sorted(have - want))}, which "
+                         "lcfg does not target")
+        raise ConfigError("; ".join(parts) + ". Pass the LoraConfig the adapters were made with (and the "
+                          "LlamaConfig of their base)")
+    out: dict[str, np.ndarray] = {}
+    by_path: dict[tuple, list[Target]] = defaultdict(list)
+    for t in targets:
+        by_path[(("layers",) if scan else (f"layers_{t.layer}",)) + (t.parent, t.name)].append(t)
+    for path, ts in by_path.items():
+        mod = _get(lora, path)
+        where = "/".join(path)
+        if lcfg.use_dora != ("m" in mod):
+            raise ConfigError(f"adapter {where} {'lacks' if lcfg.use_dora else 'has'} a DoRA magnitude 'm' "
+                              f"but lcfg.use_dora={lcfg.use_dora}; pass the LoraConfig the adapters were made with")
+        leaves = {k: _host(v) for k, v in mod.items()}
+        if scan:
+            active = {t.layer for t in ts}
+            stray = [i for i, s in enumerate(leaves["scale"]) if i not in active and s != 0]
+            if stray:
+                raise ConfigError(f"adapter {where} is active (scale != 0) in layers {stray}, which lcfg does "
+                                  "not target; pass the LoraConfig the adapters were made with")
+        for t in ts:
+            one = {k: (v[t.layer] if scan else v) for k, v in leaves.items()}
+            a, b = one["a"], one["b"]
+            if a.shape[0] != t.fan_in or b.shape[-1] != t.fan_out or a.shape[1] < t.r or b.shape[0] != a.shape[1]:
+                raise ConfigError(f"adapter {where} (layer {t.layer}) has a {list(a.shape)}, b {list(b.shape)}, "
+                                  f"which do not fit [{t.fan_in}, {t.r}] / [{t.r}, {t.fan_out}] of the model "
+                                  "and LoraConfig given; pass the configs the adapters were made with")
+            if np.any(a[:, t.r:]) or np.any(b[t.r:]):
+                raise ConfigError(f"adapter {where} (layer {t.layer}) has non-zero entries beyond its rank "
+                                  f"r={t.r} (padding); slicing them off would change the model")
+            if not math.isclose(float(one["scale"]), t.scale, rel_tol=1e-5):
+                raise ConfigError(f"adapter {where} (layer {t.layer}) has scale {float(one['scale'])!r}, but "
+                                  f"lcfg implies {t.scale!r} (lora_alpha/r{'' if not lcfg.use_rslora else ' with rsLoRA'}); "
+                                  "pass the LoraConfig the adapters were made with")
+            key = PREFIX + t.hf_name
+            out[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[:, :t.r].T.astype(target_dtype))
+            out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[:t.r].T.astype(target_dtype))
+            if lcfg.use_dora:
+                out[f"{key}.lora_magnitude_vector"] = np.ascontiguousarray(one["m"].astype(target_dtype))
+    return out
+
+
+def save_peft(out_dir: str, lora, lcfg: LoraConfig, cfg: LlamaConfig, base_model_name_or_path: str | None = None,
+              dtype: str = "float32", params=None) -> str:
+    """Write `lora` as a PEFT adapter directory that `peft.PeftModel.from_pretrained` loads.
+
+    cfg: the base model's LlamaConfig (fixes the shapes targets are planned against).
+    dtype: tensor dtype in the file ("float32", "bfloat16", "float16").
+    params: the (trained) parameters, needed only when `lcfg.modules_to_save` is set: those modules'
+        weights are written as PEFT writes them (`base_model.model.lm_head.weight`, ...).
+    Written into a temporary directory renamed into place, so an error leaves nothing behind.
+    Returns the directory.
+    """
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r}; choose one of {_DTYPES}")
+    target = np_dtype(dtype)
+    targets = plan_targets(shape_from_config(cfg), lcfg)
+    tensors = _adapter_tensors(lora, lcfg, targets, target)
+    if lcfg.modules_to_save:
+        if params is None:
+            raise ConfigError(f"lcfg.modules_to_save={list(lcfg.modules_to_save)}: pass params= (the trained "
+                              "parameters) so save_peft can write those modules' weights")
+        scan = "layers" in params
+        for e in _saved_entries(cfg, lcfg.modules_to_save):
+            leaf = _get(params, flax_path(e, scan))
+            t = np.asarray(jax.device_get(leaf[e.layer] if (scan and e.layer is not None) else leaf))
+            t = t.T if e.transpose else t
+            if t.shape != e.hf_shape:
+                raise ConfigError(f"params tensor for {e.hf_key} has shape {list(t.shape)} but cfg implies "
+                                  f"{list(e.hf_shape)}; pass the params and LlamaConfig of one model")
+            tensors[PREFIX + e.hf_key] = np.ascontiguousarray(t.astype(target))
+    config = _peft_config_dict(lcfg, None if base_model_name_or_path is None else os.fspath(base_model_name_or_path))
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+            # top level sorted as PEFT writes it; pattern dicts keep their order (first match wins)
+            json.dump(dict(sorted(config.items())), f, indent=2)
+    return os.path.abspath(out_dir)
+
+
+# -------------------------------------------------------------------------------------------- load
+def _canonical(key: str) -> str:
+    """PEFT-saved key form: drop the adapter name that model state dicts carry (`.default.`)."""
+    key = re.sub(r"\.(lora_A|lora_B)\.default\.weight$", r".\1.weight", key)
+    key = re.sub(r"\.lora_magnitude_vector(\.default)?(\.weight)?$", ".lora_magnitude_vector", key)
+    return key.replace(".modules_to_save.default.", ".")
+
+
+def _read_tensors(adapter_dir: str) -> dict[str, np.ndarray]:
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(adapter_dir, f))]
+        if pickled:
+            raise CheckpointFormatError(
+                f"{adapter_dir} holds only a pickled adapter ({', '.join(pickled)}); lora_jax never unpickles. "
+                "Convert it once with peft: PeftModel.from_pretrained(base, dir).save_pretrained(dir, "
+                "safe_serialization=True)")
+        raise CheckpointFormatError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}; pass a directory written by "
+                                    "peft's save_pretrained or lora_jax.save_peft")
+    out: dict[str, np.ndarray] = {}
+    try:
+        with safe_open(path, framework="np") as f:
+            for key in f.keys():
+                canon = _canonical(key)
+                if canon in out:
+                    raise CheckpointFormatError(f"{path} holds {key!r} twice (with and without the adapter "
+                                                "name); keep one")
+                out[canon] = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, CheckpointFormatError):
+            raise
+        raise CheckpointFormatError(f"cannot read {path}: {e}. The file is truncated or not safetensors; "
+                                    "copy or export the adapter again") from None
+    return out
+
+
+def _read_checked(adapter_dir, params):
+    """Config, targets, and the adapter's tensors, all validated against `params`."""
+    adapter_dir = os.fspath(adapter_dir)
+    lcfg = read_peft_config(adapter_dir)
+    shape = model_shape(params)
+    try:
+        targets = plan_targets(shape, lcfg)
+    except ConfigError as e:
+        raise CheckpointFormatError(f"adapter {adapter_dir} does not fit this base model: {e}") from None
+    tensors = _read_tensors(adapter_dir)
+
+    expected: dict[str, tuple[int, ...]] = {}
+    for t in targets:
+        key = PREFIX + t.hf_name
+        expected[f"{key}.lora_A.weight"] = (t.r, t.fan_in)
+        expected[f"{key}.lora_B.weight"] = (t.fan_out, t.r)
+        if lcfg.use_dora:
+            expected[f"{key}.lora_magnitude_vector"] = (t.fan_out,)
+    base_cfg = _config_from_params(params)
+    base = {PREFIX + e.hf_key: e for e in hf_entries(base_cfg)}
+    try:
+        saved = {PREFIX + e.hf_key: e for e in _saved_entries(base_cfg, lcfg.modules_to_save)} \
+            if lcfg.modules_to_save else {}
+    except ConfigError as e:
+        raise CheckpointFormatError(f"adapter {adapter_dir}: {e}") from None
+    # PEFT's save_embedding_layers writes embed_tokens / lm_head weights without modules_to_save;
+    # PEFT loads them into the base, and so does apply_modules_to_save.
+    for key in (PREFIX + "model.embed_tokens.weight", PREFIX + "lm_head.weight"):
+        if key in tensors and key in base:
+            saved.setdefault(key, base[key])
+    for key, e in saved.items():
+        expected[key] = e.hf_shape
+
+    missing = sorted(k for k in expected if k not in tensors)
+    extra = sorted(k for k in tensors if k not in expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {_short(missing)}")
+        if extra:
+            hint = ""
+            if any(_LORA_KEY.match(k) for k in extra):
+                hint = (" (adapter weights for modules or layers that adapter_config.json does not target on "
+                        "this base: a different base model, or a config that does not match the weights)")
+            elif any(k.startswith(PREFIX) and k in base for k in extra):
+                hint = " (base weights for modules not in modules_to_save)"
+            parts.append(f"unexpected tensors: {_short(extra)}{hint}")
+        raise CheckpointFormatError(f"adapter {adapter_dir}: " + "; ".join(parts))
+    for key, want in expected.items():
+        got = tuple(tensors[key].shape)
+        if got != tuple(want):
+            raise CheckpointFormatError(
+                f"adapter {adapter_dir}: tensor {key} has shape {list(got)} but this base model and "
+                f"{ADAPTER_CONFIG} imply {list(want)}; the adapter was made for a different base model "
+                "(or its config does not match its weights)")
+    module_tensors = {saved[k]: tensors[k] for k in saved}
+    return lcfg, shape, targets, tensors, module_tensors
+
+
+def load_peft(adapter_dir: str, params, *, dtype: Any = jnp.float32, return_params: bool = False):
+    """Read a PEFT LoRA/DoRA adapter directory for `params` -> `(lora, lcfg)`.
+
+    The adapter tree follows `params` (scanned layers or not). dtype: of a, b and m (scales are fp32).
+    Adapters with `modules_to_save` also carry trained base-module weights (e.g. lm_head): pass
+    `return_params=True` to get `(lora, lcfg, params)` with them applied, or call
+    `apply_modules_to_save(params, adapter_dir)`; without either they are not applied (a warning says so).
+    Errors (unsupported config, missing / unexpected keys, wrong shapes, unreadable file) are
+    `CheckpointFormatError`s naming the key or option.
+    """
+    lcfg, shape, targets, tensors, module_tensors = _read_checked(adapter_dir, params)
+    lora = _build_tree(lcfg, shape, targets, tensors, dtype)
+    if return_params:
+        return lora, lcfg, _apply_modules(params, module_tensors)
+    if module_tensors:
+        warnings.warn(f"adapter {os.fspath(adapter_dir)} holds trained weights for "
+                      f"{sorted({_module_of(e.hf_key) for e in module_tensors})} (modules_to_save), which "
+                      "load_peft does not apply to params; use load_peft(..., return_params=True) or "
+                      "apply_modules_to_save(params, adapter_dir)", UserWarning, stacklevel=2)
+    return lora, lcfg
+
+
+def apply_modules_to_save(params, adapter_dir: str):
+    """`params` with the base-module weights a PEFT adapter carries (modules_to_save) put in place
+    (new tree; leaves keep their dtype and sharding). The whole adapter is validated first."""
+    *_, module_tensors = _read_checked(adapter_dir, params)
+    return _apply_modules(params, module_tensors)
+
+
+def _build_tree(lcfg: LoraConfig, shape, targets: list[Target], tensors, dtype) -> dict:
+    def leaves_of(t: Target) -> dict[str, np.ndarray]:
+        key = PREFIX + t.hf_name
+        out = {"a": tensors[f"{key}.lora_A.weight"].astype(np.float32).T,
+               "b": tensors[f"{key}.lora_B.weight"].astype(np.float32).T}
+        if lcfg.use_dora:
+            out["m"] = tensors[f"{key}.lora_magnitude_vector"].astype(np.float32)
+        return out
+
+    def put(name, v):
+        return jnp.asarray(v, jnp.float32) if name == "scale" else jnp.asarray(v).astype(dtype)
+
+    lora: dict = {}
+    if shape.scan_layers:
+        by_name: dict[str, list[Target]] = defaultdict(list)
+        for t in targets:
+            by_name[t.name].append(t)
+        for name, ts in by_name.items():
+            (fan_in, fan_out), L = shape.io[name], shape.num_layers
+            r_max = max(t.r for t in ts)
+            arrs = {"a": np.zeros((L, fan_in, r_max), np.float32), "b": np.zeros((L, r_max, fan_out), np.float32),
+                    "scale": np.zeros((L,), np.float32)}
+            if lcfg.use_dora:
+                arrs["m"] = np.zeros((L, fan_out), np.float32)
+            for t in ts:
+                one = leaves_of(t)
+                arrs["a"][t.layer, :, :t.r] = one["a"]
+                arrs["b"][t.layer, :t.r, :] = one["b"]
+                arrs["scale"][t.layer] = t.scale
+                if lcfg.use_dora:
+                    arrs["m"][t.layer] = one["m"]
+            lora.setdefault("layers", {}).setdefault(projection_parent(name), {})[name] = {
+                k: put(k, v) for k, v in arrs.items()}
+    else:
+        for t in targets:
+            one = leaves_of(t)
+            one["scale"] = np.asarray(t.scale, np.float32)
+            lora.setdefault(f"layers_{t.layer}", {}).setdefault(t.parent, {})[t.name] = {
+                k: put(k, v) for k, v in one.items()}
+    return lora
+
+
+def _apply_modules(params, module_tensors: dict[Entry, np.ndarray]):
+    if not module_tensors:
+        return params
+    scan = "layers" in params
+    flat = traverse_util.flatten_dict(params)
+    by_leaf: dict[tuple, list[tuple[Entry, np.ndarray]]] = defaultdict(list)
+    for e, t in module_tensors.items():
+        by_leaf[flax_path(e, scan)].append((e, t))
+    for path, items in by_leaf.items():
+        leaf = flat[path]
+        new = np.array(jax.device_get(leaf))  # a host copy; the original tree is left as is
+        for e, t in items:
+            t = (t.T if e.transpose else t).astype(new.dtype)
+            if scan and e.layer is not None:
+                new[e.layer] = t
+            else:
+                new[...] = t
+        sharding = getattr(leaf, "sharding", None)
+        flat[path] = jax.device_put(new, sharding) if sharding is not None else jnp.asarray(new)
+    return traverse_util.unflatten_dict(flat)

@@ -1,0 +1,378 @@
+"""The training loop: set-up, progress, metrics, evaluation, checkpoints, export, summary.
+
+Everything that can refuse bad input (configs, data, model, output directory) runs before anything
+is written, so a refused run leaves no trace. Output directory layout:
+
+    run.json           the full RunConfig, the model config and the base fingerprint
+    checkpoints/<step> Orbax: state (adapters, optimizer, step, rng) + meta (loader state, configs)
+    metrics.jsonl      one line per step (loss, lr, grad_norm, tokens/s, ...) and per evaluation
+    tb/                TensorBoard event files
+    adapter/           the PEFT adapter exported at the end
+    summary.json       eval_before, eval_after, train_loss_first/last, steps, tokens_per_s, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.checkpoint import Checkpointer, base_fingerprint
+from lora_jax.config import RunConfig
+from lora_jax.errors import ConfigError, LoraJaxError
+
+__all__ = ["train", "TrainingDiverged", "prepare_output_dir", "resolve_model_path", "exact_match"]
+
+
+class TrainingDiverged(LoraJaxError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_model_path(path: str | None) -> str:
+    if path is None:
+        from lora_jax.demo import DEMO_MODEL
+
+        return DEMO_MODEL
+    return os.fspath(path)
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return dtype
+
+
+def prepare_output_dir(out: str, run: RunConfig, resume: bool, overwrite: bool) -> RunConfig:
+    """Refuse a directory holding another run unless resuming / overwriting; returns the config to
+    use (the saved one when resuming). Writes nothing."""
+    run_json = os.path.join(out, "run.json")
+    if resume:
+        if not os.path.isfile(run_json):
+            raise ConfigError(f"--resume: {out} holds no run (no run.json); drop --resume to start one")
+        with open(run_json) as f:
+            return RunConfig.from_dict(json.load(f)["run"])
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise ConfigError(f"output directory {out} already holds a run; pass --resume to continue "
+                              "it, --overwrite to replace it, or choose another --output-dir")
+        if not os.path.isfile(run_json):
+            raise ConfigError(f"--overwrite: {out} is not a lora-jax run directory (no run.json); "
+                              "refusing to delete it. Choose another --output-dir")
+    return run
+
+
+def _peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind.lower()
+    from lora_jax.flops import PEAK_H100_MEASURED
+
+    return PEAK_H100_MEASURED if ("h100" in kind or "h200" in kind) else None
+
+
+def exact_match(records, cfg, params, lora, lcfg, tokenizer, max_new_tokens: int, limit: int) -> float | None:
+    """Fraction of held-out prompts whose greedy completion equals the reference (stripped).
+    None when the data defines no prompt (text records)."""
+    from lora_jax.data.tokenize import special_prefix
+    from lora_jax.generate import generate
+
+    prompts, answers = [], []
+    for rec in records[:limit]:
+        if "prompt" in rec:
+            prompts.append(special_prefix(tokenizer) + tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"])
+            answers.append(rec["completion"])
+        elif "messages" in rec and rec["messages"][-1]["role"] == "assistant":
+            prompts.append(list(tokenizer.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True,
+                                                              tokenize=True, return_dict=False)))
+            answers.append(rec["messages"][-1]["content"])
+    if not prompts:
+        return None
+    outs = generate(cfg, params, prompts, lora=lora, lcfg=lcfg, max_new_tokens=max_new_tokens,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
+    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+    return float(np.mean([t.strip() == a.strip() for t, a in zip(texts, answers)]))
+
+
+class _Writers:
+    """metrics.jsonl + TensorBoard, on process 0 only."""
+
+    def __init__(self, out: str, enabled: bool):
+        self.enabled = enabled
+        self.jsonl = open(os.path.join(out, "metrics.jsonl"), "a") if enabled else None
+        self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out, "tb"))
+
+    def write(self, record: dict, step: int, tb: bool = True):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run (or resume) training; returns the summary (also written to `summary.json`)."""
+    import transformers
+
+    from lora_jax.data import DataLoader, build_datasets, eval_batches
+    from lora_jax.flops import flops_per_token, mfu
+    from lora_jax.hf.load import load_pretrained
+    from lora_jax.hf.peft import save_peft
+    from lora_jax.lora.targets import model_shape, plan_targets
+    from lora_jax.lora.tree import init_lora, split_trainable, unmerge
+    from lora_jax.models.llama import Llama
+    from lora_jax.train.step import init_state, make_eval_step, make_schedule, make_train_step, make_tx
+
+    out = os.path.abspath(run.train.output_dir)
+    run = prepare_output_dir(out, run, resume, overwrite)
+    tcfg, ocfg, lcfg, dcfg = run.train, run.optim, run.lora, run.data
+    model_path = resolve_model_path(run.model.path)
+    if dcfg.train_file is None and run.model.path is None:
+        from lora_jax.demo import DEMO_TRAIN
+
+        dcfg = dcfg.replace(train_file=DEMO_TRAIN)
+
+    # ---- everything that validates input, before anything is written
+    t_setup = time.perf_counter()
+    from lora_jax.hf.load import weight_files
+
+    weight_files(model_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the tokenizer from {model_path} ({type(e).__name__}: {e}); the "
+                          "model directory needs tokenizer.json / tokenizer_config.json") from None
+    datasets = build_datasets(dcfg, tokenizer)
+    dtype = resolve_dtype(run.model.dtype)
+    cfg, params = load_pretrained(model_path, dtype=dtype, scan_layers=run.model.scan_layers,
+                                  remat_policy=run.model.remat_policy)
+    lora = init_lora(params, lcfg, jax.random.key(tcfg.seed))
+    if lcfg.init_lora_weights == "pissa":
+        params = unmerge(params, lora, lcfg)
+    targets = plan_targets(model_shape(params), lcfg)
+    split = split_trainable(params, lora, lcfg)
+    fingerprint = base_fingerprint(params)
+    nproc, pidx = jax.process_count(), jax.process_index()
+    loader = DataLoader(datasets.train_rows, tcfg.batch_size, dcfg.seed, pidx, nproc)
+    schedule = make_schedule(ocfg, tcfg.steps)
+    tx = make_tx(lcfg, ocfg, schedule)
+    state = init_state(split.trainable, tx, tcfg.seed)
+    frozen = split.frozen
+    ckpt_dir = os.path.join(out, "checkpoints")
+    if resume:
+        ckpt = Checkpointer(ckpt_dir, tcfg.keep_checkpoints)
+        if ckpt.latest_step() is None:
+            raise ConfigError(f"--resume: {out} has no complete checkpoint yet; start again with --overwrite")
+        state, meta = ckpt.restore(None, state)
+        if meta["fingerprint"] != fingerprint:
+            raise ConfigError(f"--resume: the base weights at {model_path} differ from the ones this run "
+                              f"started from (fingerprint {fingerprint} != {meta['fingerprint']})")
+        loader.set_state(meta["loader"])
+    else:
+        if os.path.isdir(out) and overwrite:
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+        ckpt = Checkpointer(ckpt_dir, tcfg.keep_checkpoints)
+    is_main = pidx == 0
+    run_record = {"run": run.to_dict(), "model_config": cfg.to_dict(), "model_path": model_path,
+                  "fingerprint": fingerprint, "data_stats": datasets.stats}
+    if is_main:
+        with open(os.path.join(out, "run.json"), "w") as f:
+            json.dump(run_record, f, indent=2)
+
+    model = Llama(cfg)
+    step_fn = make_train_step(model, cfg, lcfg, tx, schedule, grad_accum=tcfg.grad_accum,
+                              chunk_tokens=run.model.loss_chunk_tokens, use_segments=dcfg.packing)
+    eval_fn = make_eval_step(model, cfg, lcfg, chunk_tokens=run.model.loss_chunk_tokens,
+                             use_segments=dcfg.packing)
+    writers = _Writers(out, is_main)
+
+    def evaluate(trainable) -> dict:
+        from lora_jax.lora.tree import combine
+
+        res: dict[str, Any] = {}
+        if datasets.eval_rows:
+            total = count = 0.0
+            for i, batch in enumerate(eval_batches(datasets.eval_rows, tcfg.batch_size, pidx, nproc)):
+                if i >= tcfg.eval_batches:
+                    break
+                t, c = eval_fn(trainable, frozen, batch)
+                total, count = total + float(t), count + float(c)
+            res["eval_loss"] = total / max(count, 1.0)
+        if tcfg.eval_generate and datasets.eval_records:
+            p, lo = combine(trainable, frozen)
+            res["exact_match"] = exact_match(datasets.eval_records, cfg, p, lo, lcfg, tokenizer,
+                                             tcfg.max_new_tokens, tcfg.eval_generate)
+        return res
+
+    start_step = int(state.step)
+    summary_path = os.path.join(out, "summary.json")
+    eval_before = evaluate(state.trainable) if start_step == 0 else _saved_eval_before(summary_path, out)
+    if start_step == 0:
+        writers.write({"step": 0, "event": "eval", **eval_before}, 0)
+        _write_json(os.path.join(out, "eval_before.json"), eval_before, is_main)
+
+    seq_len = dcfg.seq_len
+    fpt = flops_per_token(cfg, seq_len, lcfg.r, sorted({t.name for t in targets}))
+    peak = _peak_flops()
+    bar = None
+    if progress and is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    losses: list[float] = []
+    first_loss = _saved_first_loss(out) if start_step else None
+    compile_s = None
+    tokens_timed, time_timed = 0.0, 0.0
+    setup_s = time.perf_counter() - t_setup
+    pending = None  # metrics of the step in flight: read one step late so the device never idles
+
+    def finish(step: int, metrics, t0: float):
+        nonlocal first_loss, tokens_timed, time_timed, compile_s
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dt = time.perf_counter() - t0
+        if not math.isfinite(m["loss"]):
+            raise TrainingDiverged(
+                f"loss became {m['loss']} at step {step}; stopped. The last good checkpoint is in "
+                f"{ckpt_dir} (steps {ckpt.all_steps()}). Lower optim.lr or raise optim.warmup_steps")
+        if first_loss is None:
+            first_loss = m["loss"]
+        losses.append(m["loss"])
+        return m, dt
+
+    t_prev = time.perf_counter()
+    step = start_step
+    try:
+        while step < tcfg.steps:
+            batch = next(loader)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, frozen, batch)
+            step += 1
+            if pending is not None:
+                p_step, p_metrics, p_t0 = pending
+                _log_step(*finish(p_step, p_metrics, p_t0), p_step, writers, bar, tcfg, fpt, peak, seq_len)
+            pending = (step, metrics, t0)
+            if step == start_step + 1:
+                jax.block_until_ready(state.step)
+                compile_s = time.perf_counter() - t0
+                pending = None
+                m, _ = finish(step, metrics, t0)
+                _log_step(m, compile_s, step, writers, bar, tcfg, fpt, peak, seq_len)
+                t_prev = time.perf_counter()
+            else:
+                now = time.perf_counter()
+                tokens_timed += float(np.sum(batch["loss_mask"] >= 0))  # all slots processed
+                time_timed += now - t_prev
+                t_prev = now
+            if step % tcfg.save_every == 0 or step == tcfg.steps:
+                if pending is not None:  # never checkpoint a state whose loss we have not checked
+                    _log_step(*finish(*pending[:2], pending[2]), pending[0], writers, bar, tcfg, fpt, peak, seq_len)
+                    pending = None
+                ckpt.save(step, state, {"loader": loader.get_state(), "fingerprint": fingerprint,
+                                        "run": run.to_dict(), "model_config": cfg.to_dict(),
+                                        "model_path": model_path, "first_loss": first_loss})
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+                res = evaluate(state.trainable)
+                writers.write({"step": step, "event": "eval", **res}, step)
+        if pending is not None:
+            _log_step(*finish(*pending[:2], pending[2]), pending[0], writers, bar, tcfg, fpt, peak, seq_len)
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpt.wait()
+    # Throughput over the timed steps (the first, compiling step excluded), wall clock per step.
+    jax.block_until_ready(state.trainable)
+    time_timed += time.perf_counter() - t_prev
+    tokens_per_s = tokens_timed * 1.0 / time_timed if time_timed > 0 and tokens_timed else None
+    eval_after = evaluate(state.trainable)
+    writers.write({"step": step, "event": "eval", **eval_after}, step)
+    writers.close()
+    ckpt.close()
+
+    adapter_dir = None
+    if tcfg.export_peft and is_main:
+        from lora_jax.lora.tree import combine
+
+        p, lo = combine(state.trainable, frozen)
+        adapter_dir = os.path.join(out, "adapter")
+        save_peft(adapter_dir, lo, lcfg, cfg, base_model_name_or_path=model_path, params=p)
+    summary = {
+        "eval_before": eval_before.get("exact_match"),
+        "eval_after": eval_after.get("exact_match"),
+        "eval_loss_before": eval_before.get("eval_loss"),
+        "eval_loss_after": eval_after.get("eval_loss"),
+        "train_loss_first": first_loss,
+        "train_loss_last": losses[-1] if losses else None,
+        "steps": step,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(tokens_per_s, fpt, peak) if (peak and tokens_per_s) else None,
+        "compile_s": compile_s,
+        "setup_s": setup_s,
+        "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.trainable))),
+        "device": jax.devices()[0].device_kind,
+        "adapter_dir": adapter_dir,
+        "output_dir": out,
+        "data": datasets.stats,
+    }
+    _write_json(summary_path, summary, is_main)
+    return summary
+
+
+def _log_step(m: dict, dt: float, step: int, writers: _Writers, bar, tcfg, fpt, peak, seq_len: int):
+    tokens_per_s = tcfg.batch_size * seq_len / dt if dt > 0 else 0.0
+    record = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+              "loss_tokens": m["tokens"], "step_s": dt, "tokens_per_s": tokens_per_s,
+              "mfu": tokens_per_s * fpt / peak if peak else None}
+    writers.write(record, step, tb=(step % tcfg.log_every == 0 or step == 1))
+    if bar is not None:
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+
+
+def _write_json(path: str, obj: dict, enabled: bool) -> None:
+    if not enabled:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _saved_eval_before(summary_path: str, out: str) -> dict:
+    path = os.path.join(out, "eval_before.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _saved_first_loss(out: str) -> float | None:
+    path = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "loss" in rec:
+                    return rec["loss"]
+    return None

@@ -1,0 +1,116 @@
+"""The pure, jitted train and eval steps.
+
+Gradients are taken with respect to the trainable subtree only (adapters and `modules_to_save`);
+the frozen base is an argument, not a closure constant, so it is never baked into the program.
+Gradient accumulation sums token-weighted losses over micro-batches, so the result equals one big
+batch exactly (up to summation order).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora_jax.config import LlamaConfig, LoraConfig, OptimConfig
+from lora_jax.lora.intercept import apply
+from lora_jax.lora.optim import make_optimizer
+from lora_jax.lora.tree import combine
+from lora_jax.train.loss import chunked_cross_entropy, head_weight
+
+__all__ = ["TrainState", "make_schedule", "make_tx", "make_train_step", "make_eval_step", "init_state"]
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar
+    trainable: Any  # {"params": modules_to_save, "lora": a, b, m}
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data (checkpoints as a plain array)
+
+
+def make_schedule(ocfg: OptimConfig, total_steps: int) -> Callable:
+    warmup = min(ocfg.warmup_steps, max(total_steps - 1, 0))
+    end = ocfg.lr * ocfg.min_lr_ratio
+    if ocfg.schedule == "constant":
+        decay = optax.constant_schedule(ocfg.lr)
+    elif ocfg.schedule == "linear":
+        decay = optax.linear_schedule(ocfg.lr, end, max(total_steps - warmup, 1))
+    else:
+        decay = optax.cosine_decay_schedule(ocfg.lr, max(total_steps - warmup, 1), alpha=ocfg.min_lr_ratio)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, ocfg.lr, warmup), decay], [warmup])
+
+
+def make_tx(lcfg: LoraConfig, ocfg: OptimConfig, schedule) -> optax.GradientTransformation:
+    return make_optimizer(lcfg, schedule, weight_decay=ocfg.weight_decay, b1=ocfg.b1, b2=ocfg.b2,
+                          eps=ocfg.eps, clip_norm=ocfg.clip_norm)
+
+
+def init_state(trainable, tx, seed: int) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable),
+                      jax.random.key_data(jax.random.key(seed)))
+
+
+def _loss_sum(model, cfg: LlamaConfig, lcfg: LoraConfig, chunk_tokens: int, use_segments: bool,
+              trainable, frozen, batch, rng, deterministic: bool):
+    params, lora = combine(trainable, frozen)
+    hidden = apply(model, params, lora, lcfg, batch["input_ids"], batch["positions"],
+                   batch["segment_ids"] if use_segments else None, return_hidden=True,
+                   rngs={"dropout": rng}, deterministic=deterministic)
+    weight, vocab_axis = head_weight(params, cfg.tie_word_embeddings)
+    return chunked_cross_entropy(hidden, weight, vocab_axis, batch["targets"], batch["loss_mask"],
+                                 chunk_tokens)
+
+
+def make_train_step(model, cfg: LlamaConfig, lcfg: LoraConfig, tx, schedule, *, grad_accum: int = 1,
+                    chunk_tokens: int = 8192, use_segments: bool = True, jit_kwargs: dict | None = None):
+    """`step(state, frozen, batch) -> (state, metrics)`, jitted with the state donated."""
+
+    def loss_and_grad(trainable, frozen, batch, rng):
+        def f(tr):
+            total, n = _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, tr, frozen, batch, rng, False)
+            return total, n
+
+        (total, n), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+        return total, n, grads
+
+    def step(state: TrainState, frozen, batch):
+        key = jax.random.wrap_key_data(state.rng)
+        key, step_key = jax.random.split(key)
+        if grad_accum == 1:
+            total, n, grads = loss_and_grad(state.trainable, frozen, batch, step_key)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                mb, i = xs
+                t, c, g = loss_and_grad(state.trainable, frozen, mb, jax.random.fold_in(step_key, i))
+                acc_t, acc_n, acc_g = carry
+                return (acc_t + t, acc_n + c, jax.tree.map(jnp.add, acc_g, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            (total, n, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
+        denom = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads),
+                   "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": n}
+        return TrainState(state.step + 1, trainable, opt_state, jax.random.key_data(key)), metrics
+
+    return jax.jit(step, donate_argnums=(0,), **(jit_kwargs or {}))
+
+
+def make_eval_step(model, cfg: LlamaConfig, lcfg: LoraConfig, *, chunk_tokens: int = 8192,
+                   use_segments: bool = True):
+    """`eval_step(trainable, frozen, batch) -> (loss sum, token count)`."""
+
+    def eval_step(trainable, frozen, batch):
+        return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, trainable, frozen, batch,
+                         jax.random.key(0), True)
+
+    return jax.jit(eval_step)
