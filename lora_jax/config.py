@@ -379,7 +379,7 @@ class ModelConfig:
     dtype: str = "auto"  # parameters and compute: "auto" = bfloat16 on accelerators, float32 on CPU
     scan_layers: bool = True
     remat_policy: str = "none"
-    loss_chunk_tokens: int = 8192  # the LM-head cross-entropy runs over chunks of this many tokens
+    loss_chunk_tokens: int = 2048  # the LM-head cross-entropy runs over chunks of this many tokens
 
     def __post_init__(self):
         if self.dtype not in ("auto",) + _DTYPES:

@@ -54,8 +54,8 @@ def build(shape: str, remat: str, attention: str | None, scan: bool = True):
 
 def measure(shape: str, batch: int, seq: int, remat: str, steps: int, warmup: int,
             attention: str | None, chunk: int, r: int = 16, variant: str = "lora",
-            profile_dir: str | None = None) -> dict:
-    cfg, model, params = build(shape, remat, attention)
+            profile_dir: str | None = None, scan: bool = True) -> dict:
+    cfg, model, params = build(shape, remat, attention, scan)
     if variant == "nolora":  # the frozen model alone, full backward (only the per-layer input norms train): LoRA overhead
         lcfg = lj.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", modules_to_save=("input_layernorm",))
         lora = {}
@@ -95,7 +95,7 @@ def measure(shape: str, batch: int, seq: int, remat: str, steps: int, warmup: in
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "system": "lora_jax", "mode": "jit", "shape": shape, "batch": batch, "seq": seq, "remat": remat,
-        "attention": attention or "auto", "tokens_per_s": tps,
+        "attention": attention or "auto", "scan": scan, "tokens_per_s": tps,
         "mfu_798": flops.mfu(tps, fpt, flops.PEAK_H100_MEASURED),
         "mfu_989": flops.mfu(tps, fpt, flops.PEAK_H100_DATASHEET),
         "peak_gib": stats.get("peak_bytes_in_use", 0) / GIB, "compile_s": compile_s,
@@ -163,9 +163,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default="cudnn", help="cudnn | xla | auto")
-    p.add_argument("--chunk", type=int, default=8192, help="cross-entropy chunk, tokens")
+    p.add_argument("--chunk", type=int, default=2048, help="cross-entropy chunk, tokens")
     p.add_argument("--stop-at-first-ok", action="store_true", help="longest-context search: seqs "
                    "given longest first; stop at the first that trains")
+    p.add_argument("--no-scan", action="store_true", help="unrolled layers (longer compile)")
     p.add_argument("--variant", default="lora", choices=("lora", "nolora"))
     p.add_argument("--profile-dir", help="also trace 3 steps and print device time per kernel")
     p.add_argument("--out")
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
     for seq in args.seq:
         try:
             res = measure(args.shape, args.batch, seq, args.remat, args.steps, args.warmup, attention,
-                          args.chunk, variant=args.variant, profile_dir=args.profile_dir)
+                          args.chunk, variant=args.variant, profile_dir=args.profile_dir, scan=not args.no_scan)
         except Exception as e:  # noqa: BLE001 - report and go on to the next config
             status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
             if status != "OOM":

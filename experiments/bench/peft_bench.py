@@ -258,6 +258,10 @@ def main(argv=None) -> int:
                    help=f"batch 1, grad ckpt, largest of --seq (default {list(MAX_SEQ_SEARCH_DEFAULT)}) that fits")
     p.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     args = p.parse_args(argv)
+    cap = os.environ.get("BENCH_MEMORY_GIB")  # emulate a smaller card (e.g. 79.6 GiB, an H100 80GB)
+    if cap and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total))
 
     emit = _emitter(args.out)
     autocast = not args.no_autocast

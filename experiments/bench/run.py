@@ -24,7 +24,7 @@ PY = sys.executable
 
 SUITES = {
     "1b": [
-        ("jax", ["--shape", "1b", "--batch", "8", "--seq", "2048", "--remat", "none"]),
+        ("jax", ["--shape", "1b", "--batch", "8", "--seq", "2048", "--remat", "none", "--no-scan"]),
         ("peft", ["--shape", "1b", "--batch", "8", "--seq", "2048", "--mode", "eager", "compile"]),
     ],
     "8b": [
@@ -32,8 +32,8 @@ SUITES = {
         ("peft", ["--shape", "8b", "--batch", "4", "--seq", "2048", "--mode", "eager", "--grad-ckpt"]),
     ],
     "long": [
-        ("jax", ["--shape", "8b", "--batch", "1", "--remat", "full", "--steps", "3", "--warmup", "0",
-                 "--stop-at-first-ok", "--seq", "131072", "114688", "98304"]),
+        ("jax", ["--shape", "8b", "--batch", "1", "--remat", "full", "--steps", "1", "--warmup", "0",
+                 "--stop-at-first-ok", "--seq", "114688", "106496", "98304"]),
         ("peft", ["--max-seq-search", "--seq", "28672", "32768"]),
     ],
 }
@@ -47,6 +47,11 @@ def run_one(side: str, args: list[str], log) -> list[dict]:
     env = dict(os.environ)
     if side == "jax":
         env.update(JAX_ENV)
+        cap = os.environ.get("BENCH_MEMORY_GIB")  # both sides capped to the same memory
+        if cap:
+            total = float(subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                         capture_output=True, text=True).stdout.split()[0]) / 1024
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(float(cap) / total, 0.95):.4f}"
     cmd = [PY, SCRIPTS[side], *args]
     print("+", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
