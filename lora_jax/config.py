@@ -118,6 +118,11 @@ class LlamaConfig:
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"pretraining_tp={d['pretraining_tp']!r} is not implemented; set it to 1")
 
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ConfigError(f"the Llama config lacks {missing}; it is not a complete transformers "
+                              "config.json (re-export the model with save_pretrained)")
         rope = d.get("rope_parameters")
         if rope is None:  # legacy form
             rope = dict(d.get("rope_scaling") or {})

@@ -128,8 +128,11 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
     compute_dtype: activation dtype; defaults to the parameter dtype.
     """
     path = os.fspath(path)
-    files = weight_files(path)
+    if not os.path.isdir(path):
+        raise CheckpointFormatError(f"model directory {path!r} does not exist; pass a Hugging Face "
+                                    "model directory (config.json + *.safetensors)")
     hf_cfg = LlamaConfig.from_hf(path)  # validates model type and options before reading weights
+    files = weight_files(path)
     found = _index_tensors(files)
     entries = check_tensors(hf_cfg, found)
     if dtype is None:

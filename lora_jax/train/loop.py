@@ -152,8 +152,13 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
     # ---- everything that validates input, before anything is written
     t_setup = time.perf_counter()
+    from lora_jax.config import LlamaConfig
     from lora_jax.hf.load import weight_files
 
+    if not os.path.isdir(model_path):
+        raise ConfigError(f"model directory {model_path} does not exist; pass --model DIR (a Hugging Face "
+                          "Llama directory: config.json, *.safetensors, tokenizer files)")
+    LlamaConfig.from_hf(model_path)
     weight_files(model_path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
@@ -245,10 +250,14 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     setup_s = time.perf_counter() - t_setup
     pending = None  # metrics of the step in flight: read one step late so the device never idles
 
+    last_done = [time.perf_counter()]
+
     def finish(step: int, metrics, t0: float):
-        nonlocal first_loss, tokens_timed, time_timed, compile_s
+        """Fetch a step's metrics (blocking); dt is the time since the previous step finished."""
+        nonlocal first_loss
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        dt = time.perf_counter() - t0
+        now = time.perf_counter()
+        dt, last_done[0] = now - max(last_done[0], t0), now
         if not math.isfinite(m["loss"]):
             raise TrainingDiverged(
                 f"loss became {m['loss']} at step {step}; stopped. The last good checkpoint is in "
@@ -294,10 +303,15 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                 writers.write({"step": step, "event": "eval", **res}, step)
         if pending is not None:
             _log_step(*finish(*pending[:2], pending[2]), pending[0], writers, bar, tcfg, fpt, peak, seq_len)
+    except BaseException:
+        writers.close()
+        ckpt.wait()
+        ckpt.close()
+        raise
     finally:
         if bar is not None:
             bar.close()
-        ckpt.wait()
+    ckpt.wait()
     # Throughput over the timed steps (the first, compiling step excluded), wall clock per step.
     jax.block_until_ready(state.trainable)
     time_timed += time.perf_counter() - t_prev

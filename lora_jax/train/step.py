@@ -98,7 +98,7 @@ def make_train_step(model, cfg: LlamaConfig, lcfg: LoraConfig, tx, schedule, *, 
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads),
                    "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": n}
         return TrainState(state.step + 1, trainable, opt_state, jax.random.key_data(key)), metrics
 
