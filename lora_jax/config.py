@@ -450,6 +450,30 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ("data", "fsdp", "tensor"; -1 fills the remaining devices) and overrides of the
+    logical-axis rules (e.g. {"mlp": "fsdp"}); see `lora_jax.sharding.DEFAULT_RULES`."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: Any = ()
+
+    def __post_init__(self):
+        rules = self.rules.items() if isinstance(self.rules, Mapping) else self.rules
+        pairs = []
+        for k, v in rules or ():
+            if isinstance(v, list):
+                v = tuple(v)
+            pairs.append((k, v))
+        object.__setattr__(self, "rules", tuple(sorted(pairs, key=lambda kv: kv[0])))
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1):
+                raise ConfigError(f"mesh.{name}={v!r} must be a positive integer or -1 (all remaining devices)")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs, one section per concern; `--set section.field=value` edits it."""
 
@@ -458,6 +482,7 @@ class RunConfig:
     data: Any = None
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         from lora_jax.data.config import DataConfig
@@ -470,14 +495,15 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model), "lora": self.lora.to_dict(),
                 "data": dataclasses.asdict(self.data), "optim": dataclasses.asdict(self.optim),
-                "train": dataclasses.asdict(self.train)}
+                "train": dataclasses.asdict(self.train),
+                "mesh": {**dataclasses.asdict(self.mesh), "rules": dict(self.mesh.rules)}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
         from lora_jax.data.config import DataConfig
 
         sections = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
-                    "train": TrainConfig}
+                    "train": TrainConfig, "mesh": MeshConfig}
         unknown = sorted(set(d) - set(sections))
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; sections are {sorted(sections)}")

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lora_jax.errors import ConfigError
 
 __all__ = ["make_mesh", "DEFAULT_RULES", "logical_axes", "param_sharding", "tree_shardings",
-           "batch_sharding", "MESH_AXES"]
+           "batch_sharding", "MESH_AXES", "rules_with", "place", "spec_for"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -67,7 +67,7 @@ def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
     leaf = path[-1]
     stacked = "layers" in path
     module = next((p for p in reversed(path[:-1]) if p in _KERNEL_AXES), None)
-    if path[0] == "embed_tokens":
+    if "embed_tokens" in path and leaf == "embedding":
         axes: tuple = ("vocab", "embed")
     elif module is not None and leaf == "kernel":
         axes = _KERNEL_AXES[module]
@@ -107,12 +107,27 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     return P(*out)
 
 
-def param_sharding(path, ndim_or_shape, mesh: Mesh, cfg=None, rules: Mapping = DEFAULT_RULES,
-                   shape=None) -> NamedSharding:
-    shape = tuple(shape if shape is not None else getattr(ndim_or_shape, "shape", ()))
-    ndim = len(shape) if shape else int(ndim_or_shape)
-    axes = logical_axes(path, ndim)
-    return NamedSharding(mesh, spec_for(axes, shape or (1,) * ndim, mesh, rules))
+def param_sharding(path, array, mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> NamedSharding:
+    """The sharding of one leaf (array or ShapeDtypeStruct) at `path` under `rules`."""
+    return NamedSharding(mesh, spec_for(logical_axes(path, array.ndim), array.shape, mesh, rules))
+
+
+def rules_with(overrides) -> dict:
+    """DEFAULT_RULES updated with overrides such as {"mlp": "fsdp"}; unknown names are refused."""
+    overrides = dict(overrides or {})
+    bad = sorted(set(overrides) - set(DEFAULT_RULES))
+    if bad:
+        raise ConfigError(f"mesh.rules names unknown logical axes {bad}; known: {sorted(DEFAULT_RULES)}")
+    for name, target in overrides.items():
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        if any(t not in MESH_AXES for t in targets):
+            raise ConfigError(f"mesh.rules[{name!r}]={target!r}: mesh axes are {MESH_AXES} (or null)")
+    return {**DEFAULT_RULES, **overrides}
+
+
+def place(tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
+    """Put every leaf of a tree on the mesh at its rule's sharding."""
+    return jax.device_put(tree, tree_shardings(tree, mesh, rules))
 
 
 def tree_shardings(tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES):

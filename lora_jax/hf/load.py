@@ -119,12 +119,13 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
 
 
 def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: bool = True,
-                    remat_policy: str = "none", compute_dtype: Any = None,
+                    remat_policy: str = "none", compute_dtype: Any = None, rules=None,
                     place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None):
     """Load a HF Llama directory -> `(LlamaConfig, params)`.
 
     dtype: parameter dtype (`"float32"`, `"bfloat16"`); None keeps the checkpoint's own.
-    mesh: a `jax.sharding.Mesh`; each leaf goes straight to its sharding (see `lora_jax.sharding`).
+    mesh: a `jax.sharding.Mesh`; each leaf goes straight to its sharding (`lora_jax.sharding`
+        logical-axis `rules`), so each device receives only its shard.
     compute_dtype: activation dtype; defaults to the parameter dtype.
     """
     path = os.fspath(path)
@@ -145,7 +146,7 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
                          remat_policy=remat_policy)
     target = np_dtype(cfg.param_dtype)
     if place is None:
-        place = _placer(cfg, mesh)
+        place = _placer(mesh, rules)
 
     # Group entries by destination leaf, so each leaf is filled, placed and released in turn.
     by_leaf: dict[tuple[str, ...], list[Entry]] = defaultdict(list)
@@ -183,9 +184,10 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
     return cfg, _nest(placed)
 
 
-def _placer(cfg: LlamaConfig, mesh):
+def _placer(mesh, rules):
     if mesh is None:
         return lambda path, array: jax.device_put(array)
-    from lora_jax.sharding import param_sharding
+    from lora_jax.sharding import DEFAULT_RULES, param_sharding
 
-    return lambda path, array: jax.device_put(array, param_sharding(path, array, mesh))
+    rules = rules or DEFAULT_RULES
+    return lambda path, array: jax.device_put(array, param_sharding(path, array, mesh, rules=rules))

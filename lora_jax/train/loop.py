@@ -28,6 +28,8 @@ import numpy as np
 from lora_jax.checkpoint import Checkpointer, base_fingerprint
 from lora_jax.config import RunConfig
 from lora_jax.errors import ConfigError, LoraJaxError
+from lora_jax.sharding import make_mesh, place, rules_with
+from lora_jax.train.step import shard_state
 
 __all__ = ["train", "TrainingDiverged", "prepare_output_dir", "resolve_model_path", "exact_match"]
 
@@ -167,9 +169,14 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                           "model directory needs tokenizer.json / tokenizer_config.json") from None
     datasets = build_datasets(dcfg, tokenizer)
     dtype = resolve_dtype(run.model.dtype)
-    cfg, params = load_pretrained(model_path, dtype=dtype, scan_layers=run.model.scan_layers,
-                                  remat_policy=run.model.remat_policy)
-    lora = init_lora(params, lcfg, jax.random.key(tcfg.seed))
+    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    rules = rules_with(run.mesh.rules)
+    if tcfg.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} must divide by the data-parallel size "
+                          f"{mesh.shape['data'] * mesh.shape['fsdp']} (mesh.data x mesh.fsdp)")
+    cfg, params = load_pretrained(model_path, dtype=dtype, mesh=mesh, rules=rules,
+                                  scan_layers=run.model.scan_layers, remat_policy=run.model.remat_policy)
+    lora = place(init_lora(params, lcfg, jax.random.key(tcfg.seed)), mesh, rules)
     if lcfg.init_lora_weights == "pissa":
         params = unmerge(params, lora, lcfg)
     targets = plan_targets(model_shape(params), lcfg)
@@ -179,8 +186,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     loader = DataLoader(datasets.train_rows, tcfg.batch_size, dcfg.seed, pidx, nproc)
     schedule = make_schedule(ocfg, tcfg.steps)
     tx = make_tx(lcfg, ocfg, schedule)
-    state = init_state(split.trainable, tx, tcfg.seed)
-    frozen = split.frozen
+    state, frozen, shardings = shard_state(init_state(split.trainable, tx, tcfg.seed), split.frozen, mesh, rules)
     ckpt_dir = os.path.join(out, "checkpoints")
     if resume:
         ckpt = Checkpointer(ckpt_dir, tcfg.keep_checkpoints)
@@ -205,7 +211,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
     model = Llama(cfg)
     step_fn = make_train_step(model, cfg, lcfg, tx, schedule, grad_accum=tcfg.grad_accum,
-                              chunk_tokens=run.model.loss_chunk_tokens, use_segments=dcfg.packing)
+                              chunk_tokens=run.model.loss_chunk_tokens, use_segments=dcfg.packing,
+                              jit_kwargs=shardings.step_jit_kwargs())
     eval_fn = make_eval_step(model, cfg, lcfg, chunk_tokens=run.model.loss_chunk_tokens,
                              use_segments=dcfg.packing)
     writers = _Writers(out, is_main)
@@ -219,7 +226,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
             for i, batch in enumerate(eval_batches(datasets.eval_rows, tcfg.batch_size, pidx, nproc)):
                 if i >= tcfg.eval_batches:
                     break
-                t, c = eval_fn(trainable, frozen, batch)
+                t, c = eval_fn(trainable, frozen, shardings.put_batch(batch))
                 total, count = total + float(t), count + float(c)
             res["eval_loss"] = total / max(count, 1.0)
         if tcfg.eval_generate and datasets.eval_records:
@@ -273,7 +280,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         while step < tcfg.steps:
             batch = next(loader)
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, frozen, batch)
+            state, metrics = step_fn(state, frozen, shardings.put_batch(batch))
             step += 1
             if pending is not None:
                 p_step, p_metrics, p_t0 = pending

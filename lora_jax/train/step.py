@@ -20,7 +20,8 @@ from lora_jax.lora.optim import make_optimizer
 from lora_jax.lora.tree import combine
 from lora_jax.train.loss import chunked_cross_entropy, head_weight
 
-__all__ = ["TrainState", "make_schedule", "make_tx", "make_train_step", "make_eval_step", "init_state"]
+__all__ = ["TrainState", "make_schedule", "make_tx", "make_train_step", "make_eval_step", "init_state",
+           "shard_state", "StepShardings"]
 
 
 class TrainState(NamedTuple):
@@ -52,6 +53,38 @@ def make_tx(lcfg: LoraConfig, ocfg: OptimConfig, schedule) -> optax.GradientTran
 def init_state(trainable, tx, seed: int) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable),
                       jax.random.key_data(jax.random.key(seed)))
+
+
+class StepShardings(NamedTuple):
+    """Explicit shardings of the step's inputs and outputs on one mesh."""
+
+    state: Any
+    frozen: Any
+    batch: Any  # one NamedSharding for every [batch, seq] array
+    replicated: Any
+
+    def step_jit_kwargs(self) -> dict:
+        return {"in_shardings": (self.state, self.frozen, self.batch),
+                "out_shardings": (self.state, self.replicated)}
+
+    def put_batch(self, batch):
+        """Host batch -> global array sharded over ("data", "fsdp"); each process passes its slice."""
+        if jax.process_count() == 1:
+            return jax.device_put(batch, self.batch)
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch, x), batch)
+
+
+def shard_state(state: TrainState, frozen, mesh, rules) -> tuple[TrainState, Any, StepShardings]:
+    """Place state and frozen base by the logical-axis rules (optimizer moments follow their
+    adapters, since their paths end like the adapter's); returns them with the step's shardings."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lora_jax.sharding import batch_sharding, tree_shardings
+
+    state_sh, frozen_sh = tree_shardings(state, mesh, rules), tree_shardings(frozen, mesh, rules)
+    shardings = StepShardings(state_sh, frozen_sh, batch_sharding(mesh, 2, rules),
+                              NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh), shardings
 
 
 def _loss_sum(model, cfg: LlamaConfig, lcfg: LoraConfig, chunk_tokens: int, use_segments: bool,
