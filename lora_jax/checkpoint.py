@@ -24,16 +24,27 @@ from lora_jax.errors import CheckpointFormatError
 __all__ = ["Checkpointer", "base_fingerprint"]
 
 
+@jax.jit
+def _leaf_stats(leaves):
+    def stats(v):
+        v = v.astype(jnp.float32)
+        weights = jnp.arange(1, v.size + 1, dtype=jnp.float32).reshape(v.shape) / v.size
+        return jnp.stack([jnp.sum(jnp.abs(v)), jnp.sum(v * v), jnp.sum(v * weights)])
+
+    return [stats(v) for v in leaves]
+
+
 def base_fingerprint(params) -> str:
-    """A hash of the base weights' paths, shapes, dtypes and per-leaf sums and corner values:
-    cheap on device, and different for any other base a user could plausibly point at."""
+    """A hash of the base weights' paths, shapes, dtypes and three reductions per leaf (abs sum,
+    square sum, position-weighted sum): cheap on device, replicated on every host, and different
+    for any other base a user could plausibly point at (a permutation changes the weighted sum)."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    sums = jax.device_get([jnp.sum(jnp.abs(v.astype(jnp.float32))) for _, v in leaves])
-    corners = jax.device_get([v.reshape(-1)[:4].astype(jnp.float32) for _, v in leaves])
+    stats = jax.device_get(_leaf_stats([v for _, v in leaves]))
     h = hashlib.sha256()
-    for (path, v), s, c in zip(leaves, sums, corners):
-        h.update(f"{jax.tree_util.keystr(path)}|{v.shape}|{v.dtype}|{float(s):.6e}|".encode())
-        h.update(np.asarray(c, np.float32).round(6).tobytes())
+    for (path, v), s in zip(leaves, stats):
+        h.update(f"{jax.tree_util.keystr(path)}|{v.shape}|{v.dtype}|".encode())
+        # 5 significant digits: stable across mesh shapes (reduction order), not across bases
+        h.update("|".join(f"{float(x):.5e}" for x in np.asarray(s)).encode())
     return h.hexdigest()[:16]
 
 

@@ -24,6 +24,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() (TPU pods, SLURM, or LORA_JAX_* env)")
 
 
 def _run_config(args):
@@ -60,11 +62,17 @@ def _run_config(args):
 
 
 def cmd_train(args) -> int:
+    from lora_jax.distributed import initialize
     from lora_jax.train.loop import train
+
+    initialize(auto=args.distributed)
 
     run = _run_config(args)
     summary = train(run, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    _print_summary(summary)
+    import jax
+
+    if jax.process_index() == 0:
+        _print_summary(summary)
     return 0
 
 

@@ -115,3 +115,40 @@ def test_make_mesh_errors():
     with pytest.raises(ValueError, match="at most one may be -1"):
         lj.make_mesh(-1, -1, 1)
     assert dict(lj.make_mesh(2, -1, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_two_processes_match_one(tmp_path):
+    """A real two-process run (JAX distributed runtime on the CPU, 2 processes x 4 devices) trains,
+    checkpoints and ends where one process with 8 devices ends."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from lora_jax.export import load_run
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--no-progress", "--set", "train.steps=4", "--set", "train.save_every=2", "--set",
+            "train.batch_size=8", "--set", "train.eval_generate=0", "--set", "train.eval_batches=1"]
+    base_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "lora_jax.cli", "train", "--output-dir", str(tmp_path / "one"),
+                               *args], env=dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]
+    for pid in (0, 1):
+        env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   LORA_JAX_COORDINATOR=f"localhost:{port}", LORA_JAX_NUM_PROCESSES="2",
+                   LORA_JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, "-m", "lora_jax.cli", "train", "--output-dir",
+                                       str(tmp_path / "two"), *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out.decode()[-2000:]
+    one, two = load_run(str(tmp_path / "one")), load_run(str(tmp_path / "two"))
+    assert one[5] == two[5] == 4  # both checkpointed the final step
+    for a, b in zip(jax.tree.leaves(one[2]), jax.tree.leaves(two[2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert os.path.isfile(tmp_path / "two" / "adapter" / "adapter_model.safetensors")

@@ -329,12 +329,18 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     ckpt.close()
 
     adapter_dir = None
-    if tcfg.export_peft and is_main:
+    if tcfg.export_peft:
         from lora_jax.lora.tree import combine
 
-        p, lo = combine(state.trainable, frozen)
-        adapter_dir = os.path.join(out, "adapter")
-        save_peft(adapter_dir, lo, lcfg, cfg, base_model_name_or_path=model_path, params=p)
+        trainable = state.trainable
+        if nproc > 1:  # every process takes part in the gather; process 0 writes
+            from jax.experimental import multihost_utils
+
+            trainable = multihost_utils.process_allgather(trainable, tiled=True)
+        p, lo = combine(trainable, frozen)
+        if is_main:
+            adapter_dir = os.path.join(out, "adapter")
+            save_peft(adapter_dir, lo, lcfg, cfg, base_model_name_or_path=model_path, params=p)
     summary = {
         "eval_before": eval_before.get("exact_match"),
         "eval_after": eval_after.get("exact_match"),
