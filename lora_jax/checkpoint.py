@@ -21,31 +21,34 @@ import orbax.checkpoint as ocp
 
 from lora_jax.errors import CheckpointFormatError
 
-__all__ = ["Checkpointer", "base_fingerprint"]
+__all__ = ["Checkpointer", "base_fingerprint", "fingerprints_match"]
 
 
 @jax.jit
 def _leaf_stats(leaves):
     def stats(v):
-        v = v.astype(jnp.float32)
+        a = jnp.abs(v.astype(jnp.float32))
         weights = jnp.arange(1, v.size + 1, dtype=jnp.float32).reshape(v.shape) / v.size
-        return jnp.stack([jnp.sum(jnp.abs(v)), jnp.sum(v * v), jnp.sum(v * weights)])
+        return jnp.stack([jnp.sum(a), jnp.sum(a * a), jnp.sum(a * weights)])
 
     return [stats(v) for v in leaves]
 
 
-def base_fingerprint(params) -> str:
-    """A hash of the base weights' paths, shapes, dtypes and three reductions per leaf (abs sum,
-    square sum, position-weighted sum): cheap on device, replicated on every host, and different
-    for any other base a user could plausibly point at (a permutation changes the weighted sum)."""
+def base_fingerprint(params) -> dict:
+    """What identifies a base: each leaf's path, shape and dtype, and three sums of |w| (plain,
+    squared, position-weighted, so a permutation shows). Sums of non-negative terms carry no
+    cancellation, so they agree to ~1e-6 across mesh shapes and reduction orders; compare with
+    `fingerprints_match`. Cheap on device and replicated on every host."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     stats = jax.device_get(_leaf_stats([v for _, v in leaves]))
-    h = hashlib.sha256()
-    for (path, v), s in zip(leaves, stats):
-        h.update(f"{jax.tree_util.keystr(path)}|{v.shape}|{v.dtype}|".encode())
-        # 5 significant digits: stable across mesh shapes (reduction order), not across bases
-        h.update("|".join(f"{float(x):.5e}" for x in np.asarray(s)).encode())
-    return h.hexdigest()[:16]
+    layout = [f"{jax.tree_util.keystr(path)}|{v.shape}|{v.dtype}" for path, v in leaves]
+    return {"digest": hashlib.sha256("\n".join(layout).encode()).hexdigest()[:16],
+            "stats": [[float(x) for x in np.asarray(s)] for s in stats]}
+
+
+def fingerprints_match(a: dict, b: dict, rtol: float = 1e-4) -> bool:
+    return (a["digest"] == b["digest"] and len(a["stats"]) == len(b["stats"])
+            and bool(np.allclose(a["stats"], b["stats"], rtol=rtol, atol=0.0)))
 
 
 class Checkpointer:

@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from lora_jax.checkpoint import Checkpointer, base_fingerprint
+from lora_jax.checkpoint import Checkpointer, base_fingerprint, fingerprints_match
 from lora_jax.config import RunConfig
 from lora_jax.errors import CheckpointFormatError, ConfigError
 
@@ -38,7 +38,7 @@ def load_run(run_dir: str, step: int | None = None):
     lora = init_lora(params, lcfg, jax.random.key(run.train.seed))
     if lcfg.init_lora_weights == "pissa":
         params = unmerge(params, lora, lcfg)
-    if base_fingerprint(params) != meta["fingerprint"]:
+    if not fingerprints_match(base_fingerprint(params), meta["fingerprint"]):
         raise ConfigError(f"the base model at {meta['model_path']} is not the one this run trained on "
                           "(fingerprint mismatch); restore the original base weights")
     split = split_trainable(params, lora, lcfg)

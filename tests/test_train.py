@@ -236,3 +236,45 @@ def test_output_dir_holding_a_run_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--resume" in err and "--overwrite" in err
     assert sorted(os.listdir(out)) == ["metrics.jsonl", "run.json"]
+
+
+def test_export_from_a_run_needs_nothing_retyped(tmp_path, capsys):
+    import peft
+    import torch
+    import transformers
+
+    from lora_jax.export import load_run
+
+    run = tmp_path / "run"
+    assert main(["train", "--output-dir", str(run), *QUICK, "--set", "train.steps=4",
+                 "--set", "lora.init_lora_weights=false"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(run), "--peft", str(tmp_path / "adapter"),
+                 "--merged", str(tmp_path / "merged")]) == 0
+    cfg, params, lora, lcfg, _, step, _ = load_run(str(run))
+    assert step == 4
+    ids = np.random.default_rng(0).integers(5, 99, (2, 17)).astype(np.int32)
+    ours = np.asarray(lj.apply(lj.Llama(cfg), params, lora, lcfg, jnp.asarray(ids)))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
+    peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        t = torch.from_numpy(ids).long()
+        for model in (merged, peft_model):
+            assert np.max(np.abs(model(t).logits.numpy() - ours)) <= 1e-4
+    assert os.path.isfile(tmp_path / "merged" / "tokenizer.json")
+
+
+def test_fingerprint_tells_bases_apart_not_meshes():
+    from lora_jax.checkpoint import base_fingerprint, fingerprints_match
+
+    _, p1 = lj.load_pretrained(DEMO_MODEL)
+    _, p2 = lj.load_pretrained(DEMO_MODEL, mesh=lj.make_mesh(1, 2, 4))
+    f1 = base_fingerprint(p1)
+    assert fingerprints_match(f1, base_fingerprint(p2))
+    changed = jax.tree.map(lambda x: x, p1)
+    changed["norm"]["scale"] = changed["norm"]["scale"] * 1.01
+    assert not fingerprints_match(f1, base_fingerprint(changed))
+    permuted = jax.tree.map(lambda x: x, p1)
+    permuted["norm"]["scale"] = permuted["norm"]["scale"][::-1]
+    assert not fingerprints_match(f1, base_fingerprint(permuted))

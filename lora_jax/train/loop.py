@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.checkpoint import Checkpointer, base_fingerprint
+from lora_jax.checkpoint import Checkpointer, base_fingerprint, fingerprints_match
 from lora_jax.config import RunConfig
 from lora_jax.errors import ConfigError, LoraJaxError
 from lora_jax.sharding import make_mesh, place, rules_with
@@ -193,9 +193,9 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         if ckpt.latest_step() is None:
             raise ConfigError(f"--resume: {out} has no complete checkpoint yet; start again with --overwrite")
         state, meta = ckpt.restore(None, state)
-        if meta["fingerprint"] != fingerprint:
+        if not fingerprints_match(meta["fingerprint"], fingerprint):
             raise ConfigError(f"--resume: the base weights at {model_path} differ from the ones this run "
-                              f"started from (fingerprint {fingerprint} != {meta['fingerprint']})")
+                              "started from (fingerprint mismatch); point --model at the original base")
         loader.set_state(meta["loader"])
     else:
         if os.path.isdir(out) and overwrite:
