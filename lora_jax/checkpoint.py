@@ -47,6 +47,8 @@ def base_fingerprint(params) -> dict:
 
 
 def fingerprints_match(a: dict, b: dict, rtol: float = 1e-4) -> bool:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
     return (a["digest"] == b["digest"] and len(a["stats"]) == len(b["stats"])
             and bool(np.allclose(a["stats"], b["stats"], rtol=rtol, atol=0.0)))
 
