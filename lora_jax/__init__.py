@@ -8,6 +8,7 @@
     logits = lj.apply(model, params, lora, lcfg, input_ids)
     lj.save_peft(out_dir, lora, lcfg, cfg)                 # PEFT adapter dir
     lj.save_pretrained(out_dir, params, cfg, lora, lcfg)   # merged HF model dir
+    cfg, qparams = lj.load_pretrained(path, quantize="nf4")  # QLoRA: NF4 frozen projections
 """
 
 from lora_jax.config import LlamaConfig, LoraConfig
@@ -19,6 +20,8 @@ from lora_jax.lora import (Split, apply, combine, count_parameters, dora_weight_
                            lora_dense, lora_interception, lora_labels, make_optimizer, merge,
                            print_trainable_parameters, split_trainable, unmerge)
 from lora_jax.models.llama import KVCache, Llama, init_kv_cache
+from lora_jax.quant import QuantizedKernel, dequantize, quantize, quantize_params
 from lora_jax.sharding import make_mesh
+from lora_jax.sweep import sweep
 
 __version__ = "0.1.0"

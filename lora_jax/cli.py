@@ -21,6 +21,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="training JSONL ({text} | {prompt, completion} | {messages})")
     p.add_argument("--eval-data", help="held-out JSONL (default: a split of --data)")
     p.add_argument("--output-dir", help="run directory (default: runs/demo)")
+    p.add_argument("--quantize", choices=("nf4", "int8"),
+                   help="QLoRA: a 4-bit NF4 (or int8) frozen base; same as --set model.quantize=...")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,6 +57,8 @@ def _run_config(args):
         pairs.append(f"data.eval_file={args.eval_data}")
     if args.output_dir:
         pairs.append(f"train.output_dir={args.output_dir}")
+    if getattr(args, "quantize", None):
+        pairs.append(f"model.quantize={args.quantize}")
     if args.resume and args.overrides:
         raise ConfigError("--resume continues with the run's saved config; drop --set (or start a new "
                           "run with --overwrite)")

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 from lora_jax.errors import ConfigError
 
-__all__ = ["ConfigError", "LlamaConfig", "REMAT_POLICIES"]
+__all__ = ["ConfigError", "LlamaConfig", "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "MeshConfig",
+           "RunConfig", "REMAT_POLICIES"]
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_out")
 _SUPPORTED_ROPE = ("default", "llama3")
@@ -385,8 +386,11 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     loss_chunk_tokens: int = 2048  # the LM-head cross-entropy runs over chunks of this many tokens
+    quantize: str | None = None  # "nf4" (QLoRA) | "int8": a quantised frozen base (lora_jax.quant)
 
     def __post_init__(self):
+        if self.quantize not in (None, "nf4", "int8"):
+            raise ConfigError(f"model.quantize={self.quantize!r}; choose 'nf4', 'int8' or null (no quantisation)")
         if self.dtype not in ("auto",) + _DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r}; choose 'auto', 'float32' or 'bfloat16'")
         if self.remat_policy not in REMAT_POLICIES:

@@ -33,7 +33,7 @@ def load_run(run_dir: str, step: int | None = None):
     step, meta = ckpt.restore_meta(step)
     run = RunConfig.from_dict(meta["run"])
     cfg, params = load_pretrained(meta["model_path"], dtype=resolve_dtype(run.model.dtype),
-                                  scan_layers=run.model.scan_layers)
+                                  scan_layers=run.model.scan_layers, quantize=run.model.quantize)
     lcfg = run.lora
     lora = init_lora(params, lcfg, jax.random.key(run.train.seed))
     if lcfg.init_lora_weights == "pissa":

@@ -10,6 +10,11 @@ Each result is one line `RESULT {json}`; an out-of-memory config reports status 
     python experiments/bench/jax_bench.py --shape 1b --batch 8 --seq 2048
     python experiments/bench/jax_bench.py --shape 8b --batch 4 --seq 2048 --remat full
     python experiments/bench/jax_bench.py --shape 8b --batch 1 --remat full --seq 131072 114688
+    python experiments/bench/jax_bench.py --shape 8b --batch 4 --seq 2048 --remat full --quantize nf4
+
+With `--quantize nf4|int8` (QLoRA) the seven projections are made quantised, one layer at a time
+(random bf16, quantised with `lora_jax.quant` on the device, the bf16 layer freed), so no
+full-precision copy of them ever exists and peak memory is that of the QLoRA step.
 """
 
 from __future__ import annotations
@@ -44,18 +49,56 @@ def _versions() -> dict:
     return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
-def build(shape: str, remat: str, attention: str | None, scan: bool = True):
+def build(shape: str, remat: str, attention: str | None, scan: bool = True, quantize: str | None = None):
     cfg = lj.LlamaConfig.from_hf(get_shape(shape), dtype="bfloat16", param_dtype="bfloat16",
                                  scan_layers=scan, remat_policy=remat, attention_impl=attention)
     model = lj.Llama(cfg)
-    params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"])(jax.random.key(0))
+    init = lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]
+    if quantize:
+        return cfg, model, init_quantized(init, quantize, jax.random.key(0))
+    params = jax.jit(init)(jax.random.key(0))
     return cfg, model, params
+
+
+def init_quantized(init, kind: str, key):
+    """Random params leaf by leaf; each projection kernel made and quantised one layer at a time
+    (`lax.map`), so the device holds the quantised model plus one bf16 layer kernel, never the bf16
+    projections (init N(0, 0.02) as the model's own initialisers; norms 1)."""
+    import functools
+
+    from flax import traverse_util
+
+    from lora_jax import quant
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def quantized_leaf(k, shape, dtype):
+        def one(kk):
+            return quant.quantize((0.02 * jax.random.normal(kk, shape[-2:], jnp.float32)).astype(dtype), kind)
+        if len(shape) == 2:
+            return one(k)
+        return jax.lax.map(one, jax.random.split(k, shape[0]))
+
+    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+    def plain_leaf(k, shape, dtype, ones):
+        return jnp.ones(shape, dtype) if ones else (0.02 * jax.random.normal(k, shape, dtype)).astype(dtype)
+
+    flat = traverse_util.flatten_dict(jax.eval_shape(init, key))
+    out = {}
+    for i, (path, sds) in enumerate(sorted(flat.items())):
+        k = jax.random.fold_in(key, i)
+        if quant.is_projection_kernel(path):
+            out[path] = quantized_leaf(k, tuple(sds.shape), jnp.dtype(sds.dtype).name)
+        else:
+            out[path] = plain_leaf(k, tuple(sds.shape), jnp.dtype(sds.dtype).name, path[-1] == "scale")
+        jax.block_until_ready(out[path])
+    return traverse_util.unflatten_dict(out)
 
 
 def measure(shape: str, batch: int, seq: int, remat: str, steps: int, warmup: int,
             attention: str | None, chunk: int, r: int = 16, variant: str = "lora",
-            profile_dir: str | None = None, scan: bool = True) -> dict:
-    cfg, model, params = build(shape, remat, attention, scan)
+            profile_dir: str | None = None, scan: bool = True, quantize: str | None = None) -> dict:
+    cfg, model, params = build(shape, remat, attention, scan, quantize)
+    base_gib = sum(x.nbytes for x in jax.tree.leaves(params)) / GIB
     if variant == "nolora":  # the frozen model alone, full backward (only the per-layer input norms train): LoRA overhead
         lcfg = lj.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", modules_to_save=("input_layernorm",))
         lora = {}
@@ -101,7 +144,8 @@ def measure(shape: str, batch: int, seq: int, remat: str, steps: int, warmup: in
         "peak_gib": stats.get("peak_bytes_in_use", 0) / GIB, "compile_s": compile_s,
         "step_ms_median": med * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
         "loss": float(m["loss"]), "flops_per_token": fpt, "steps": steps, "lora_r": r,
-        "gpu": jax.devices()[0].device_kind, "status": "ok", "variant": variant, **_versions(),
+        "gpu": jax.devices()[0].device_kind, "status": "ok", "variant": variant, "quantize": quantize,
+        "base_gib": base_gib, **_versions(),
         **({"kernels": kernels} if kernels else {}),
     }
 
@@ -169,19 +213,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-scan", action="store_true", help="unrolled layers (longer compile)")
     p.add_argument("--variant", default="lora", choices=("lora", "nolora"))
     p.add_argument("--profile-dir", help="also trace 3 steps and print device time per kernel")
+    p.add_argument("--quantize", choices=("nf4", "int8"), help="QLoRA: a quantised frozen base")
     p.add_argument("--out")
     args = p.parse_args(argv)
     attention = None if args.attention == "auto" else args.attention
     for seq in args.seq:
         try:
             res = measure(args.shape, args.batch, seq, args.remat, args.steps, args.warmup, attention,
-                          args.chunk, variant=args.variant, profile_dir=args.profile_dir, scan=not args.no_scan)
+                          args.chunk, variant=args.variant, profile_dir=args.profile_dir, scan=not args.no_scan,
+                          quantize=args.quantize)
         except Exception as e:  # noqa: BLE001 - report and go on to the next config
             status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
             if status != "OOM":
                 traceback.print_exc()
             res = {"system": "lora_jax", "shape": args.shape, "batch": args.batch, "seq": seq,
-                   "remat": args.remat, "status": status}
+                   "remat": args.remat, "quantize": args.quantize, "status": status}
         line = json.dumps(res)
         print("RESULT " + line, flush=True)
         if args.out:

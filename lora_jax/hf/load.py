@@ -3,23 +3,29 @@
 Tensors stream one at a time from the safetensors files; each Flax leaf is assembled in one host
 buffer (stacked over layers when scanning) and moved to its device(s) as soon as it is complete, so
 host memory holds at most the leaves still being filled, never a second copy of the model.
+
+With `quantize="nf4"` (QLoRA) or `"int8"`, each projection tensor is quantised on its device(s) as it
+is read, straight into the stacked quantised leaf there: host memory holds one tensor at a time
+and the device never holds a full-precision projection beyond the one being quantised.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import defaultdict
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from lora_jax.config import LlamaConfig
 from lora_jax.errors import CheckpointFormatError, ConfigError
-from lora_jax.hf.names import IGNORED_SUFFIXES, Entry, flax_path, hf_entries
+from lora_jax.hf.names import IGNORED_SUFFIXES, PROJECTIONS, Entry, flax_path, hf_entries
 
 __all__ = ["load_pretrained", "weight_files", "np_dtype"]
 
@@ -120,6 +126,7 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
 
 def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: bool = True,
                     remat_policy: str = "none", compute_dtype: Any = None, rules=None,
+                    quantize: str | None = None,
                     place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None):
     """Load a HF Llama directory -> `(LlamaConfig, params)`.
 
@@ -127,7 +134,16 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
     mesh: a `jax.sharding.Mesh`; each leaf goes straight to its sharding (`lora_jax.sharding`
         logical-axis `rules`), so each device receives only its shard.
     compute_dtype: activation dtype; defaults to the parameter dtype.
+    quantize: `"nf4"` or `"int8"`: the seven projection kernels become `lora_jax.quant.QuantizedKernel`s
+        (quantised from `dtype`, layer by layer as they stream in, sharded like the kernels);
+        embeddings, norms and the LM head stay in `dtype`. Such params run inside
+        `lora_interception()` (`lj.apply`, training, `generate`).
+    place: `(path, host array) -> array`, replacing the default placement; with `quantize`, it is
+        called with the kernel's path for each array of a quantised kernel (assembled on the host).
     """
+    from lora_jax.quant import check_kind
+
+    check_kind(quantize)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointFormatError(f"model directory {path!r} does not exist; pass a Hugging Face "
@@ -145,6 +161,9 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
     cfg = hf_cfg.replace(param_dtype=dtype, dtype=compute_dtype or dtype, scan_layers=scan_layers,
                          remat_policy=remat_policy)
     target = np_dtype(cfg.param_dtype)
+    quantizer = None
+    if quantize is not None:
+        quantizer = _Quantizer(quantize, cfg, mesh, rules, place)
     if place is None:
         place = _placer(mesh, rules)
 
@@ -171,6 +190,13 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
                 if e.transpose:
                     tensor = tensor.T
                 tensor = tensor.astype(target)
+                if quantizer is not None and e.path[-1] == "kernel" and e.path[-2] in PROJECTIONS:
+                    quantizer.add(leaf, e.layer if cfg.scan_layers else None, tensor)
+                    del tensor
+                    remaining[leaf] -= 1
+                    if remaining[leaf] == 0:
+                        placed[leaf] = quantizer.finish(leaf)
+                    continue
                 if e.layer is not None and cfg.scan_layers:
                     if leaf not in buffers:
                         buffers[leaf] = np.empty((cfg.num_hidden_layers,) + tensor.shape, target)
@@ -191,3 +217,98 @@ def _placer(mesh, rules):
 
     rules = rules or DEFAULT_RULES
     return lambda path, array: jax.device_put(array, param_sharding(path, array, mesh, rules=rules))
+
+
+class _Quantizer:
+    """Quantises projection tensors as they stream in and assembles each (stacked) quantised leaf.
+
+    Default placement: each tensor goes to its device(s) with the kernel's sharding, is quantised
+    there, and its codes are written into the leaf's layer slot (buffers donated, so one copy). With
+    a custom `place`, leaves are assembled on the host and each array handed to `place`.
+    """
+
+    def __init__(self, kind: str, cfg: LlamaConfig, mesh, rules, place):
+        from lora_jax.sharding import DEFAULT_RULES
+
+        self.kind, self.cfg, self.mesh, self.place = kind, cfg, mesh, place
+        self.rules = tuple(sorted((rules or DEFAULT_RULES).items()))
+        self.buffers: dict[tuple[str, ...], Any] = {}
+
+    def add(self, leaf, layer: int | None, tensor: np.ndarray) -> None:
+        """Quantise one tensor: the whole leaf (layer None) or layer `layer` of a stacked leaf."""
+        n = self.cfg.num_hidden_layers if layer is not None else None
+        module = leaf[-3:] if self.mesh is not None else None  # programs depend on the path only via shardings
+        x_sh, quant, zeros, set_layer = _programs(self.kind, module, tensor.shape, tensor.dtype.name, n,
+                                                  self.mesh, self.rules)
+        if self.place is not None:
+            return self._add_host(leaf, layer, jax.device_get(quant(tensor)))
+        x = jax.device_put(tensor, x_sh)
+        if layer is None:
+            self.buffers[leaf] = quant(x)
+            return
+        if leaf not in self.buffers:
+            self.buffers[leaf] = zeros()
+        self.buffers[leaf] = set_layer(self.buffers[leaf], x, layer)
+
+    def _add_host(self, leaf, layer, q):
+        from lora_jax.quant import QuantizedKernel
+
+        if layer is None:
+            self.buffers[leaf] = q
+            return
+        if leaf not in self.buffers:
+            n = self.cfg.num_hidden_layers
+            self.buffers[leaf] = QuantizedKernel(*(np.zeros((n,) + a.shape, a.dtype) for a in q.arrays()),
+                                                 q.spec)
+        for buf, part in zip(self.buffers[leaf].arrays(), q.arrays()):
+            buf[layer] = part
+
+    def finish(self, leaf):
+        """The completed leaf, placed."""
+        q = self.buffers.pop(leaf)
+        if self.place is not None:
+            q = jax.tree.map(lambda a: self.place(leaf, np.ascontiguousarray(a)), q)
+        return q
+
+
+@functools.lru_cache(maxsize=64)
+def _programs(kind: str, module_path: tuple[str, ...], shape: tuple[int, ...], dtype: str,
+              layers: int | None, mesh, rules: tuple):
+    """(sharding of one [in, out] tensor, jitted quantiser, jitted zeros of the stacked leaf, jitted
+    "quantise into layer i" with the leaf donated), with shardings from the logical-axis rules of the
+    kernel's path (`layers`: the stack depth of a scanned leaf, None for a leaf that is one tensor)."""
+    from lora_jax.quant import quantize
+
+    quant = functools.partial(quantize, kind=kind, dtype=dtype)
+    abstract = jax.eval_shape(quant, jax.ShapeDtypeStruct(shape, dtype))
+    lead = () if layers is None else (layers,)
+    x_sh = slice_sh = leaf_sh = None
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from lora_jax.sharding import tree_shardings
+
+        path = (("layers",) if layers is not None else ()) + module_path
+        full = jax.tree.map(lambda s: jax.ShapeDtypeStruct(lead + s.shape, s.dtype), abstract)
+        kernel = jax.ShapeDtypeStruct(lead + shape, dtype)
+        leaf_sh = _get_path(tree_shardings(_nest({path: full}), mesh, dict(rules)), path)
+        x_sh = _get_path(tree_shardings(_nest({path: kernel}), mesh, dict(rules)), path)
+        slice_sh = leaf_sh
+        if layers is not None:  # a layer slice shards like the stacked leaf without its layer axis
+            drop = lambda s: NamedSharding(mesh, PartitionSpec(*s.spec[1:]))
+            x_sh, slice_sh = drop(x_sh), jax.tree.map(drop, leaf_sh)
+    zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(lead + a.shape, a.dtype), abstract),
+                    out_shardings=leaf_sh)
+    set_layer = jax.jit(lambda buf, x, i: _set_layer(buf, quant(x), i), donate_argnums=(0,),
+                        out_shardings=leaf_sh)
+    return x_sh, jax.jit(quant, out_shardings=slice_sh), zeros, set_layer
+
+
+def _get_path(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set_layer(buffers, q, layer):
+    return jax.tree.map(lambda b, s: jax.lax.dynamic_update_index_in_dim(b, s, layer, 0), buffers, q)

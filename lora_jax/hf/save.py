@@ -1,6 +1,10 @@
 """Write a Flax Llama as a Hugging Face model directory (config.json + safetensors, sharded + index
 above `max_shard_size`), tensor by tensor, into a temporary directory renamed into place at the end,
-so a failure never leaves a half-written model behind."""
+so a failure never leaves a half-written model behind.
+
+A quantised base (`lora_jax.quant`, QLoRA) is written dequantised, one layer slice at a time, in
+fp32 arithmetic cast once to the export dtype; merged with adapters, the merge runs on that fp32
+slice (dequantise, add s*A@B in fp32, cast once)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from lora_jax.config import LlamaConfig
 from lora_jax.errors import ConfigError
 from lora_jax.hf.load import np_dtype
 from lora_jax.hf.names import flax_path, hf_entries
+from lora_jax.quant import dequantize, is_quantized
 
 __all__ = ["save_pretrained", "parse_size", "atomic_dir", "TOKENIZER_FILES"]
 
@@ -81,6 +86,8 @@ def hf_tensors(params, cfg: LlamaConfig, dtype: str, entries=None) -> Iterator[t
         leaf = _get(params, flax_path(e, cfg.scan_layers))
         if e.layer is not None and cfg.scan_layers:
             leaf = leaf[e.layer]
+        if is_quantized(leaf):
+            leaf = _dequantize_slice(leaf)
         t = np.asarray(jax.device_get(leaf))
         if e.transpose:
             t = t.T
@@ -181,9 +188,16 @@ def _adapters_by_kernel(params, lora, cfg: LlamaConfig) -> dict[tuple[str, ...],
     return out
 
 
+@jax.jit
+def _dequantize_slice(q):
+    return dequantize(q, jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
 def _merge_slice(w, a, b, scale, m=None, *, out_dtype):
-    """One `[in, out]` kernel merged as `lora_jax.merge` does, in fp32, cast once; torch layout out."""
+    """One `[in, out]` kernel merged as `lora_jax.merge` does, in fp32, cast once; torch layout out.
+    A quantised kernel is dequantised in fp32 first."""
+    w = dequantize(w, jnp.float32) if is_quantized(w) else w
     merged = w.astype(jnp.float32) + scale.astype(jnp.float32) * (a.astype(jnp.float32) @ b.astype(jnp.float32))
     if m is not None:
         norm = jnp.sqrt(jnp.sum(jnp.square(merged), axis=0))

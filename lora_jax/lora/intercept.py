@@ -6,6 +6,10 @@ by `lora_dense`; every other call, and `setup`, passes through untouched. Becaus
 never calls the wrapped method, a `super()` chain cannot fire it twice. Reading the adapters from
 the bound module (rather than matching names) is what makes it work inside `nn.scan` and `nn.remat`:
 the scan slices the `"lora"` collection per layer exactly as it slices `"params"`.
+
+A Dense whose kernel is quantised (`lora_jax.quant.QuantizedKernel`, a QLoRA base) is intercepted
+too, adapter or not: it runs `lora_dense` or `dense`, which dequantise that one kernel on the fly.
+So a quantised base runs only inside `lora_interception()` (as `apply`, training and `generate` do).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
-from lora_jax.lora.kernel import lora_dense
+from lora_jax.lora.kernel import dense, lora_dense
+from lora_jax.quant import is_quantized
 
 __all__ = ["lora_interception", "apply"]
 
@@ -36,13 +41,18 @@ def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = T
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
-                or not _has(module, "a")):
+        if context.method_name != "__call__" or not isinstance(module, nn.Dense):
+            return next_fun(*args, **kwargs)
+        adapted = _has(module, "a")
+        kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
+        quantized = is_quantized(kernel)
+        if not adapted and not quantized:
             return next_fun(*args, **kwargs)
         (x,) = args
-        kernel = module.get_variable("params", "kernel")
         bias = module.get_variable("params", "bias") if module.use_bias else None
-        dtype = module.dtype or jnp.result_type(x, kernel)
+        dtype = module.dtype or (kernel.dtype if quantized else jnp.result_type(x, kernel))
+        if not adapted:
+            return dense(jnp.asarray(x, dtype), kernel, bias)
         rng = module.make_rng("dropout") if (not deterministic and rate > 0) else None
         return lora_dense(
             jnp.asarray(x, dtype), kernel,

@@ -6,6 +6,11 @@
 The DoRA column norm is expanded so that no `[in, out]` array is derived from A and B:
     ||W_j + s (AB)_j||^2 = ||W_j||^2 + 2s <A^T W, B>_j + s^2 <(A^T A) B, B>_j
 which costs two rank-r products instead of a full-size weight.
+
+A quantised kernel (`lora_jax.quant.QuantizedKernel`, QLoRA) is dequantised here, where it is used:
+`quantized_matmul` forms the one `[in, out]` kernel in the compute dtype under `jax.checkpoint`, so
+the backward pass dequantises it again instead of keeping it (inside `nn.scan` a kept copy would be
+stacked over all layers). Gradients reach the activations and adapters, never the codes.
 """
 
 from __future__ import annotations
@@ -15,11 +20,24 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["lora_dense", "dora_column_norm"]
+from lora_jax.quant import dequantize, is_quantized
+
+__all__ = ["lora_dense", "dora_column_norm", "dense", "quantized_matmul"]
 
 
 def _mm(x, w):
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.checkpoint
+def quantized_matmul(x, qkernel):
+    """`x @ dequantize(qkernel)` in the dtype of x; the dequantised kernel is recomputed in the
+    backward pass, never saved (the residuals are x and the codes)."""
+    return _mm(x, dequantize(qkernel, x.dtype))
+
+
+def _base_mm(x, kernel):
+    return quantized_matmul(x, kernel) if is_quantized(kernel) else _mm(x, kernel)
 
 
 def dora_column_norm(kernel, a, b, scale):
@@ -44,8 +62,9 @@ def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=No
     magnitude: [out] for DoRA; dropout_rng: a key when dropout is active (training).
     """
     dtype = x.dtype
-    kernel = kernel.astype(dtype)
-    base = _mm(x, kernel)
+    if not is_quantized(kernel):
+        kernel = kernel.astype(dtype)
+    base = _base_mm(x, kernel)
     xd = x
     if dropout_rng is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
@@ -55,10 +74,21 @@ def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=No
     if magnitude is None:
         y = base + (s * low_rank).astype(dtype)
     else:
-        norm = jax.lax.stop_gradient(dora_column_norm(kernel, a, b, s))
+        w = dequantize(kernel, dtype) if is_quantized(kernel) else kernel
+        norm = jax.lax.stop_gradient(dora_column_norm(w, a, b, s))
         factor = _row(jnp.where(s != 0, magnitude.astype(jnp.float32) / norm, 1.0), x.ndim)
-        base_d = base if xd is x else _mm(xd, kernel)  # PEFT runs the dropped input through W too
+        base_d = base if xd is x else _base_mm(xd, kernel)  # PEFT runs the dropped input through W too
         y = base + ((factor - 1) * base_d + factor * s * low_rank).astype(dtype)
     if bias is not None:
         y = y + _row(bias.astype(dtype), x.ndim)
+    return y
+
+
+@jax.jit
+def dense(x, kernel, bias=None):
+    """A projection without an adapter: `x @ kernel (+ bias)` in the dtype of x, for a quantised
+    kernel as well (what the interceptor runs for an untargeted `nn.Dense` of a QLoRA base)."""
+    y = _base_mm(x, kernel if is_quantized(kernel) else kernel.astype(x.dtype))
+    if bias is not None:
+        y = y + _row(bias.astype(x.dtype), x.ndim)
     return y

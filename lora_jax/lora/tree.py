@@ -27,6 +27,7 @@ from flax import traverse_util
 from lora_jax.config import LoraConfig
 from lora_jax.errors import ConfigError
 from lora_jax.lora.targets import Target, model_shape, plan_targets
+from lora_jax.quant import is_quantized, quantize_like
 
 __all__ = ["init_lora", "merge", "unmerge", "split_trainable", "combine", "Split", "targets_of",
            "count_parameters", "print_trainable_parameters", "dora_weight_norms", "adapter_paths"]
@@ -154,7 +155,8 @@ def dora_weight_norms(params, lora, lcfg: LoraConfig | None = None) -> dict:
 
 def merge(params, lora, lcfg: LoraConfig | None = None) -> dict:
     """Plain params with each adapter folded in: W + s*A@B (DoRA: m * (W + s*A@B) / ||W + s*A@B||).
-    fp32 arithmetic, cast back to the kernel's dtype once; every other leaf is returned as is."""
+    fp32 arithmetic, cast back to the kernel's dtype once; every other leaf is returned as is.
+    A quantised kernel (`lora_jax.quant`) is dequantised in fp32 and merged into a plain kernel."""
     flat = traverse_util.flatten_dict(params)
     for path in adapter_paths(lora):
         mod = _node(lora, path)
@@ -171,7 +173,8 @@ def merge(params, lora, lcfg: LoraConfig | None = None) -> dict:
 
 def unmerge(params, lora, lcfg: LoraConfig | None = None, *, dora_norms: dict | None = None) -> dict:
     """Inverse of `merge`: W - s*A@B. A DoRA merge is only invertible with the norms it divided by
-    (`dora_weight_norms(base, lora)` taken before merging)."""
+    (`dora_weight_norms(base, lora)` taken before merging). A quantised kernel stays quantised: the
+    residual is requantised with its settings (PiSSA on a QLoRA base)."""
     flat = traverse_util.flatten_dict(params)
     for path in adapter_paths(lora):
         mod = _node(lora, path)
@@ -185,7 +188,8 @@ def unmerge(params, lora, lcfg: LoraConfig | None = None, *, dora_norms: dict | 
             active = mod["scale"][..., None] != 0
             factor = jnp.where(active, mod["m"].astype(jnp.float32) / dora_norms[path], 1.0)
             w32 = w32 / factor[..., None, :]
-        flat[path + ("kernel",)] = (w32 - _delta(mod)).astype(w.dtype)
+        residual = w32 - _delta(mod)
+        flat[path + ("kernel",)] = quantize_like(residual, w) if is_quantized(w) else residual.astype(w.dtype)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -211,6 +215,10 @@ def split_trainable(params, lora, lcfg: LoraConfig) -> Split:
     train: dict = {}
     frozen: dict = {}
     for path, v in flat_p.items():
+        if is_quantized(v) and _is_saved_module(path, lcfg):
+            raise ConfigError(f"modules_to_save={list(lcfg.modules_to_save)} includes the quantised kernel "
+                              f"{'/'.join(path)}; a quantised base is frozen. Drop it from modules_to_save or "
+                              "load the model without quantize")
         (train if _is_saved_module(path, lcfg) else frozen)[("params",) + path] = v
     for path, v in traverse_util.flatten_dict(lora).items():
         (train if path[-1] in TRAINABLE_LEAVES else frozen)[("lora",) + path] = v

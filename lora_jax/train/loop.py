@@ -175,7 +175,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must divide by the data-parallel size "
                           f"{mesh.shape['data'] * mesh.shape['fsdp']} (mesh.data x mesh.fsdp)")
     cfg, params = load_pretrained(model_path, dtype=dtype, mesh=mesh, rules=rules,
-                                  scan_layers=run.model.scan_layers, remat_policy=run.model.remat_policy)
+                                  scan_layers=run.model.scan_layers, remat_policy=run.model.remat_policy,
+                                  quantize=run.model.quantize)
     lora = place(init_lora(params, lcfg, jax.random.key(tcfg.seed)), mesh, rules)
     if lcfg.init_lora_weights == "pissa":
         params = unmerge(params, lora, lcfg)
