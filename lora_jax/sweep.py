@@ -234,6 +234,10 @@ def _check_sweepable(run: RunConfig) -> None:
 
 
 # ==================================================================================== stack/unstack
+def _shapes(trees) -> list[list[tuple]]:
+    return [[tuple(x.shape) for x in jax.tree.leaves(t)] for t in trees]
+
+
 def stack_trees(trees: Sequence[Any]):
     """Stack trees of equal structure on a new leading axis, zero-padding every leaf to the
     largest shape along each axis (only rank axes differ between LoRA configurations).
@@ -244,14 +248,14 @@ def stack_trees(trees: Sequence[Any]):
         if td != treedef:
             raise ConfigError("the configurations' adapter trees differ in structure (targets); a "
                               "sweep can only vary " + _allowed_msg())
-    shapes = [[tuple(x.shape) for x in leaves] for leaves, _ in flat]
     stacked = []
     for i in range(len(flat[0][0])):
         leaves = [f[0][i] for f in flat]
         target = tuple(max(d) for d in zip(*(x.shape for x in leaves)))
         stacked.append(jnp.stack([
-            jnp.pad(x, [(0, t - d) for d, t in zip(x.shape, target)]) for x in leaves]))
-    return treedef.unflatten(stacked), shapes
+            jnp.pad(x, [(0, t - d) for d, t in zip(x.shape, target)]) if x.ndim else jnp.asarray(x)
+            for x in leaves]))
+    return treedef.unflatten(stacked), _shapes(trees)
 
 
 def unstack_tree(stacked, k: int, shapes: Sequence[Sequence[tuple]]):
@@ -259,6 +263,50 @@ def unstack_tree(stacked, k: int, shapes: Sequence[Sequence[tuple]]):
     leaves, treedef = jax.tree.flatten(stacked)
     own = shapes[k]
     return treedef.unflatten([x[k][tuple(slice(0, d) for d in s)] for x, s in zip(leaves, own)])
+
+
+def init_stacked(params, lcfgs: Sequence, seed: int):
+    """The K adapters, each made by `init_lora(params, lcfg_k, key(seed))` and `split_trainable`
+    exactly as its single run makes it, zero-padded and stacked on a leading axis (on the host,
+    so no padding/stacking op is compiled per shape). Configurations that differ only in dropout
+    share one initialisation (dropout does not enter it).
+
+    Returns (trainable, frozen_lora, shapes, base): base is the frozen part of `params` (shared by
+    all K, not copied); shapes = {"trainable": ..., "frozen_lora": ...} for `unstack_tree`.
+    """
+    from lora_jax.lora.tree import init_lora, split_trainable
+
+    made: dict = {}
+    trainables, frozen_loras = [], []
+    for lc in lcfgs:
+        key = lc.replace(lora_dropout=0.0)
+        if key not in made:
+            split = split_trainable(params, init_lora(params, lc, jax.random.key(seed)), lc)
+            made[key] = jax.device_get((split.trainable, split.frozen["lora"]))
+        trainables.append(made[key][0])
+        frozen_loras.append(made[key][1])
+    shapes = {"trainable": _shapes(trainables), "frozen_lora": _shapes(frozen_loras)}
+    trainable = _stack_host(trainables)
+    frozen_lora = _stack_host(frozen_loras)
+    base = split_trainable(params, {}, lcfgs[0]).frozen["params"]
+    return trainable, frozen_lora, shapes, base
+
+
+def _stack_host(trees):
+    """`stack_trees` on numpy arrays (host), then one transfer per leaf."""
+    flat = [jax.tree.flatten(t) for t in trees]
+    treedef = flat[0][1]
+    if any(td != treedef for _, td in flat[1:]):
+        raise ConfigError("the configurations' adapter trees differ in structure (targets); a "
+                          "sweep can only vary " + _allowed_msg())
+    out = []
+    for i in range(len(flat[0][0])):
+        leaves = [np.asarray(f[0][i]) for f in flat]
+        target = tuple(max(d) for d in zip(*(x.shape for x in leaves)))
+        out.append(jnp.asarray(np.stack([
+            np.pad(x, [(0, t - d) for d, t in zip(x.shape, target)]) if x.ndim else x
+            for x in leaves])))
+    return treedef.unflatten(out)
 
 
 # ============================================================================= the vmapped program
@@ -271,31 +319,41 @@ def _optim_with(ocfg, lr, weight_decay):
 
 
 def _dense_traced_dropout(x, kernel, a, b, scale, rate, rng, bias=None, magnitude=None):
-    """`lora_dense` with a traced dropout rate (same arithmetic, same random bits)."""
-    from lora_jax.lora.kernel import _mm, _row, dora_column_norm
+    """`lora_jax.lora.kernel.lora_dense` with the dropout rate an array (same arithmetic, same random
+    bits), which `lora_dense` cannot take: its rate is static. A quantised (QLoRA) kernel goes
+    through the kernel module's own base matmul."""
+    from lora_jax.lora import kernel as km
 
+    base_mm = getattr(km, "_base_mm", km._mm)
+    quantized = getattr(km, "is_quantized", lambda k: False)(kernel)
     dtype = x.dtype
-    kernel = kernel.astype(dtype)
-    base = _mm(x, kernel)
+    if not quantized:
+        kernel = kernel.astype(dtype)
+    base = base_mm(x, kernel)
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     xd = jnp.where(keep, x / (1.0 - rate).astype(dtype), 0).astype(dtype)
-    low_rank = _mm(_mm(xd, a.astype(dtype)), b.astype(dtype))
+    low_rank = km._mm(km._mm(xd, a.astype(dtype)), b.astype(dtype))
     s = jnp.asarray(scale, jnp.float32)
     if magnitude is None:
         y = base + (s * low_rank).astype(dtype)
     else:
-        norm = jax.lax.stop_gradient(dora_column_norm(kernel, a, b, s))
-        factor = _row(jnp.where(s != 0, magnitude.astype(jnp.float32) / norm, 1.0), x.ndim)
-        y = base + ((factor - 1) * _mm(xd, kernel) + factor * s * low_rank).astype(dtype)
+        w = km.dequantize(kernel, dtype) if quantized else kernel
+        norm = jax.lax.stop_gradient(km.dora_column_norm(w, a, b, s))
+        factor = km._row(jnp.where(s != 0, magnitude.astype(jnp.float32) / norm, 1.0), x.ndim)
+        y = base + ((factor - 1) * base_mm(xd, kernel) + factor * s * low_rank).astype(dtype)
     if bias is not None:
-        y = y + _row(bias.astype(dtype), x.ndim)
+        y = y + km._row(bias.astype(dtype), x.ndim)
     return y
 
 
 @contextlib.contextmanager
 def _traced_dropout_interception(rate):
-    """`lora_interception(deterministic=False)` with the dropout rate an array (per adapter)."""
+    """`lora_interception(deterministic=False)` with the dropout rate an array (per adapter).
+    Unadapted projections go to `lora_interception`'s own interceptor, installed inside this one."""
     import flax.linen as nn
+
+    from lora_jax.lora import kernel as km
+    from lora_jax.lora.intercept import lora_interception
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -304,7 +362,10 @@ def _traced_dropout_interception(rate):
             return next_fun(*args, **kwargs)
         (x,) = args
         kernel = module.get_variable("params", "kernel")
-        dtype = module.dtype or jnp.result_type(x, kernel)
+        if getattr(km, "is_quantized", lambda k: False)(kernel):
+            dtype = module.dtype or kernel.dtype
+        else:
+            dtype = module.dtype or jnp.result_type(x, kernel)
         return _dense_traced_dropout(
             jnp.asarray(x, dtype), kernel, module.get_variable("lora", "a"),
             module.get_variable("lora", "b"), module.get_variable("lora", "scale"), rate,
@@ -312,7 +373,7 @@ def _traced_dropout_interception(rate):
             bias=module.get_variable("params", "bias") if module.use_bias else None,
             magnitude=module.get_variable("lora", "m") if module.has_variable("lora", "m") else None)
 
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(interceptor), lora_interception(None, deterministic=True):
         yield
 
 
@@ -403,7 +464,7 @@ def make_sweep_step(model, cfg, lcfg, ocfg, total_steps: int, *, grad_accum: int
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": total / denom, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads),
                    "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": n}
         return TrainState(state.step + 1, trainable, opt_state, jax.random.key_data(key)), metrics
 
@@ -505,14 +566,16 @@ def ranking_table(rows: list[dict], metric: str, title: str = "lora-jax sweep: r
     from rich.table import Table
 
     varied = [k for k in ALLOWED_KEYS if len({r[k] for r in rows}) > 1]
-    table = Table(title=f"{title} (by {metric}, {'higher' if _higher_is_better(metric) else 'lower'}"
-                        " is better)")
+    table = Table(title=f"{title}, best first (by {metric}, "
+                        f"{'higher' if _higher_is_better(metric) else 'lower'} is better)")
     table.add_column("#", justify="right")
-    table.add_column("configuration")
+    table.add_column("configuration", overflow="fold")
     for k in varied:
-        table.add_column(k, justify="right")
-    for k in ("train_loss_final", "eval_loss", "exact_match"):
-        table.add_column(k, justify="right")
+        table.add_column(_SHORT[k], justify="right")
+    results = (("train_loss_final", "train loss"), ("eval_loss", "eval loss"),
+               ("exact_match", "exact match"))
+    for _, header in results:
+        table.add_column(header, justify="right")
 
     def cell(v):
         if v is None:
@@ -526,7 +589,7 @@ def ranking_table(rows: list[dict], metric: str, title: str = "lora-jax sweep: r
     for i, r in enumerate(_rank(rows, metric), 1):
         name = r["name"] + (" (diverged)" if r.get("diverged") else "")
         table.add_row(str(i), name, *(cell(r[k]) for k in varied),
-                      *(cell(r.get(k)) for k in ("train_loss_final", "eval_loss", "exact_match")))
+                      *(cell(r.get(k)) for k, _ in results))
     return table
 
 
@@ -548,8 +611,10 @@ def plot_loss_curves(names: Sequence[str], train_loss: np.ndarray, path: str,
         color = cmap(k % cmap.N)
         if window > 1:
             ax.plot(steps, y, color=color, alpha=0.25, linewidth=0.8)
-            smooth = np.convolve(y, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1:], smooth, color=color, linewidth=1.8, label=name)
+            csum = np.cumsum(np.insert(y, 0, 0.0))  # trailing mean, shorter windows at the start
+            lo = np.maximum(np.arange(1, len(y) + 1) - window, 0)
+            smooth = (csum[1:] - csum[lo]) / (np.arange(1, len(y) + 1) - lo)
+            ax.plot(steps, smooth, color=color, linewidth=1.8, label=name)
         else:
             ax.plot(steps, y, color=color, linewidth=1.8, label=name)
     finite = train_loss[np.isfinite(train_loss)]
@@ -557,7 +622,8 @@ def plot_loss_curves(names: Sequence[str], train_loss: np.ndarray, path: str,
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
-    ax.set_title(title + (f"; bold: {window}-step moving average" if window > 1 else ""))
+    ax.set_title(title + (f"\n(faint: per step; bold: trailing {window}-step mean)" if window > 1 else ""),
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(names) > 8 else 1, loc="upper right")
     fig.tight_layout()
@@ -579,23 +645,16 @@ def plot_heatmap(rows: list[dict], metric: str, path: str, max_facets: int = 6) 
     alphas = sorted({r["lora.lora_alpha"] for r in rows})
     others = [k for k in ALLOWED_KEYS if k not in ("lora.r", "lora.lora_alpha")
               and len({r[k] for r in rows}) > 1]
-    combos = sorted({tuple(r[k] for k in others) for r in rows}, key=lambda c: tuple(map(str, c)))
+    combos = sorted({tuple(r[k] for k in others) for r in rows}, key=lambda c: tuple(map(float, c)))
     if len(combos) <= max_facets:
         facets = [(c, [r for r in rows if tuple(r[k] for k in others) == c]) for c in combos]
-        how = ("one panel per " + ", ".join(others)) if others else "all configurations"
+        how = ("one panel per value of " + ", ".join(others)) if others else "one configuration per cell"
     else:
         facets = [(None, rows)]
         how = "mean over " + ", ".join(f"{k} in {sorted({r[k] for r in rows})}" for k in others)
     higher = _higher_is_better(metric)
-    values = [r[metric] for r in rows if r.get(metric) is not None and math.isfinite(r[metric])]
-    vmin, vmax = (min(values), max(values)) if values else (0.0, 1.0)
-    if metric == "exact_match":
-        vmin, vmax = 0.0, 1.0
-    n = len(facets)
-    fig, axes = plt.subplots(1, n, figsize=(1.2 + (1.1 * len(alphas) + 1.4) * n, 1.6 + 0.8 * len(rs)),
-                             dpi=110, squeeze=False)
-    im = None
-    for ax, (combo, subset) in zip(axes[0], facets):
+    grids = []
+    for _, subset in facets:
         grid = np.full((len(rs), len(alphas)), np.nan)
         for i, rv in enumerate(rs):
             for j, av in enumerate(alphas):
@@ -603,12 +662,23 @@ def plot_heatmap(rows: list[dict], metric: str, path: str, max_facets: int = 6) 
                         and r.get(metric) is not None and math.isfinite(r[metric])]
                 if vals:
                     grid[i, j] = float(np.mean(vals))
+        grids.append(grid)
+    finite = np.concatenate([g[np.isfinite(g)] for g in grids])
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if metric == "exact_match":
+        vmin, vmax = 0.0, 1.0
+    n = len(facets)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 + (1.0 * len(alphas) + 0.9) * n, 1.9 + 0.7 * len(rs)),
+                             dpi=110, squeeze=False, layout="constrained", sharey=True)
+    im = None
+    for i_ax, (ax, (combo, _), grid) in enumerate(zip(axes[0], facets, grids)):
         im = ax.imshow(grid, cmap="viridis" if higher else "viridis_r", vmin=vmin, vmax=vmax,
                        aspect="auto", origin="lower")
         ax.set_xticks(range(len(alphas)), [_fmt(a) for a in alphas])
         ax.set_yticks(range(len(rs)), [str(r) for r in rs])
         ax.set_xlabel("lora_alpha")
-        ax.set_ylabel("r")
+        if i_ax == 0:
+            ax.set_ylabel("r")
         if combo is not None and others:
             ax.set_title(", ".join(f"{_SHORT[k]}={_fmt(v)}" for k, v in zip(others, combo)),
                          fontsize=9)
@@ -620,9 +690,12 @@ def plot_heatmap(rows: list[dict], metric: str, path: str, max_facets: int = 6) 
                 light = shade < 0.5 if higher else shade > 0.5
                 ax.text(j, i, text, ha="center", va="center", fontsize=9,
                         color="white" if light else "black")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.85, label=metric)
-    fig.suptitle(f"final {metric} ({'higher' if higher else 'lower'} is better); {how}", fontsize=10)
-    fig.savefig(path, bbox_inches="tight")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label=metric)
+    import textwrap
+
+    fig.suptitle(f"final {metric} ({'higher' if higher else 'lower'} is better)\n"
+                 + textwrap.fill(how, 30 + 35 * n), fontsize=10)
+    fig.savefig(path)
     plt.close(fig)
     return path, how
 
@@ -724,7 +797,7 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     from lora_jax.data import DataLoader, build_datasets, eval_batches
     from lora_jax.hf.load import load_pretrained, weight_files
     from lora_jax.hf.peft import save_peft
-    from lora_jax.lora.tree import combine, init_lora, split_trainable
+    from lora_jax.lora.tree import combine
     from lora_jax.models.llama import Llama
     from lora_jax.train.loop import exact_match, resolve_dtype, resolve_model_path
     from lora_jax.train.step import TrainState, make_schedule, make_tx
@@ -737,7 +810,7 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     out = os.path.abspath(output_dir) if output_dir is not None else None
     if out is not None:
         _prepare_sweep_dir(out, overwrite)
-    tcfg, dcfg, lcfg0 = run.train, run.data, run.lora
+    tcfg, dcfg = run.train, run.data
     model_path = resolve_model_path(run.model.path)
     if dcfg.train_file is None and run.model.path is None:
         from lora_jax.demo import DEMO_TRAIN
@@ -753,23 +826,17 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
                           "the model directory needs tokenizer.json / tokenizer_config.json") from None
     datasets = build_datasets(dcfg, tokenizer)
     loader = DataLoader(datasets.train_rows, tcfg.batch_size, dcfg.seed)
+    quantize = getattr(run.model, "quantize", None)  # QLoRA base, where this version has it
     cfg, params = load_pretrained(model_path, dtype=resolve_dtype(run.model.dtype),
                                   scan_layers=run.model.scan_layers,
-                                  remat_policy=run.model.remat_policy)
+                                  remat_policy=run.model.remat_policy,
+                                  **({"quantize": quantize} if quantize else {}))
     shardings = _sweep_shardings(mesh, K) if mesh is not None else None
 
     # ---- K adapters, each initialised as its single run would be, padded and stacked
-    trainables, frozen_loras, base = [], [], None
-    for p in points:
-        lora = init_lora(params, p.run.lora, jax.random.key(tcfg.seed))
-        split = split_trainable(params, lora, p.run.lora)
-        trainables.append(split.trainable)
-        frozen_loras.append(split.frozen["lora"])
-        base = split.frozen["params"] if base is None else base
+    trainable, frozen_lora, shapes, base = init_stacked(params, [p.run.lora for p in points],
+                                                        tcfg.seed)
     del params
-    trainable, tr_shapes = stack_trees(trainables)
-    frozen_lora, fl_shapes = stack_trees(frozen_loras)
-    del trainables, frozen_loras
     hyper = {"lr": jnp.asarray([p.run.optim.lr for p in points], jnp.float32),
              "weight_decay": jnp.asarray([p.run.optim.weight_decay for p in points], jnp.float32),
              "lora_dropout": jnp.asarray([p.run.lora.lora_dropout for p in points], jnp.float32)}
@@ -781,9 +848,9 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     # the optimizer state's structure; its values and the lr / wd arrays come per adapter
     tx0 = make_tx(lcfg_static, run.optim, make_schedule(run.optim, tcfg.steps))
     opt_state = jax.vmap(tx0.init)(trainable)
-    rng = jnp.broadcast_to(jax.random.key_data(jax.random.key(tcfg.seed)),
-                           (K,) + jax.random.key_data(jax.random.key(tcfg.seed)).shape)
-    state = TrainState(jnp.zeros((K,), jnp.int32), trainable, opt_state, jnp.array(rng))
+    key = jax.random.key_data(jax.random.key(tcfg.seed))  # every adapter: the single run's rng
+    state = TrainState(jnp.zeros((K,), jnp.int32), trainable, opt_state,
+                       jnp.array(jnp.broadcast_to(key, (K,) + key.shape)))
 
     jit_kwargs = eval_kwargs = None
     replicated = None
@@ -817,7 +884,9 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
         return batch if replicated is None else jax.device_put(batch, replicated)
 
     def eval_loss(tr) -> np.ndarray | None:
-        if not datasets.eval_rows:
+        """Per-configuration eval loss over the first `train.eval_batches` held-out batches, as
+        `train()` computes it (token-weighted); None without held-out rows."""
+        if not datasets.eval_rows or not tcfg.eval_batches:
             return None
         total = np.zeros(K)
         count = np.zeros(K)
@@ -897,7 +966,7 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     result = SweepResult(points=points, rows=[], train_loss=losses, metric="", compiles={},
                          timing={}, output_dir=out, state=state, frozen_lora=frozen_lora,
                          base_params=base, model_config=cfg,
-                         shapes={"trainable": tr_shapes, "frozen_lora": fl_shapes})
+                         shapes=shapes)
     rows = []
     for k, p in enumerate(points):
         lc, oc = p.run.lora, p.run.optim
@@ -937,5 +1006,13 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
                      "eval_s": eval_s, "export_s": export_s,
                      "total_s": time.perf_counter() - t_start}
     if out is not None:
+        t0 = time.perf_counter()
         _write_outputs(out, result, grid, run, plots=plots)
+        result.timing["outputs_s"] = time.perf_counter() - t0  # csv/json + plots
+        result.timing["total_s"] = time.perf_counter() - t_start
+        with open(os.path.join(out, "results.json")) as f:
+            record = json.load(f)
+        record["timing"] = result.timing
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(record, f, indent=2, default=_json_default)
     return result
