@@ -11,7 +11,8 @@
     cfg, qparams = lj.load_pretrained(path, quantize="nf4")  # QLoRA: NF4 frozen projections
 """
 
-from lora_jax.config import LlamaConfig, LoraConfig
+from lora_jax.config import (LlamaConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig,
+                             TrainConfig)
 from lora_jax.errors import CheckpointFormatError, ConfigError, DataError, LoraJaxError
 from lora_jax.hf.load import load_pretrained
 from lora_jax.hf.peft import apply_modules_to_save, load_peft, read_peft_config, save_peft
