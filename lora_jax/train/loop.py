@@ -238,7 +238,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
     start_step = int(state.step)
     summary_path = os.path.join(out, "summary.json")
-    eval_before = evaluate(state.trainable) if start_step == 0 else _saved_eval_before(summary_path, out)
+    eval_before = evaluate(state.trainable) if start_step == 0 else _saved_eval_before(out)
     if start_step == 0:
         writers.write({"step": 0, "event": "eval", **eval_before}, 0)
         _write_json(os.path.join(out, "eval_before.json"), eval_before, is_main)
@@ -384,7 +384,7 @@ def _write_json(path: str, obj: dict, enabled: bool) -> None:
     os.replace(tmp, path)
 
 
-def _saved_eval_before(summary_path: str, out: str) -> dict:
+def _saved_eval_before(out: str) -> dict:
     path = os.path.join(out, "eval_before.json")
     if os.path.isfile(path):
         with open(path) as f:
