@@ -99,13 +99,91 @@ def run_sequential(steps: int, work: str, baseline: str) -> dict:
                             if baseline == "processes" else "8 x train(RunConfig) in one process")}
 
 
+def per_step(repeats: int = 12) -> dict:
+    """Steady-state seconds per step, measured back to back in this process (same load): the
+    vmapped K=8 program against each single run's program (`make_train_step`), batch 32."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import transformers
+
+    from lora_jax.data import DataLoader, build_datasets
+    from lora_jax.demo import DEMO_MODEL, demo_run_config
+    from lora_jax.hf.load import load_pretrained
+    from lora_jax.lora.tree import init_lora, split_trainable
+    from lora_jax.models.llama import Llama
+    from lora_jax.sweep import expand_grid, init_stacked, make_sweep_step
+    from lora_jax.train.step import TrainState, init_state, make_schedule, make_train_step, make_tx
+
+    run = demo_run_config()
+    tok = transformers.AutoTokenizer.from_pretrained(DEMO_MODEL)
+    rows = build_datasets(run.data, tok).train_rows
+    cfg, params = load_pretrained(DEMO_MODEL, dtype="float32")
+    model = Llama(cfg)
+    loader = DataLoader(rows, run.train.batch_size, 0)
+    batches = [next(loader) for _ in range(4)]
+
+    def bench(f):
+        f(0), f(1)  # compile, warm up
+        times = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            f(i)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    points = expand_grid(run, {"lora.r": list(RANKS), "lora.lora_alpha": list(ALPHAS)})
+    single = {}
+    for p in points:
+        lc = p.run.lora
+        split = split_trainable(params, init_lora(params, lc, jax.random.key(0)), lc)
+        schedule = make_schedule(run.optim, run.train.steps)
+        tx = make_tx(lc, run.optim, schedule)
+        box = [init_state(split.trainable, tx, 0)]
+        step = make_train_step(model, cfg, lc, tx, schedule, use_segments=run.data.packing)
+
+        def f1(i, box=box, step=step, frozen=split.frozen):
+            box[0], m = step(box[0], frozen, batches[i % 4])
+            jax.block_until_ready(m)
+
+        single[p.name] = bench(f1)
+    trainable, frozen_lora, _, base = init_stacked(params, [p.run.lora for p in points], 0)
+    k = len(points)
+    tx0 = make_tx(points[0].run.lora, run.optim, make_schedule(run.optim, run.train.steps))
+    key = jax.random.key_data(jax.random.key(0))
+    box = [TrainState(jnp.zeros((k,), jnp.int32), trainable, jax.vmap(tx0.init)(trainable),
+                      jnp.array(jnp.broadcast_to(key, (k,) + key.shape)))]
+    hyper = {"lr": jnp.full((k,), run.optim.lr), "weight_decay": jnp.zeros((k,)),
+             "lora_dropout": jnp.zeros((k,))}
+    sstep = make_sweep_step(model, cfg, points[0].run.lora, run.optim, run.train.steps,
+                            use_segments=run.data.packing)
+
+    def fk(i):
+        box[0], m = sstep(box[0], base, frozen_lora, hyper, batches[i % 4])
+        jax.block_until_ready(m)
+
+    swept = bench(fk)
+    total = sum(single.values())
+    return {"single_step_s": single, "sum_of_singles_s": total, "sweep_step_s": swept,
+            "per_step_speedup": total / swept}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[30, 100])
     ap.add_argument("--baseline", choices=("processes", "inprocess"), default="processes")
     ap.add_argument("--out", help="write the measurements here (JSON)")
     ap.add_argument("--work", help="directory for the runs (default: a temporary one)")
+    ap.add_argument("--per-step", action="store_true",
+                    help="only compare steady-state step times (K=8 program vs the 8 single programs)")
     args = ap.parse_args()
+    if args.per_step:
+        rec = per_step()
+        print(json.dumps(rec, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rec, f, indent=2)
+        return 0
     work = args.work or tempfile.mkdtemp(prefix="lora-jax-speedup-")
     results = []
     for steps in args.steps:
