@@ -60,6 +60,10 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help=f"sweep directory (default: {DEFAULT_OUTPUT_DIR})")
     p.add_argument("--overwrite", action="store_true", help="replace the sweep in --output-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--adapters-per-pass", default="auto", metavar="N|all|auto",
+                   help="configurations trained per pass of the one compiled step: all at once "
+                        "(vmapped; GPU/TPU), N at a time in a loop inside the program, or auto "
+                        "(1 on a CPU, all elsewhere)")
     p.set_defaults(func=cmd_sweep)
     return p
 
@@ -148,13 +152,30 @@ def build_sweep(args):
     return run, grid, out
 
 
+def _per_pass(text: str):
+    """--adapters-per-pass: "auto", "all" (None) or a positive integer."""
+    from lora_jax.errors import ConfigError
+
+    if text in ("auto", "all"):
+        return None if text == "all" else text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--adapters-per-pass {text}: use a positive integer, all or auto")
+    return n
+
+
 def cmd_sweep(args) -> int:
     from rich.console import Console
 
     from lora_jax.sweep import ranking_table, sweep
 
+    per_pass = _per_pass(args.adapters_per_pass)
     run, grid, out = build_sweep(args)
-    result = sweep(run, grid, output_dir=out, progress=not args.no_progress, overwrite=args.overwrite)
+    result = sweep(run, grid, output_dir=out, progress=not args.no_progress, overwrite=args.overwrite,
+                   adapters_per_pass=per_pass)
     console = Console()
     console.print(ranking_table(result.rows, result.metric,
                                 title=f"lora-jax sweep: {len(result.rows)} configurations"))

@@ -233,6 +233,7 @@ def test_stack_unstack_round_trip():
     (["--grid", "model.path=x"], "allowed keys: lora.r, lora.lora_alpha"),
     (["--grid", "lora.r=4", "--grid", "lora.r=8"], "given twice"),
     (["--sweep", "no/such/file.yaml"], "no such file"),
+    (["--adapters-per-pass", "0"], "--adapters-per-pass 0: use a positive integer"),
 ])
 def test_cli_bad_grid_exits_2(argv, message, capsys, tmp_path):
     assert main(["sweep", "--output-dir", str(tmp_path / "o"), *argv]) == 2
@@ -313,3 +314,26 @@ def test_sweep_axis_sharded_over_a_mesh(swept):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="do not divide over the mesh"):
         lora_jax.sweep(_run(), POINTS[:2], progress=False, mesh=mesh)
+
+
+@pytest.mark.parametrize("per_pass", [None, 2])
+def test_adapters_per_pass_trains_the_same(swept, per_pass):
+    """All K vmapped at once (None) and two per pass (3 = 2 + a remainder of 1) end where the
+    default (one per pass on a CPU) ends: the same adapters and losses, up to summation order."""
+    from lora_jax.sweep import resolve_adapters_per_pass
+
+    assert resolve_adapters_per_pass("auto") == (1 if jax.default_backend() == "cpu" else None)
+    res = lora_jax.sweep(_run(), POINTS, progress=False, adapters_per_pass=per_pass, export=False)
+    assert res.compiles == {"train_step": 1, "eval_step": 1}
+    np.testing.assert_allclose(res.train_loss, swept.train_loss, rtol=0, atol=1e-5)
+    for k in range(len(POINTS)):
+        for x, y in zip(jax.tree.leaves(res.adapter(k)[0]), jax.tree.leaves(swept.adapter(k)[0])):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "two", True])
+def test_bad_adapters_per_pass_is_a_config_error(value):
+    from lora_jax.sweep import resolve_adapters_per_pass
+
+    with pytest.raises(ConfigError, match="adapters_per_pass"):
+        resolve_adapters_per_pass(value)
