@@ -13,56 +13,69 @@ import sys
 __all__ = ["main"]
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run config (sections: model, lora, data, optim, train)")
+def add_run_args(p: argparse.ArgumentParser, output_help: str) -> None:
+    """The run-config options that `train` and `sweep` share (see `run_config_from_args`)."""
+    p.add_argument("--config", help="YAML run config (sections: model, lora, data, optim, train; "
+                                    "default: the built-in demonstration)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set lora.r=8 --set optim.lr=1e-4 (repeatable)")
     p.add_argument("--model", help="Hugging Face Llama directory (default: the built-in demo model)")
     p.add_argument("--data", help="training JSONL ({text} | {prompt, completion} | {messages})")
     p.add_argument("--eval-data", help="held-out JSONL (default: a split of --data)")
-    p.add_argument("--output-dir", help="run directory (default: runs/demo)")
     p.add_argument("--quantize", choices=("nf4", "int8"),
                    help="QLoRA: a 4-bit NF4 (or int8) frozen base; same as --set model.quantize=...")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
+    p.add_argument("--output-dir", help=output_help)
+    p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    add_run_args(p, "run directory (default: runs/demo)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: jax.distributed.initialize() (TPU pods, SLURM, or LORA_JAX_* env)")
 
 
-def _run_config(args):
+def load_run_config(path: str | None):
+    """The RunConfig of a YAML file, or the demonstration's when `path` is None."""
     from lora_jax.config import RunConfig
     from lora_jax.errors import ConfigError
 
-    if args.config:
-        import yaml
-
-        if not os.path.isfile(args.config):
-            raise ConfigError(f"--config {args.config}: no such file")
-        with open(args.config) as f:
-            try:
-                run = RunConfig.from_dict(yaml.safe_load(f) or {})
-            except yaml.YAMLError as e:
-                raise ConfigError(f"--config {args.config} is not valid YAML: {e}") from None
-    else:
+    if not path:
         from lora_jax.demo import demo_run_config
 
-        run = demo_run_config()
+        return demo_run_config()
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    with open(path) as f:
+        try:
+            return RunConfig.from_dict(yaml.safe_load(f) or {})
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+
+
+def flag_overrides(args) -> list[str]:
+    """`--set` pairs, then the shorthand flags of `add_run_args` as KEY=VALUE pairs."""
     pairs = list(args.overrides)
-    if args.model:
-        pairs.append(f"model.path={args.model}")
-    if args.data:
-        pairs.append(f"data.train_file={args.data}")
-    if args.eval_data:
-        pairs.append(f"data.eval_file={args.eval_data}")
-    if args.output_dir:
-        pairs.append(f"train.output_dir={args.output_dir}")
-    if getattr(args, "quantize", None):
-        pairs.append(f"model.quantize={args.quantize}")
+    for flag, key in (("model", "model.path"), ("data", "data.train_file"),
+                      ("eval_data", "data.eval_file"), ("quantize", "model.quantize")):
+        if getattr(args, flag, None):
+            pairs.append(f"{key}={getattr(args, flag)}")
+    return pairs
+
+
+def _run_config(args):
+    from lora_jax.errors import ConfigError
+
     if args.resume and args.overrides:
         raise ConfigError("--resume continues with the run's saved config; drop --set (or start a new "
                           "run with --overwrite)")
-    return run.with_overrides(pairs)
+    pairs = flag_overrides(args)
+    if args.output_dir:
+        pairs.append(f"train.output_dir={args.output_dir}")
+    return load_run_config(args.config).with_overrides(pairs)
 
 
 def cmd_train(args) -> int:

@@ -526,8 +526,6 @@ class RunConfig:
 
     def with_overrides(self, pairs: list[str]) -> "RunConfig":
         """Apply `section.field=value` strings (values parsed as YAML: 1e-4, true, [q_proj, v_proj])."""
-        import yaml
-
         d = self.to_dict()
         for pair in pairs:
             if "=" not in pair:

@@ -6,7 +6,6 @@ re-typed; a base that no longer matches the fingerprint is refused.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax

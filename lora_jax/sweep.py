@@ -44,7 +44,6 @@ Output directory (when `output_dir` is given):
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import difflib
@@ -319,86 +318,6 @@ def _optim_with(ocfg, lr, weight_decay):
     return types.SimpleNamespace(**fields)
 
 
-def _dense_traced_dropout(x, kernel, a, b, scale, rate, rng, bias=None, magnitude=None):
-    """`lora_jax.lora.kernel.lora_dense` with the dropout rate an array (same arithmetic, same random
-    bits), which `lora_dense` cannot take: its rate is static. A quantised (QLoRA) kernel goes
-    through the kernel module's own base matmul."""
-    from lora_jax.lora import kernel as km
-
-    base_mm = getattr(km, "_base_mm", km._mm)
-    quantized = getattr(km, "is_quantized", lambda k: False)(kernel)
-    dtype = x.dtype
-    if not quantized:
-        kernel = kernel.astype(dtype)
-    base = base_mm(x, kernel)
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    xd = jnp.where(keep, x / (1.0 - rate).astype(dtype), 0).astype(dtype)
-    low_rank = km._mm(km._mm(xd, a.astype(dtype)), b.astype(dtype))
-    s = jnp.asarray(scale, jnp.float32)
-    if magnitude is None:
-        y = base + (s * low_rank).astype(dtype)
-    else:
-        w = km.dequantize(kernel, dtype) if quantized else kernel
-        norm = jax.lax.stop_gradient(km.dora_column_norm(w, a, b, s))
-        factor = km._row(jnp.where(s != 0, magnitude.astype(jnp.float32) / norm, 1.0), x.ndim)
-        y = base + ((factor - 1) * base_mm(xd, kernel) + factor * s * low_rank).astype(dtype)
-    if bias is not None:
-        y = y + km._row(bias.astype(dtype), x.ndim)
-    return y
-
-
-@contextlib.contextmanager
-def _traced_dropout_interception(rate):
-    """`lora_interception(deterministic=False)` with the dropout rate an array (per adapter).
-    Unadapted projections go to `lora_interception`'s own interceptor, installed inside this one."""
-    import flax.linen as nn
-
-    from lora_jax.lora import kernel as km
-    from lora_jax.lora.intercept import lora_interception
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
-                or not module.has_variable("lora", "a")):
-            return next_fun(*args, **kwargs)
-        (x,) = args
-        kernel = module.get_variable("params", "kernel")
-        if getattr(km, "is_quantized", lambda k: False)(kernel):
-            dtype = module.dtype or kernel.dtype
-        else:
-            dtype = module.dtype or jnp.result_type(x, kernel)
-        return _dense_traced_dropout(
-            jnp.asarray(x, dtype), kernel, module.get_variable("lora", "a"),
-            module.get_variable("lora", "b"), module.get_variable("lora", "scale"), rate,
-            module.make_rng("dropout"),
-            bias=module.get_variable("params", "bias") if module.use_bias else None,
-            magnitude=module.get_variable("lora", "m") if module.has_variable("lora", "m") else None)
-
-    with nn.intercept_methods(interceptor), lora_interception(None, deterministic=True):
-        yield
-
-
-def _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, trainable, frozen, batch, rng,
-              deterministic, rate=None):
-    """The single run's loss (`lora_jax.train.step._loss_sum`); with `rate` (a traced dropout
-    rate) the adapted projections drop out at that rate instead of `lcfg.lora_dropout`."""
-    from lora_jax.lora.tree import combine
-    from lora_jax.train import step as single
-    from lora_jax.train.loss import chunked_cross_entropy, head_weight
-
-    if rate is None or deterministic:
-        return single._loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, trainable, frozen,
-                                batch, rng, deterministic)
-    params, lora = combine(trainable, frozen)
-    with _traced_dropout_interception(rate):
-        hidden = model.apply({"params": params, "lora": lora}, batch["input_ids"],
-                             batch["positions"], batch["segment_ids"] if use_segments else None,
-                             return_hidden=True, rngs={"dropout": rng})
-    weight, vocab_axis = head_weight(params, cfg.tie_word_embeddings)
-    return chunked_cross_entropy(hidden, weight, vocab_axis, batch["targets"], batch["loss_mask"],
-                                 chunk_tokens)
-
-
 def resolve_adapters_per_pass(value, mesh=None) -> int | None:
     """How many configurations one pass of the step trains: None = all K at once (`jax.vmap`:
     K-times larger matmuls, what a GPU or TPU wants, and what a mesh splitting K needs); an int =
@@ -449,53 +368,20 @@ def make_sweep_step(model, cfg, lcfg, ocfg, total_steps: int, *, grad_accum: int
     state: a `TrainState` whose every leaf has a leading K axis (adapters, AdamW moments, step,
     rng); frozen_lora: the stacked frozen adapter leaves (`scale`); hyper: {"lr", "weight_decay",
     "lora_dropout"} [K] arrays; frozen_params, batch: shared by all K. metrics: [K] arrays.
-    Per adapter this is `lora_jax.train.step.make_train_step`'s step, with `make_schedule` and
+    Per adapter this is a single run's `lora_jax.train.step.train_step`, with `make_schedule` and
     `make_tx` built from the adapter's own (traced) lr and weight decay.
     """
-    import optax
-
-    from lora_jax.train.step import TrainState, make_schedule, make_tx
+    from lora_jax.train.step import make_schedule, make_tx, train_step
 
     traces = [0]
 
-    def loss_and_grad(trainable, frozen, batch, rng, rate):
-        def f(tr):
-            return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, tr, frozen, batch, rng,
-                             False, rate)
-
-        (total, n), grads = jax.value_and_grad(f, has_aux=True)(trainable)
-        return total, n, grads
-
-    def one(state: TrainState, frozen_lora, hyper, frozen_params, batch):
+    def one(state, frozen_lora, hyper, frozen_params, batch):
         ocfg_k = _optim_with(ocfg, hyper["lr"], hyper["weight_decay"])
         schedule = make_schedule(ocfg_k, total_steps)
-        tx = make_tx(lcfg, ocfg_k, schedule)
-        rate = hyper["lora_dropout"] if traced_dropout else None
-        frozen = {"params": frozen_params, "lora": frozen_lora}
-        key = jax.random.wrap_key_data(state.rng)
-        key, step_key = jax.random.split(key)
-        if grad_accum == 1:
-            total, n, grads = loss_and_grad(state.trainable, frozen, batch, step_key, rate)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
-
-            def body(carry, xs):
-                mb, i = xs
-                t, c, g = loss_and_grad(state.trainable, frozen, mb, jax.random.fold_in(step_key, i),
-                                        rate)
-                acc_t, acc_n, acc_g = carry
-                return (acc_t + t, acc_n + c, jax.tree.map(jnp.add, acc_g, g)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-            (total, n, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
-        denom = jnp.maximum(n, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads),
-                   "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": n}
-        return TrainState(state.step + 1, trainable, opt_state, jax.random.key_data(key)), metrics
+        return train_step(state, {"params": frozen_params, "lora": frozen_lora}, batch, model=model,
+                          cfg=cfg, lcfg=lcfg, tx=make_tx(lcfg, ocfg_k, schedule), schedule=schedule,
+                          grad_accum=grad_accum, chunk_tokens=chunk_tokens, use_segments=use_segments,
+                          dropout_rate=hyper["lora_dropout"] if traced_dropout else None)
 
     def step(state, frozen_params, frozen_lora, hyper, batch):
         traces[0] += 1
@@ -509,12 +395,14 @@ def make_sweep_eval_step(model, cfg, lcfg, *, chunk_tokens: int = 8192, use_segm
                          adapters_per_pass: int | None = None,
                          jit_kwargs: dict | None = None) -> _Counted:
     """`eval(trainable, frozen_params, frozen_lora, batch) -> (loss sums [K], token counts [K])`."""
+    from lora_jax.train.step import eval_step as single_eval
+
     traces = [0]
 
     def one(trainable, frozen_lora, frozen_params, batch):
-        frozen = {"params": frozen_params, "lora": frozen_lora}
-        return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, trainable, frozen, batch,
-                         jax.random.key(0), True)
+        return single_eval(trainable, {"params": frozen_params, "lora": frozen_lora}, batch,
+                           model=model, cfg=cfg, lcfg=lcfg, chunk_tokens=chunk_tokens,
+                           use_segments=use_segments)
 
     def eval_step(trainable, frozen_params, frozen_lora, batch):
         traces[0] += 1
@@ -825,14 +713,12 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     adapters_per_pass: configurations per pass of the one compiled step (`resolve_adapters_per_pass`;
         "auto": all at once on a GPU / TPU or with a mesh, one at a time on a CPU).
     """
-    import transformers
-
     from lora_jax.data import DataLoader, build_datasets, eval_batches
-    from lora_jax.hf.load import load_pretrained, weight_files
+    from lora_jax.hf.load import load_pretrained
     from lora_jax.hf.peft import save_peft
     from lora_jax.lora.tree import combine
     from lora_jax.models.llama import Llama
-    from lora_jax.train.loop import exact_match, resolve_dtype, resolve_model_path
+    from lora_jax.train.loop import exact_match, open_model_dir, resolve_dtype, resolve_model_path
     from lora_jax.train.step import TrainState, make_schedule, make_tx
 
     t_start = time.perf_counter()
@@ -852,12 +738,7 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
         dcfg = dcfg.replace(train_file=DEMO_TRAIN)
 
     # ---- everything that validates input, before anything is written
-    weight_files(model_path)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the tokenizer from {model_path} ({type(e).__name__}: {e}); "
-                          "the model directory needs tokenizer.json / tokenizer_config.json") from None
+    tokenizer = open_model_dir(model_path)
     datasets = build_datasets(dcfg, tokenizer)
     loader = DataLoader(datasets.train_rows, tcfg.batch_size, dcfg.seed)
     quantize = getattr(run.model, "quantize", None)  # QLoRA base, where this version has it

@@ -6,7 +6,7 @@
 
 Layering, later wins: the base run (--config, else the built-in demonstration with
 `DEMO_SWEEP_STEPS` steps) <- the sweep file's run-config sections <- its `set:` list <- --set,
---model, --data, --eval-data. The grid is the sweep file's `grid:` updated by --grid options
+--model, --data, --eval-data, --quantize. The grid is the sweep file's `grid:` updated by --grid options
 (the demonstration grid when neither gives one). Output directory: --output-dir, else the sweep
 file's `output_dir:`, else runs/sweep.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import types
 
 __all__ = ["add_sweep_parser", "cmd_sweep", "build_sweep", "DEMO_GRID", "DEMO_SWEEP_STEPS",
            "DEFAULT_OUTPUT_DIR"]
@@ -38,6 +37,7 @@ _FILE_KEYS = ("grid", "set", "output_dir", "model", "lora", "data", "optim", "tr
 
 
 def add_sweep_parser(sub) -> argparse.ArgumentParser:
+    from lora_jax.cli import add_run_args
     from lora_jax.sweep import ALLOWED_KEYS
 
     p = sub.add_parser(
@@ -51,15 +51,7 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
                         "(repeatable; the grid is their Cartesian product)")
     p.add_argument("--sweep", metavar="FILE.yaml",
                    help="sweep file: a grid: mapping plus optional run-config sections, set:, output_dir:")
-    p.add_argument("--config", help="YAML run config (as for lora-jax train; default: the demonstration)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field for every configuration, e.g. --set train.steps=50")
-    p.add_argument("--model", help="Hugging Face Llama directory (default: the built-in demo model)")
-    p.add_argument("--data", help="training JSONL ({text} | {prompt, completion} | {messages})")
-    p.add_argument("--eval-data", help="held-out JSONL (default: a split of --data)")
-    p.add_argument("--output-dir", help=f"sweep directory (default: {DEFAULT_OUTPUT_DIR})")
-    p.add_argument("--overwrite", action="store_true", help="replace the sweep in --output-dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_args(p, f"sweep directory (default: {DEFAULT_OUTPUT_DIR})")
     p.add_argument("--adapters-per-pass", default="auto", metavar="N|all|auto",
                    help="configurations trained per pass of the one compiled step: all at once "
                         "(vmapped; GPU/TPU), N at a time in a loop inside the program, or auto "
@@ -103,16 +95,14 @@ def _sets(value, where: str) -> list[str]:
 
 def build_sweep(args):
     """(run, grid, output_dir) from parsed arguments; ConfigError on bad input."""
-    from lora_jax.cli import _run_config
+    from lora_jax.cli import flag_overrides, load_run_config
     from lora_jax.config import RunConfig, _parse_value
     from lora_jax.errors import ConfigError
     from lora_jax.sweep import _combos, normalize_grid, parse_grid_args
 
     cli_grid = parse_grid_args(args.grid)  # malformed / unknown keys fail before anything loads
     spec = _read_sweep_file(args.sweep) if args.sweep else {}
-    base_args = types.SimpleNamespace(config=args.config, overrides=[], model=None, data=None,
-                                      eval_data=None, output_dir=None, resume=False)
-    run = _run_config(base_args)  # --config, else the demonstration
+    run = load_run_config(args.config)  # --config, else the demonstration
     if not args.config:
         run = run.with_overrides([f"train.steps={DEMO_SWEEP_STEPS}"])
     sections = {k: spec[k] for k in ("model", "lora", "data", "optim", "train") if k in spec}
@@ -124,14 +114,7 @@ def build_sweep(args):
             # YAML reads 1e-4 as a string; parse such values as --set does
             d[name].update({k: _parse_value(v) if isinstance(v, str) else v for k, v in values.items()})
         run = RunConfig.from_dict(d)
-    pairs = _sets(spec.get("set"), f"--sweep {args.sweep}:") + list(args.overrides)
-    if args.model:
-        pairs.append(f"model.path={args.model}")
-    if args.data:
-        pairs.append(f"data.train_file={args.data}")
-    if args.eval_data:
-        pairs.append(f"data.eval_file={args.eval_data}")
-    run = run.with_overrides(pairs)
+    run = run.with_overrides(_sets(spec.get("set"), f"--sweep {args.sweep}:") + flag_overrides(args))
 
     file_grid = spec.get("grid")
     if file_grid is not None and not isinstance(file_grid, (dict, list)):

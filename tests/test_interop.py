@@ -394,7 +394,7 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 @pytest.mark.parametrize("case, message", [
-    ("unexpected_lora", rf"unexpected tensors: .*layers\.0\.self_attn\.k_proj\.lora_A\.weight.*different base"),
+    ("unexpected_lora", r"unexpected tensors: .*layers\.0\.self_attn\.k_proj\.lora_A\.weight.*different base"),
     ("unexpected_other", r"unexpected tensors: base_model\.model\.junk\.weight"),
     ("missing", rf"missing tensors: {Q0}\.lora_B\.weight"),
     ("missing_magnitude", rf"missing tensors: {Q0}\.lora_magnitude_vector"),

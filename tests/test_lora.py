@@ -5,13 +5,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
 
 import lora_jax as lj
 from lora_jax.lora import intercept as intercept_mod
-from tests.helpers import make_hf_llama, max_diff, random_ids
+from tests.helpers import max_diff, random_ids
 
 VARIANTS = {
     "plain": dict(r=4, lora_alpha=8, target_modules="all-linear"),

@@ -2,7 +2,6 @@
 its rule's sharding, checkpoints that move between mesh shapes, and 1/8 of the memory per device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util

@@ -97,7 +97,6 @@ def hf_tensors(params, cfg: LlamaConfig, dtype: str, entries=None) -> Iterator[t
 def write_model(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], cfg: LlamaConfig, dtype: str,
                 max_shard_size: int | str = "5GB", tokenizer_dir: str | None = None) -> None:
     limit = parse_size(max_shard_size)
-    shards: list[list[str]] = [[]]
     weight_map: dict[str, str] = {}
     total = 0
     with atomic_dir(out_dir) as tmp:

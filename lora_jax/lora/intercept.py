@@ -31,13 +31,18 @@ def _has(module: nn.Module, name: str) -> bool:
 
 
 @contextlib.contextmanager
-def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = True):
+def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = True,
+                      dropout_rate=None):
     """Within this context, adapted `nn.Dense` calls run `lora_dense` with their adapter leaves.
 
-    Dropout (`lcfg.lora_dropout`) is active only when `deterministic=False`; it draws from the
-    module's `"dropout"` rng stream.
+    Dropout (`lcfg.lora_dropout`, or `dropout_rate` when given: a number or a traced scalar) is
+    active only when `deterministic=False`; it draws from the module's `"dropout"` rng stream.
     """
-    rate = float(lcfg.lora_dropout) if lcfg is not None else 0.0
+    if dropout_rate is None:
+        dropout_rate = float(lcfg.lora_dropout) if lcfg is not None else 0.0
+    rate = dropout_rate
+    # a traced rate (one per adapter in a sweep) may be 0 for some adapters: always draw
+    drops = not deterministic and (not isinstance(rate, (int, float)) or rate > 0)
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -53,7 +58,7 @@ def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = T
         dtype = module.dtype or (kernel.dtype if quantized else jnp.result_type(x, kernel))
         if not adapted:
             return dense(jnp.asarray(x, dtype), kernel, bias)
-        rng = module.make_rng("dropout") if (not deterministic and rate > 0) else None
+        rng = module.make_rng("dropout") if drops else None
         return lora_dense(
             jnp.asarray(x, dtype), kernel,
             module.get_variable("lora", "a"), module.get_variable("lora", "b"),
@@ -66,7 +71,7 @@ def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = T
 
 
 def apply(model: nn.Module, params, lora, lcfg: LoraConfig | None, *args, rngs=None,
-          deterministic: bool = True, **kwargs):
+          deterministic: bool = True, dropout_rate=None, **kwargs):
     """`model.apply` with the adapters in effect: base + adapters via the interceptor."""
-    with lora_interception(lcfg, deterministic=deterministic):
+    with lora_interception(lcfg, deterministic=deterministic, dropout_rate=dropout_rate):
         return model.apply({"params": params, "lora": lora}, *args, rngs=rngs, **kwargs)

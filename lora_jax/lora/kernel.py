@@ -15,7 +15,6 @@ stacked over all layers). Gradients reach the activations and adapters, never th
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,22 +52,24 @@ def _row(v, ndim):
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("dropout_rate",))
+@jax.jit
 def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=None,
-               dropout_rate: float = 0.0):
+               dropout_rate=0.0):
     """`x @ kernel (+ bias)` plus the low-rank update, in the dtype of `x`.
 
     x: [..., in]; kernel: [in, out]; a: [in, r]; b: [r, out]; scale: scalar (alpha/r or alpha/sqrt r);
-    magnitude: [out] for DoRA; dropout_rng: a key when dropout is active (training).
+    magnitude: [out] for DoRA; dropout_rng: a key when dropout is active (training), at
+    `dropout_rate` (a number or a traced scalar: a sweep trains each adapter at its own rate).
     """
     dtype = x.dtype
     if not is_quantized(kernel):
         kernel = kernel.astype(dtype)
     base = _base_mm(x, kernel)
     xd = x
-    if dropout_rng is not None and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
-        xd = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(dtype)
+    if dropout_rng is not None:
+        keep_p = 1.0 - jnp.asarray(dropout_rate, jnp.float32)
+        keep = jax.random.bernoulli(dropout_rng, keep_p, x.shape)
+        xd = jnp.where(keep, x / keep_p.astype(dtype), 0).astype(dtype)
     low_rank = _mm(_mm(xd, a.astype(dtype)), b.astype(dtype))
     s = jnp.asarray(scale, jnp.float32)
     if magnitude is None:

@@ -13,7 +13,6 @@ is written, so a refused run leaves no trace. Output directory layout:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -22,7 +21,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.checkpoint import Checkpointer, base_fingerprint, fingerprints_match
@@ -36,6 +34,26 @@ __all__ = ["train", "TrainingDiverged", "prepare_output_dir", "resolve_model_pat
 
 class TrainingDiverged(LoraJaxError):
     """The loss became NaN or infinite."""
+
+
+def open_model_dir(model_path: str):
+    """Check a model directory (a Llama config.json, safetensors weights) before anything is
+    written, one clear error each; returns its tokenizer."""
+    import transformers
+
+    from lora_jax.config import LlamaConfig
+    from lora_jax.hf.load import weight_files
+
+    if not os.path.isdir(model_path):
+        raise ConfigError(f"model directory {model_path} does not exist; pass --model DIR (a Hugging Face "
+                          "Llama directory: config.json, *.safetensors, tokenizer files)")
+    LlamaConfig.from_hf(model_path)
+    weight_files(model_path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the tokenizer from {model_path} ({type(e).__name__}: {e}); the "
+                          "model directory needs tokenizer.json / tokenizer_config.json") from None
 
 
 def resolve_model_path(path: str | None) -> str:
@@ -132,8 +150,6 @@ class _Writers:
 def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) training; returns the summary (also written to `summary.json`)."""
-    import transformers
-
     from lora_jax.data import DataLoader, build_datasets, eval_batches
     from lora_jax.flops import flops_per_token, mfu
     from lora_jax.hf.load import load_pretrained
@@ -154,19 +170,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
     # ---- everything that validates input, before anything is written
     t_setup = time.perf_counter()
-    from lora_jax.config import LlamaConfig
-    from lora_jax.hf.load import weight_files
-
-    if not os.path.isdir(model_path):
-        raise ConfigError(f"model directory {model_path} does not exist; pass --model DIR (a Hugging Face "
-                          "Llama directory: config.json, *.safetensors, tokenizer files)")
-    LlamaConfig.from_hf(model_path)
-    weight_files(model_path)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the tokenizer from {model_path} ({type(e).__name__}: {e}); the "
-                          "model directory needs tokenizer.json / tokenizer_config.json") from None
+    tokenizer = open_model_dir(model_path)
     datasets = build_datasets(dcfg, tokenizer)
     dtype = resolve_dtype(run.model.dtype)
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)

@@ -8,6 +8,7 @@ batch exactly (up to summation order).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -20,8 +21,8 @@ from lora_jax.lora.optim import make_optimizer
 from lora_jax.lora.tree import combine
 from lora_jax.train.loss import chunked_cross_entropy, head_weight
 
-__all__ = ["TrainState", "make_schedule", "make_tx", "make_train_step", "make_eval_step", "init_state",
-           "shard_state", "StepShardings"]
+__all__ = ["TrainState", "make_schedule", "make_tx", "train_step", "make_train_step", "eval_step",
+           "make_eval_step", "init_state", "shard_state", "StepShardings"]
 
 
 class TrainState(NamedTuple):
@@ -88,62 +89,73 @@ def shard_state(state: TrainState, frozen, mesh, rules) -> tuple[TrainState, Any
 
 
 def _loss_sum(model, cfg: LlamaConfig, lcfg: LoraConfig, chunk_tokens: int, use_segments: bool,
-              trainable, frozen, batch, rng, deterministic: bool):
+              trainable, frozen, batch, rng, deterministic: bool, dropout_rate=None):
     params, lora = combine(trainable, frozen)
     hidden = apply(model, params, lora, lcfg, batch["input_ids"], batch["positions"],
                    batch["segment_ids"] if use_segments else None, return_hidden=True,
-                   rngs={"dropout": rng}, deterministic=deterministic)
+                   rngs={"dropout": rng}, deterministic=deterministic, dropout_rate=dropout_rate)
     weight, vocab_axis = head_weight(params, cfg.tie_word_embeddings)
     return chunked_cross_entropy(hidden, weight, vocab_axis, batch["targets"], batch["loss_mask"],
                                  chunk_tokens)
 
 
-def make_train_step(model, cfg: LlamaConfig, lcfg: LoraConfig, tx, schedule, *, grad_accum: int = 1,
-                    chunk_tokens: int = 8192, use_segments: bool = True, jit_kwargs: dict | None = None):
-    """`step(state, frozen, batch) -> (state, metrics)`, jitted with the state donated."""
+def train_step(state: TrainState, frozen, batch, *, model, cfg: LlamaConfig, lcfg: LoraConfig, tx,
+               schedule, grad_accum: int = 1, chunk_tokens: int = 8192, use_segments: bool = True,
+               dropout_rate=None):
+    """One optimizer step, un-jitted: `(state, metrics)`. `make_train_step` jits it; a sweep vmaps
+    it with `tx`, `schedule` and `dropout_rate` built from each adapter's traced values."""
 
-    def loss_and_grad(trainable, frozen, batch, rng):
+    def loss_and_grad(trainable, batch, rng):
         def f(tr):
-            total, n = _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, tr, frozen, batch, rng, False)
-            return total, n
+            return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, tr, frozen, batch, rng,
+                             False, dropout_rate)
 
         (total, n), grads = jax.value_and_grad(f, has_aux=True)(trainable)
         return total, n, grads
 
-    def step(state: TrainState, frozen, batch):
-        key = jax.random.wrap_key_data(state.rng)
-        key, step_key = jax.random.split(key)
-        if grad_accum == 1:
-            total, n, grads = loss_and_grad(state.trainable, frozen, batch, step_key)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+    key = jax.random.wrap_key_data(state.rng)
+    key, step_key = jax.random.split(key)
+    if grad_accum == 1:
+        total, n, grads = loss_and_grad(state.trainable, batch, step_key)
+    else:
+        micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
 
-            def body(carry, xs):
-                mb, i = xs
-                t, c, g = loss_and_grad(state.trainable, frozen, mb, jax.random.fold_in(step_key, i))
-                acc_t, acc_n, acc_g = carry
-                return (acc_t + t, acc_n + c, jax.tree.map(jnp.add, acc_g, g)), None
+        def body(carry, xs):
+            mb, i = xs
+            t, c, g = loss_and_grad(state.trainable, mb, jax.random.fold_in(step_key, i))
+            acc_t, acc_n, acc_g = carry
+            return (acc_t + t, acc_n + c, jax.tree.map(jnp.add, acc_g, g)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-            (total, n, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
-        denom = jnp.maximum(n, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads),
-                   "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": n}
-        return TrainState(state.step + 1, trainable, opt_state, jax.random.key_data(key)), metrics
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+        (total, n, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
+    denom = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads),
+               "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": n}
+    return TrainState(state.step + 1, trainable, opt_state, jax.random.key_data(key)), metrics
 
+
+def make_train_step(model, cfg: LlamaConfig, lcfg: LoraConfig, tx, schedule, *, grad_accum: int = 1,
+                    chunk_tokens: int = 8192, use_segments: bool = True, jit_kwargs: dict | None = None):
+    """`step(state, frozen, batch) -> (state, metrics)`: `train_step`, jitted with the state donated."""
+    step = functools.partial(train_step, model=model, cfg=cfg, lcfg=lcfg, tx=tx, schedule=schedule,
+                             grad_accum=grad_accum, chunk_tokens=chunk_tokens,
+                             use_segments=use_segments)
     return jax.jit(step, donate_argnums=(0,), **(jit_kwargs or {}))
+
+
+def eval_step(trainable, frozen, batch, *, model, cfg: LlamaConfig, lcfg: LoraConfig,
+              chunk_tokens: int = 8192, use_segments: bool = True):
+    """`(loss sum, token count)` of one batch, deterministic and un-jitted (see `train_step`)."""
+    return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, trainable, frozen, batch,
+                     jax.random.key(0), True)
 
 
 def make_eval_step(model, cfg: LlamaConfig, lcfg: LoraConfig, *, chunk_tokens: int = 8192,
                    use_segments: bool = True):
-    """`eval_step(trainable, frozen, batch) -> (loss sum, token count)`."""
-
-    def eval_step(trainable, frozen, batch):
-        return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, trainable, frozen, batch,
-                         jax.random.key(0), True)
-
-    return jax.jit(eval_step)
+    """`eval_step(trainable, frozen, batch) -> (loss sum, token count)`, jitted."""
+    return jax.jit(functools.partial(eval_step, model=model, cfg=cfg, lcfg=lcfg,
+                                     chunk_tokens=chunk_tokens, use_segments=use_segments))
