@@ -9,11 +9,12 @@
 
 How it works. Each configuration's adapter is initialised exactly as its single run would be
 (`init_lora` with its own LoraConfig and the run's seed), zero-padded to the largest rank of the
-grid and stacked on a leading axis K, and so is its AdamW state. The train step of a single run is
-`jax.vmap`ped over that stacked state (in_axes 0) with the frozen base and the batch broadcast
-(in_axes None): the base is held once, every configuration sees the same batch, and there is one
-trace and one compile for all K. What differs between configurations is data, never a Python
-constant of the program:
+grid and stacked on a leading axis K, and so is its AdamW state. The train step of a single run
+(`lora_jax.train.step.train_step`) is `jax.vmap`ped over that stacked state with the frozen base
+and the batch shared (or, with `adapters_per_pass=N`, run N configurations at a time in a
+`jax.lax.map` loop inside the same program: the default on a CPU): the base is held once, every
+configuration sees the same batch, and there is one trace and one compile for all K. What
+differs between configurations is data, never a Python constant of the program:
 
     scale (lora_alpha / r, or / sqrt(r) with rsLoRA)   the adapter tree's own `scale` leaves
     optim.lr, optim.weight_decay                        [K] arrays; the schedule and AdamW of a

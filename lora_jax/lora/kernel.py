@@ -15,7 +15,6 @@ stacked over all layers). Gradients reach the activations and adapters, never th
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
@@ -70,11 +69,13 @@ def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=No
         keep_p = 1.0 - jnp.asarray(dropout_rate, jnp.float32)
         keep = jax.random.bernoulli(dropout_rng, keep_p, x.shape)
         xd = jnp.where(keep, x / keep_p.astype(dtype), 0).astype(dtype)
-    low_rank = _mm(_mm(xd, a.astype(dtype)), b.astype(dtype))
     s = jnp.asarray(scale, jnp.float32)
     if magnitude is None:
-        y = base + (s * low_rank).astype(dtype)
+        # the scale goes on B ([r, out]) rather than on the product ([tokens, out]): no
+        # output-sized multiply forward or backward, and the add can fuse into the matmul
+        y = base + _mm(_mm(xd, a.astype(dtype)), (s * b.astype(jnp.float32)).astype(dtype))
     else:
+        low_rank = _mm(_mm(xd, a.astype(dtype)), b.astype(dtype))
         w = dequantize(kernel, dtype) if is_quantized(kernel) else kernel
         norm = jax.lax.stop_gradient(dora_column_norm(w, a, b, s))
         factor = _row(jnp.where(s != 0, magnitude.astype(jnp.float32) / norm, 1.0), x.ndim)
