@@ -459,11 +459,14 @@ class SweepResult:
 
 
 def _metric_of(rows: list[dict]) -> str:
-    if any(r.get("exact_match") is not None for r in rows):
+    """What ranks the configurations and fills the heatmap: exact match where it tells them apart
+    (a short sweep often leaves every configuration at 0), else eval loss, else final train loss."""
+    matches = {r["exact_match"] for r in rows if r.get("exact_match") is not None}
+    if len(matches) > 1:
         return "exact_match"
     if any(r.get("eval_loss") is not None for r in rows):
         return "eval_loss"
-    return "train_loss_final"
+    return "exact_match" if matches else "train_loss_final"
 
 
 def _higher_is_better(metric: str) -> bool:

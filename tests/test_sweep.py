@@ -337,3 +337,16 @@ def test_bad_adapters_per_pass_is_a_config_error(value):
 
     with pytest.raises(ConfigError, match="adapters_per_pass"):
         resolve_adapters_per_pass(value)
+
+
+def test_ranking_metric_is_one_that_tells_configurations_apart():
+    from lora_jax.sweep import _metric_of, _rank
+
+    rows = [{"exact_match": 0.0, "eval_loss": 2.0}, {"exact_match": 0.0, "eval_loss": 1.5}]
+    assert _metric_of(rows) == "eval_loss"
+    assert [r["eval_loss"] for r in _rank(rows, "eval_loss")] == [1.5, 2.0]
+    rows[0]["exact_match"] = 0.5
+    assert _metric_of(rows) == "exact_match"
+    assert _rank(rows, "exact_match")[0]["exact_match"] == 0.5
+    assert _metric_of([{"exact_match": None, "eval_loss": None, "train_loss_final": 1.0}]) == \
+        "train_loss_final"
