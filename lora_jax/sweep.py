@@ -608,7 +608,7 @@ def plot_heatmap(rows: list[dict], metric: str, path: str, max_facets: int = 6) 
         for i in range(len(rs)):
             for j in range(len(alphas)):
                 v = grid[i, j]
-                text = "n/a" if np.isnan(v) else (f"{v:.2f}" if metric == "exact_match" else f"{v:.3g}")
+                text = "n/a" if np.isnan(v) else (f"{v:.2f}" if abs(v) < 100 else f"{v:.3g}")
                 shade = 0.5 if np.isnan(v) else (v - vmin) / ((vmax - vmin) or 1.0)
                 light = shade < 0.5 if higher else shade > 0.5
                 ax.text(j, i, text, ha="center", va="center", fontsize=9,
