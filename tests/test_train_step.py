@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lora_jax as lj
+from lora_jax.config import REMAT_POLICIES
 from lora_jax.train.loss import chunked_cross_entropy
 
 
@@ -30,3 +32,25 @@ def test_chunked_cross_entropy_matches_reference(vocab_axis, chunk):
     assert float(chunked_cross_entropy(h, w, vocab_axis, t, m, chunk)[1]) == float(m.sum())
     for got, ref in zip(jax.grad(f, argnums=(0, 1))(h, w), jax.grad(r, argnums=(0, 1))(h, w)):
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
+def test_every_remat_policy_gives_the_gradients_of_none(tiny_llama, policy):
+    """Remat changes what is kept or recomputed, never the numbers: loss and adapter gradients
+    equal the no-remat step (fp32)."""
+    lcfg = lj.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    out = {}
+    for p in ("none", policy):
+        cfg, params = lj.load_pretrained(tiny_llama, remat_policy=p)
+        split = lj.split_trainable(params, lj.init_lora(params, lcfg, jax.random.key(0)), lcfg)
+        model = lj.Llama(cfg)
+        ids = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+
+        def loss(trainable, frozen):
+            prm, lo = lj.combine(trainable, frozen)
+            return jnp.mean(jnp.square(lj.apply(model, prm, lo, lcfg, ids)))
+
+        out[p] = jax.jit(jax.value_and_grad(loss))(split.trainable, split.frozen)
+    np.testing.assert_allclose(out[policy][0], out["none"][0], rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(out[policy][1]), jax.tree.leaves(out["none"][1])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
