@@ -101,7 +101,8 @@ def run_sequential(steps: int, work: str, baseline: str) -> dict:
 
 def per_step(repeats: int = 12) -> dict:
     """Steady-state seconds per step, measured back to back in this process (same load): the
-    vmapped K=8 program against each single run's program (`make_train_step`), batch 32."""
+    K=8 program, vmapped and looped (`adapters_per_pass` None and 1), against each single run's
+    program (`make_train_step`), batch 32."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -155,17 +156,20 @@ def per_step(repeats: int = 12) -> dict:
                       jnp.array(jnp.broadcast_to(key, (k,) + key.shape)))]
     hyper = {"lr": jnp.full((k,), run.optim.lr), "weight_decay": jnp.zeros((k,)),
              "lora_dropout": jnp.zeros((k,))}
-    sstep = make_sweep_step(model, cfg, points[0].run.lora, run.optim, run.train.steps,
-                            use_segments=run.data.packing)
-
-    def fk(i):
-        box[0], m = sstep(box[0], base, frozen_lora, hyper, batches[i % 4])
-        jax.block_until_ready(m)
-
-    swept = bench(fk)
     total = sum(single.values())
-    return {"single_step_s": single, "sum_of_singles_s": total, "sweep_step_s": swept,
-            "per_step_speedup": total / swept}
+    out = {"single_step_s": single, "sum_of_singles_s": total}
+    for per_pass, name in ((None, "vmapped"), (1, "looped")):  # adapters_per_pass
+        sstep = make_sweep_step(model, cfg, points[0].run.lora, run.optim, run.train.steps,
+                                use_segments=run.data.packing, adapters_per_pass=per_pass)
+
+        def fk(i, sstep=sstep):
+            box[0], m = sstep(box[0], base, frozen_lora, hyper, batches[i % 4])
+            jax.block_until_ready(m)
+
+        swept = bench(fk)
+        out[f"sweep_step_s_{name}"] = swept
+        out[f"per_step_speedup_{name}"] = total / swept
+    return out
 
 
 def main() -> int:
