@@ -32,6 +32,10 @@ def test_chunked_cross_entropy_matches_reference(vocab_axis, chunk):
     assert float(chunked_cross_entropy(h, w, vocab_axis, t, m, chunk)[1]) == float(m.sum())
     for got, ref in zip(jax.grad(f, argnums=(0, 1))(h, w), jax.grad(r, argnums=(0, 1))(h, w)):
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    # a cotangent other than 1 (the hidden-state gradient is made in the forward, then scaled)
+    scaled = jax.grad(lambda h, w: -2.5 * f(h, w), argnums=(0, 1))(h, w)
+    for got, ref in zip(scaled, jax.grad(lambda h, w: -2.5 * r(h, w), argnums=(0, 1))(h, w)):
+        np.testing.assert_allclose(got, ref, atol=3e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])

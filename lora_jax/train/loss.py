@@ -1,7 +1,9 @@
 """Next-token cross-entropy that never materialises `[tokens, vocab]` fp32 logits at once.
 
-Tokens run through the LM head in chunks inside a `lax.scan`; each chunk's logits are recomputed in
-the backward pass (`jax.checkpoint`) instead of stored, so peak memory holds one chunk's logits.
+Tokens run through the LM head in chunks inside a `lax.scan`; peak memory holds one chunk's logits.
+Under differentiation each chunk's hidden-state gradient is formed in the forward pass, while its
+logits exist (the loss is the last op, so its gradient is known up to the scalar cotangent): the
+backward pass then only scales it, and recomputes logits only if the head weight itself trains.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ def _logits(h_cd, w, vocab_axis):
 
 
 def _chunk_loss(vocab_axis: int):
-    """Masked loss sum of one chunk, with a hand-written backward: the fp32 softmax gradient is
-    cast to the compute dtype before the two head matmuls, so they run on bf16 tensor cores
-    (autodiff would promote the head weight to fp32 and run a TF32 GEMM three times as slow)."""
+    """Masked loss sum of one chunk, with a hand-written VJP: the fp32 softmax gradient is cast to
+    the compute dtype before the head matmuls, so they run on bf16 tensor cores (autodiff would
+    promote the head weight to fp32 and run a TF32 GEMM three times as slow); and the gradient of
+    the hidden states is made in the forward pass, saving the backward a logits GEMM and softmax."""
 
     @jax.custom_vjp
     def loss(h_cd, w, t_c, m_c):
@@ -31,25 +34,28 @@ def _chunk_loss(vocab_axis: int):
         logits = _logits(h_cd, w, vocab_axis)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-        return jnp.sum((lse - target) * m_c), lse
+        return jnp.sum((lse - target) * m_c), lse, logits
 
-    def fwd(h_cd, w, t_c, m_c):
-        total, lse = _forward(h_cd, w, t_c, m_c)
-        return total, (h_cd, w, t_c, m_c, lse)  # logits are recomputed, never stored
-
-    def bwd(res, g):
-        h_cd, w, t_c, m_c, lse = res
-        logits = _logits(h_cd, w, vocab_axis)
+    def _d_logits(logits, lse, t_c, scale, dtype):
         p = jnp.exp(logits - lse[:, None])
         onehot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=p.dtype)
-        d_logits = ((p - onehot) * (g * m_c)[:, None]).astype(h_cd.dtype)
-        w_contract = 1 - vocab_axis
+        return ((p - onehot) * scale[:, None]).astype(dtype)
+
+    def fwd(h_cd, w, t_c, m_c):
+        total, lse, logits = _forward(h_cd, w, t_c, m_c)
+        d_logits = _d_logits(logits, lse, t_c, m_c, h_cd.dtype)
         dh = jax.lax.dot_general(d_logits, w, (((1,), (vocab_axis,)), ((), ())),
                                  preferred_element_type=jnp.float32).astype(h_cd.dtype)
+        return total, (dh, h_cd, w, t_c, m_c, lse)
+
+    def bwd(res, g):
+        dh, h_cd, w, t_c, m_c, lse = res
+        # only for a trainable head; XLA drops this recomputation when dw is unused
+        d_logits = _d_logits(_logits(h_cd, w, vocab_axis), lse, t_c, g * m_c, h_cd.dtype)
         dw = jax.lax.dot_general(h_cd, d_logits, (((0,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)  # [embed, vocab]
-        dw = (dw if w_contract == 0 else dw.T).astype(w.dtype)
-        return dh, dw, None, None
+        dw = (dw if vocab_axis == 1 else dw.T).astype(w.dtype)
+        return (g * dh.astype(jnp.float32)).astype(h_cd.dtype), dw, None, None
 
     loss.defvjp(fwd, bwd)
     return loss
