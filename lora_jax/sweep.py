@@ -66,8 +66,8 @@ from lora_jax.errors import ConfigError
 
 __all__ = ["sweep", "SweepResult", "SweepPoint", "ALLOWED_KEYS", "normalize_grid", "expand_grid",
            "parse_grid_arg", "parse_grid_args", "stack_trees", "unstack_tree", "make_sweep_step",
-           "resolve_adapters_per_pass",
-           "make_sweep_eval_step", "ranking_table", "plot_loss_curves", "plot_heatmap"]
+           "make_sweep_eval_step", "resolve_adapters_per_pass", "ranking_table", "plot_loss_curves",
+           "plot_heatmap"]
 
 ALLOWED_KEYS = ("lora.r", "lora.lora_alpha", "lora.use_rslora", "lora.lora_dropout", "optim.lr",
                 "optim.weight_decay")
