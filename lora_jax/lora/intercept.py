@@ -38,9 +38,9 @@ def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = T
     Dropout (`lcfg.lora_dropout`, or `dropout_rate` when given: a number or a traced scalar) is
     active only when `deterministic=False`; it draws from the module's `"dropout"` rng stream.
     """
-    if dropout_rate is None:
-        dropout_rate = float(lcfg.lora_dropout) if lcfg is not None else 0.0
     rate = dropout_rate
+    if rate is None:
+        rate = float(lcfg.lora_dropout) if lcfg is not None else 0.0
     # a traced rate (one per adapter in a sweep) may be 0 for some adapters: always draw
     drops = not deterministic and (not isinstance(rate, (int, float)) or rate > 0)
 
