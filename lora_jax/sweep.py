@@ -243,20 +243,7 @@ def stack_trees(trees: Sequence[Any]):
     """Stack trees of equal structure on a new leading axis, zero-padding every leaf to the
     largest shape along each axis (only rank axes differ between LoRA configurations).
     Returns (stacked, shapes): shapes[k] lists tree k's leaf shapes, for `unstack_tree`."""
-    flat = [jax.tree.flatten(t) for t in trees]
-    treedef = flat[0][1]
-    for leaves, td in flat[1:]:
-        if td != treedef:
-            raise ConfigError("the configurations' adapter trees differ in structure (targets); a "
-                              "sweep can only vary " + _allowed_msg())
-    stacked = []
-    for i in range(len(flat[0][0])):
-        leaves = [f[0][i] for f in flat]
-        target = tuple(max(d) for d in zip(*(x.shape for x in leaves)))
-        stacked.append(jnp.stack([
-            jnp.pad(x, [(0, t - d) for d, t in zip(x.shape, target)]) if x.ndim else jnp.asarray(x)
-            for x in leaves]))
-    return treedef.unflatten(stacked), _shapes(trees)
+    return _stack_host(trees), _shapes(trees)
 
 
 def unstack_tree(stacked, k: int, shapes: Sequence[Sequence[tuple]]):
@@ -722,7 +709,8 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     from lora_jax.hf.peft import save_peft
     from lora_jax.lora.tree import combine
     from lora_jax.models.llama import Llama
-    from lora_jax.train.loop import exact_match, open_model_dir, resolve_dtype, resolve_model_path
+    from lora_jax.train.loop import (data_config, exact_match, open_model_dir, resolve_dtype,
+                                     resolve_model_path)
     from lora_jax.train.step import TrainState, make_schedule, make_tx
 
     t_start = time.perf_counter()
@@ -734,22 +722,16 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     out = os.path.abspath(output_dir) if output_dir is not None else None
     if out is not None:
         _prepare_sweep_dir(out, overwrite)
-    tcfg, dcfg = run.train, run.data
+    tcfg, dcfg = run.train, data_config(run)
     model_path = resolve_model_path(run.model.path)
-    if dcfg.train_file is None and run.model.path is None:
-        from lora_jax.demo import DEMO_TRAIN
-
-        dcfg = dcfg.replace(train_file=DEMO_TRAIN)
 
     # ---- everything that validates input, before anything is written
     tokenizer = open_model_dir(model_path)
     datasets = build_datasets(dcfg, tokenizer)
     loader = DataLoader(datasets.train_rows, tcfg.batch_size, dcfg.seed)
-    quantize = getattr(run.model, "quantize", None)  # QLoRA base, where this version has it
     cfg, params = load_pretrained(model_path, dtype=resolve_dtype(run.model.dtype),
                                   scan_layers=run.model.scan_layers,
-                                  remat_policy=run.model.remat_policy,
-                                  **({"quantize": quantize} if quantize else {}))
+                                  remat_policy=run.model.remat_policy, quantize=run.model.quantize)
     shardings = _sweep_shardings(mesh, K) if mesh is not None else None
 
     # ---- K adapters, each initialised as its single run would be, padded and stacked

@@ -56,6 +56,15 @@ def open_model_dir(model_path: str):
                           "model directory needs tokenizer.json / tokenizer_config.json") from None
 
 
+def data_config(run: RunConfig):
+    """`run.data`, with the demonstration's training file when neither a model nor data is given."""
+    if run.data.train_file is None and run.model.path is None:
+        from lora_jax.demo import DEMO_TRAIN
+
+        return run.data.replace(train_file=DEMO_TRAIN)
+    return run.data
+
+
 def resolve_model_path(path: str | None) -> str:
     if path is None:
         from lora_jax.demo import DEMO_MODEL
@@ -161,12 +170,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
     out = os.path.abspath(run.train.output_dir)
     run = prepare_output_dir(out, run, resume, overwrite)
-    tcfg, ocfg, lcfg, dcfg = run.train, run.optim, run.lora, run.data
+    tcfg, ocfg, lcfg, dcfg = run.train, run.optim, run.lora, data_config(run)
     model_path = resolve_model_path(run.model.path)
-    if dcfg.train_file is None and run.model.path is None:
-        from lora_jax.demo import DEMO_TRAIN
-
-        dcfg = dcfg.replace(train_file=DEMO_TRAIN)
 
     # ---- everything that validates input, before anything is written
     t_setup = time.perf_counter()
