@@ -16,7 +16,7 @@ from lora_jax.errors import ConfigError
 __all__ = ["ConfigError", "LlamaConfig", "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "MeshConfig",
            "RunConfig", "REMAT_POLICIES"]
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_out")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv", "save_qkv_out")
 _SUPPORTED_ROPE = ("default", "llama3")
 _DTYPES = ("float32", "bfloat16", "float16")
 

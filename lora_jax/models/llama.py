@@ -153,6 +153,7 @@ _POLICIES = {
     "full": lambda: jax.checkpoint_policies.nothing_saveable,
     "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv": lambda: jax.checkpoint_policies.save_only_these_names("qkv"),
     "save_qkv_out": lambda: jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
 }
 
