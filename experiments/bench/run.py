@@ -5,7 +5,7 @@ Each side runs in its own process (JAX and PyTorch would otherwise compete for d
 the results are gathered into `results.jsonl` and a Markdown table.
 
     python experiments/bench/run.py --suite 1b        # 1B shape, 8 x 2048, no remat
-    python experiments/bench/run.py --suite 8b        # 8B shape, 4 x 2048, remat
+    python experiments/bench/run.py --suite 8b        # 8B shape, 4 x 2048, remat (ours: save_qkv)
     python experiments/bench/run.py --suite long      # 8B shape, batch 1, remat: longest sequence
     python experiments/bench/run.py --suite 1b 8b long --out-dir bench_out
 """
@@ -28,13 +28,13 @@ SUITES = {
         ("peft", ["--shape", "1b", "--batch", "8", "--seq", "2048", "--mode", "eager", "compile"]),
     ],
     "8b": [
-        ("jax", ["--shape", "8b", "--batch", "4", "--seq", "2048", "--remat", "full"]),
+        ("jax", ["--shape", "8b", "--batch", "4", "--seq", "2048", "--remat", "save_qkv"]),
         ("peft", ["--shape", "8b", "--batch", "4", "--seq", "2048", "--mode", "eager", "--grad-ckpt"]),
     ],
     "long": [
         ("jax", ["--shape", "8b", "--batch", "1", "--remat", "full", "--steps", "1", "--warmup", "0",
-                 "--stop-at-first-ok", "--seq", "114688", "106496", "98304"]),
-        ("peft", ["--max-seq-search", "--seq", "28672", "32768"]),
+                 "--stop-at-first-ok", "--seq", "147456", "139264", "131072"]),
+        ("peft", ["--max-seq-search", "--seq", "32768", "36864"]),
     ],
 }
 
