@@ -68,15 +68,19 @@ def run_one(side: str, args: list[str], log) -> list[dict]:
 def table(results: list[dict]) -> str:
     head = ("| system | mode | shape | batch x seq | remat | tokens/s | MFU (798) | MFU (989) | peak GiB "
             "| compile s | status |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
-    rows = []
+    rows, notes = [], []
     for r in results:
+        if r.get("search") == "max_seq_summary":  # a search's verdict, not a measurement
+            notes.append(f"{r.get('system')} {r.get('mode')}, {r.get('shape')}, batch {r.get('batch')}: "
+                         f"longest sequence that trains {r.get('max_seq')} (tried {r.get('tried')})")
+            continue
         f = lambda k, fmt: (fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-")
         mode = r.get("mode", "-") + (" +ckpt" if r.get("grad_ckpt") else "")
         rows.append(f"| {r.get('system')} | {mode} | {r.get('shape')} | {r.get('batch')} x {r.get('seq')} | "
                     f"{r.get('remat', r.get('grad_ckpt', '-'))} | {f('tokens_per_s', '{:,.0f}')} | "
                     f"{f('mfu_798', '{:.3f}')} | {f('mfu_989', '{:.3f}')} | {f('peak_gib', '{:.1f}')} | "
                     f"{f('compile_s', '{:.1f}')} | {r.get('status', 'ok')} |")
-    return head + "\n".join(rows) + "\n"
+    return head + "\n".join(rows) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
 def main(argv=None) -> int:
