@@ -38,6 +38,20 @@ def test_chunked_cross_entropy_matches_reference(vocab_axis, chunk):
         np.testing.assert_allclose(got, ref, atol=3e-5, rtol=1e-5)
 
 
+def test_chunked_cross_entropy_in_bf16_reads_bf16_logits_as_transformers_does():
+    """In bf16 the head writes bf16 logits and the loss upcasts them (transformers' Llama does the
+    same): the loss equals log-softmax over the bf16 product, not over an fp32 one."""
+    k = jax.random.split(jax.random.key(1), 3)
+    h = jax.random.normal(k[0], (2, 24, 32)).astype(jnp.bfloat16)
+    w = (jax.random.normal(k[1], (32, 97)) * 0.5).astype(jnp.bfloat16)
+    t = jax.random.randint(k[2], (2, 24), 0, 97)
+    m = jnp.ones((2, 24), jnp.float32)
+    got = float(chunked_cross_entropy(h, w, 1, t, m, 16)[0])
+    np.testing.assert_allclose(got, float(_reference(h, w, 1, t, m)), rtol=1e-5)
+    fp32_logits = float(_reference(h.astype(jnp.float32), w.astype(jnp.float32), 1, t, m))
+    assert abs(got - fp32_logits) > 1e-4 * abs(fp32_logits)  # the test can tell the two apart
+
+
 @pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
 def test_every_remat_policy_gives_the_gradients_of_none(tiny_llama, policy):
     """Remat changes what is kept or recomputed, never the numbers: loss and adapter gradients
