@@ -7,6 +7,10 @@ The DoRA column norm is expanded so that no `[in, out]` array is derived from A 
     ||W_j + s (AB)_j||^2 = ||W_j||^2 + 2s <A^T W, B>_j + s^2 <(A^T A) B, B>_j
 which costs two rank-r products instead of a full-size weight.
 
+For a projection at least twice as wide out as in (Llama's gate/up), LoRA rides inside the frozen
+matmul, `[x | x A] @ [W ; s B]`, with a hand-written VJP (`_joint_matmul`): no second
+[tokens, out] array forward, and one matmul gives both `dy W^T` and `dy (sB)^T` backward.
+
 A quantised kernel (`lora_jax.quant.QuantizedKernel`, QLoRA) is dequantised here, where it is used:
 `quantized_matmul` forms the one `[in, out]` kernel in the compute dtype under `jax.checkpoint`, so
 the backward pass dequantises it again instead of keeping it (inside `nn.scan` a kept copy would be
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from lora_jax.quant import dequantize, is_quantized
 
@@ -47,6 +52,61 @@ def dora_column_norm(kernel, a, b, scale):
     return jnp.sqrt(jnp.maximum(w_sq + 2 * scale * cross + scale * scale * lora_sq, 0.0))
 
 
+def _mm_t(a, b):
+    """`a @ b.T` over the last axes: `[..., n] x [m, n] -> [..., m]`."""
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (1,)), ((), ())))
+
+
+def _over_tokens(a, b):
+    """`a^T b` summed over every leading (token) axis: `[..., m] x [..., n] -> [m, n]`."""
+    lead = tuple(range(a.ndim - 1))
+    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())))
+
+
+def _widens(kernel) -> bool:
+    """Whether the adapter pays to ride in the frozen matmul (see `_joint_matmul`): for projections
+    at least twice as wide out as in (Llama's gate/up), whose [tokens, out] arrays dominate."""
+    return kernel.shape[-1] >= 2 * kernel.shape[0]
+
+
+@jax.custom_vjp
+def _joint_matmul(x, xd, kernel, a, sb):
+    """`x @ W + (xd @ A) @ sB` as one matmul over a concatenated contraction: `[x | xd A] @ [W ; sB]`.
+
+    Separate, the adapter's product is a second [tokens, out] array that is written, read and
+    (for the backward pass) kept beside the frozen one; joined, the frozen matmul's accumulator
+    takes it, and in the backward pass the same joint weight gives `dy @ W^T` and the adapter's
+    `dy @ sB^T` in one matmul. XLA does not make this rewrite itself, and autodiff of the joined
+    form would compute the frozen weight's gradient: hence the hand-written VJP, which forms the
+    kernel's gradient only when the kernel is being differentiated.
+    """
+    return _mm(jnp.concatenate([x, _mm(xd, a)], axis=-1), jnp.concatenate([kernel, sb], axis=0))
+
+
+def _joint_fwd(x, xd, kernel, a, sb):
+    # symbolic_zeros=True: each argument arrives as (value, perturbed)
+    kernel_trains = kernel.perturbed
+    x, xd, kernel, a, sb = (p.value for p in (x, xd, kernel, a, sb))
+    u = _mm(xd, a)
+    y = _mm(jnp.concatenate([x, u], axis=-1), jnp.concatenate([kernel, sb], axis=0))
+    return y, (x, xd, u, kernel, a, sb, kernel_trains)
+
+
+def _joint_bwd(res, dy):
+    x, xd, u, kernel, a, sb, kernel_trains = res
+    if isinstance(dy, SymbolicZero):
+        return None, None, None, None, None
+    d_joint = _mm_t(dy, jnp.concatenate([kernel, sb], axis=0))  # [..., in + r]
+    n = kernel.shape[0]
+    dx, g = d_joint[..., :n], d_joint[..., n:]  # dy @ W^T, dy @ sB^T
+    d_kernel = _over_tokens(x, dy).astype(kernel.dtype) if kernel_trains else None
+    return (dx, _mm_t(g, a), d_kernel, _over_tokens(xd, g).astype(a.dtype),
+            _over_tokens(u, dy).astype(sb.dtype))
+
+
+_joint_matmul.defvjp(_joint_fwd, _joint_bwd, symbolic_zeros=True)
+
+
 def _row(v, ndim):
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
@@ -63,7 +123,6 @@ def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=No
     dtype = x.dtype
     if not is_quantized(kernel):
         kernel = kernel.astype(dtype)
-    base = _base_mm(x, kernel)
     xd = x
     if dropout_rng is not None:
         keep_p = 1.0 - jnp.asarray(dropout_rate, jnp.float32)
@@ -72,9 +131,14 @@ def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=No
     s = jnp.asarray(scale, jnp.float32)
     if magnitude is None:
         # the scale goes on B ([r, out]) rather than on the product ([tokens, out]): no
-        # output-sized multiply forward or backward, and the add can fuse into the matmul
-        y = base + _mm(_mm(xd, a.astype(dtype)), (s * b.astype(jnp.float32)).astype(dtype))
+        # output-sized multiply forward or backward
+        sb = (s * b.astype(jnp.float32)).astype(dtype)
+        if not is_quantized(kernel) and _widens(kernel):
+            y = _joint_matmul(x, xd, kernel, a.astype(dtype), sb)
+        else:
+            y = _base_mm(x, kernel) + _mm(_mm(xd, a.astype(dtype)), sb)
     else:
+        base = _base_mm(x, kernel)
         low_rank = _mm(_mm(xd, a.astype(dtype)), b.astype(dtype))
         w = dequantize(kernel, dtype) if is_quantized(kernel) else kernel
         norm = jax.lax.stop_gradient(dora_column_norm(w, a, b, s))
