@@ -80,15 +80,20 @@ def _joint_matmul(x, xd, kernel, a, sb):
     form would compute the frozen weight's gradient: hence the hand-written VJP, which forms the
     kernel's gradient only when the kernel is being differentiated.
     """
-    return _mm(jnp.concatenate([x, _mm(xd, a)], axis=-1), jnp.concatenate([kernel, sb], axis=0))
+    return _joint(x, xd, kernel, a, sb)[0]
+
+
+def _joint(x, xd, kernel, a, sb):
+    """(`[x | xd A] @ [W ; sB]`, `xd A`)."""
+    u = _mm(xd, a)
+    return _mm(jnp.concatenate([x, u], axis=-1), jnp.concatenate([kernel, sb], axis=0)), u
 
 
 def _joint_fwd(x, xd, kernel, a, sb):
     # symbolic_zeros=True: each argument arrives as (value, perturbed)
     kernel_trains = kernel.perturbed
     x, xd, kernel, a, sb = (p.value for p in (x, xd, kernel, a, sb))
-    u = _mm(xd, a)
-    y = _mm(jnp.concatenate([x, u], axis=-1), jnp.concatenate([kernel, sb], axis=0))
+    y, u = _joint(x, xd, kernel, a, sb)
     return y, (x, xd, u, kernel, a, sb, kernel_trains)
 
 
