@@ -30,7 +30,7 @@ def _decoder(cfg: LlamaConfig, lcfg: LoraConfig | None, batch: int, prompt_len: 
     model = Llama(cfg)
 
     def forward(variables, ids, positions, cache, index, cache_mask):
-        with lora_interception(lcfg):
+        with lora_interception(lcfg, fuse_wide=cfg.fuse_wide_adapters):
             return model.apply(variables, ids, positions, cache=cache, cache_index=index,
                                cache_mask=cache_mask)
 

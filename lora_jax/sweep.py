@@ -731,7 +731,8 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     loader = DataLoader(datasets.train_rows, tcfg.batch_size, dcfg.seed)
     cfg, params = load_pretrained(model_path, dtype=resolve_dtype(run.model.dtype),
                                   scan_layers=run.model.scan_layers,
-                                  remat_policy=run.model.remat_policy, quantize=run.model.quantize)
+                                  remat_policy=run.model.remat_policy, quantize=run.model.quantize,
+                                  fuse_wide_adapters=run.model.fuse_wide_adapters)
     shardings = _sweep_shardings(mesh, K) if mesh is not None else None
 
     # ---- K adapters, each initialised as its single run would be, padded and stacked

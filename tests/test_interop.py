@@ -523,17 +523,20 @@ def test_failed_saves_write_nothing(bases, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ training gradients
-@pytest.mark.parametrize("variant", ["plain", "dora", "patterns"])
-def test_adapter_gradients_equal_peft(tiny_llama, bases, tmp_path, variant):
+@pytest.mark.parametrize("variant,fuse", [("plain", True), ("plain", False), ("dora", True),
+                                          ("patterns", True)])
+def test_adapter_gradients_equal_peft(tiny_llama, bases, tmp_path, variant, fuse):
     """One loss's gradients w.r.t. every lora_A / lora_B (and DoRA magnitude) equal PEFT's under
     torch autograd: the whole backward pass (the loss's and the projections' hand-written VJPs,
-    RMSNorm's, SwiGLU's) against the real thing. Our gradient tree is written with `save_peft` so
-    its tensors carry PEFT's names and layout."""
+    RMSNorm's, SwiGLU's; gate/up inside the frozen matmul or beside it) against the real thing.
+    Our gradient tree is written with `save_peft` so its tensors carry PEFT's names and layout."""
     import torch
 
     from lora_jax.train.step import _loss_sum
 
     cfg, params = bases[True]
+    cfg = cfg.replace(fuse_wide_adapters=fuse)
+    assert cfg.intermediate_size >= 2 * cfg.hidden_size  # gate/up are wide: `fuse` takes effect
     pm = peft_adapter(tiny_llama, VARIANTS[variant])
     ids = random_ids(97, (2, 13), seed=3)
     out = pm(torch.from_numpy(ids).long(), labels=torch.from_numpy(ids).long())
@@ -553,11 +556,11 @@ def test_adapter_gradients_equal_peft(tiny_llama, bases, tmp_path, variant):
         return total / n
 
     loss, grads = jax.value_and_grad(mean_loss)(split.trainable)
-    report(f"loss vs PEFT {variant}", abs(float(loss) - out.loss.item()))
+    report(f"loss vs PEFT {variant} fuse={fuse}", abs(float(loss) - out.loss.item()))
     _, grad_tree = lj.combine(grads, split.frozen)
     saved = load_file(os.path.join(lj.save_peft(tmp_path / "grads", grad_tree, lcfg, cfg),
                                    "adapter_model.safetensors"))
     assert sorted(saved) == sorted(expected)
     assert min(float(np.abs(v).max()) for v in expected.values()) > 1e-4  # every gradient is live
-    report(f"adapter gradients vs PEFT {variant}",
+    report(f"adapter gradients vs PEFT {variant} fuse={fuse}",
            max(max_diff(saved[k], expected[k]) for k in expected), bound=1e-5)

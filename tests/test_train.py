@@ -199,7 +199,7 @@ def _bad(tmp_path, name, text):
 
 
 @pytest.mark.parametrize("case", ["missing_data", "malformed", "missing_fields", "empty", "overlong",
-                                  "no_config", "no_weights", "unknown_key", "bad_value"])
+                                  "no_config", "no_weights", "unknown_key", "bad_value", "bad_bool"])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     out = tmp_path / "out"
     args = {
@@ -212,6 +212,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
         "no_weights": ["--model", str(tmp_path / "m")],
         "unknown_key": ["--set", "lora.rank=4"],
         "bad_value": ["--set", "lora.r=0"],
+        "bad_bool": ["--set", "model.fuse_wide_adapters=maybe"],
     }[case]
     if case == "no_weights":
         (tmp_path / "m").mkdir()
@@ -225,7 +226,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     expected = {"missing_data": "nope.jsonl", "malformed": "bad.jsonl:2", "missing_fields": "completion",
                 "empty": "e.jsonl", "overlong": "seq_len", "no_config": "config.json",
                 "no_weights": "safetensors", "unknown_key": "did you mean lora.r",
-                "bad_value": "r=0"}[case]
+                "bad_value": "r=0", "bad_bool": "fuse_wide_adapters='maybe'; use true or false"}[case]
     assert expected in err, err
     assert not out.exists()
 

@@ -49,9 +49,11 @@ def _versions() -> dict:
     return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
-def build(shape: str, remat: str, attention: str | None, scan: bool = True, quantize: str | None = None):
+def build(shape: str, remat: str, attention: str | None, scan: bool = True, quantize: str | None = None,
+          fuse_wide: bool = True):
     cfg = lj.LlamaConfig.from_hf(get_shape(shape), dtype="bfloat16", param_dtype="bfloat16",
-                                 scan_layers=scan, remat_policy=remat, attention_impl=attention)
+                                 scan_layers=scan, remat_policy=remat, attention_impl=attention,
+                                 fuse_wide_adapters=fuse_wide)
     model = lj.Llama(cfg)
     init = lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]
     if quantize:
@@ -96,8 +98,9 @@ def init_quantized(init, kind: str, key):
 
 def measure(shape: str, batch: int, seq: int, remat: str, steps: int, warmup: int,
             attention: str | None, chunk: int, r: int = 16, variant: str = "lora",
-            profile_dir: str | None = None, scan: bool = True, quantize: str | None = None) -> dict:
-    cfg, model, params = build(shape, remat, attention, scan, quantize)
+            profile_dir: str | None = None, scan: bool = True, quantize: str | None = None,
+            fuse_wide: bool = True) -> dict:
+    cfg, model, params = build(shape, remat, attention, scan, quantize, fuse_wide)
     base_gib = sum(x.nbytes for x in jax.tree.leaves(params)) / GIB
     if variant == "nolora":  # the frozen model alone, full backward (only the per-layer input norms train): LoRA overhead
         lcfg = lj.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", modules_to_save=("input_layernorm",))
@@ -138,7 +141,7 @@ def measure(shape: str, batch: int, seq: int, remat: str, steps: int, warmup: in
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "system": "lora_jax", "mode": "jit", "shape": shape, "batch": batch, "seq": seq, "remat": remat,
-        "attention": attention or "auto", "scan": scan, "tokens_per_s": tps,
+        "attention": attention or "auto", "scan": scan, "fuse_wide": fuse_wide, "tokens_per_s": tps,
         "mfu_798": flops.mfu(tps, fpt, flops.PEAK_H100_MEASURED),
         "mfu_989": flops.mfu(tps, fpt, flops.PEAK_H100_DATASHEET),
         "peak_gib": stats.get("peak_bytes_in_use", 0) / GIB, "compile_s": compile_s,
@@ -211,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--stop-at-first-ok", action="store_true", help="longest-context search: seqs "
                    "given longest first; stop at the first that trains")
     p.add_argument("--no-scan", action="store_true", help="unrolled layers (longer compile)")
+    p.add_argument("--no-fuse-wide", action="store_true",
+                   help="gate/up adapters beside the frozen matmul, not inside it (less peak memory)")
     p.add_argument("--variant", default="lora", choices=("lora", "nolora"))
     p.add_argument("--profile-dir", help="also trace 3 steps and print device time per kernel")
     p.add_argument("--quantize", choices=("nf4", "int8"), help="QLoRA: a quantised frozen base")
@@ -221,7 +226,7 @@ def main(argv=None) -> int:
         try:
             res = measure(args.shape, args.batch, seq, args.remat, args.steps, args.warmup, attention,
                           args.chunk, variant=args.variant, profile_dir=args.profile_dir, scan=not args.no_scan,
-                          quantize=args.quantize)
+                          quantize=args.quantize, fuse_wide=not args.no_fuse_wide)
         except Exception as e:  # noqa: BLE001 - report and go on to the next config
             status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
             if status != "OOM":

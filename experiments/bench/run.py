@@ -7,6 +7,7 @@ the results are gathered into `results.jsonl` and a Markdown table.
     python experiments/bench/run.py --suite 1b        # 1B shape, 8 x 2048, no remat
     python experiments/bench/run.py --suite 8b        # 8B shape, 4 x 2048, remat (ours: save_qkv)
     python experiments/bench/run.py --suite long      # 8B shape, batch 1, remat: longest sequence
+                                                      # (ours with --no-fuse-wide: least memory)
     python experiments/bench/run.py --suite 1b 8b long --out-dir bench_out
 """
 
@@ -33,7 +34,7 @@ SUITES = {
     ],
     "long": [
         ("jax", ["--shape", "8b", "--batch", "1", "--remat", "full", "--steps", "1", "--warmup", "0",
-                 "--stop-at-first-ok", "--seq", "147456", "139264", "131072"]),
+                 "--no-fuse-wide", "--stop-at-first-ok", "--seq", "147456", "139264", "131072"]),
         ("peft", ["--max-seq-search", "--seq", "32768", "36864"]),
     ],
 }

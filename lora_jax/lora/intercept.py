@@ -32,11 +32,12 @@ def _has(module: nn.Module, name: str) -> bool:
 
 @contextlib.contextmanager
 def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = True,
-                      dropout_rate=None):
+                      dropout_rate=None, fuse_wide: bool = True):
     """Within this context, adapted `nn.Dense` calls run `lora_dense` with their adapter leaves.
 
     Dropout (`lcfg.lora_dropout`, or `dropout_rate` when given: a number or a traced scalar) is
     active only when `deterministic=False`; it draws from the module's `"dropout"` rng stream.
+    fuse_wide: `lora_dense`'s `fuse_wide` (the model config's `fuse_wide_adapters`).
     """
     rate = dropout_rate
     if rate is None:
@@ -64,14 +65,19 @@ def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = T
             module.get_variable("lora", "a"), module.get_variable("lora", "b"),
             module.get_variable("lora", "scale"), bias=bias,
             magnitude=module.get_variable("lora", "m") if _has(module, "m") else None,
-            dropout_rng=rng, dropout_rate=rate)
+            dropout_rng=rng, dropout_rate=rate, fuse_wide=fuse_wide)
 
     with nn.intercept_methods(interceptor):
         yield
 
 
+def _fuses_wide(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "fuse_wide_adapters", True))
+
+
 def apply(model: nn.Module, params, lora, lcfg: LoraConfig | None, *args, rngs=None,
           deterministic: bool = True, dropout_rate=None, **kwargs):
     """`model.apply` with the adapters in effect: base + adapters via the interceptor."""
-    with lora_interception(lcfg, deterministic=deterministic, dropout_rate=dropout_rate):
+    with lora_interception(lcfg, deterministic=deterministic, dropout_rate=dropout_rate,
+                           fuse_wide=_fuses_wide(model)):
         return model.apply({"params": params, "lora": lora}, *args, rngs=rngs, **kwargs)

@@ -10,6 +10,9 @@ which costs two rank-r products instead of a full-size weight.
 For a projection at least twice as wide out as in (Llama's gate/up), LoRA rides inside the frozen
 matmul, `[x | x A] @ [W ; s B]`, with a hand-written VJP (`_joint_matmul`): no second
 [tokens, out] array forward, and one matmul gives both `dy W^T` and `dy (sB)^T` backward.
+Its `[x | x A]` and `[dy W^T | dy (sB)^T]` arrays cost a little peak memory at very long context
+(8B, 131,072 tokens: ~1.4 GiB), so `fuse_wide=False` (`LlamaConfig.fuse_wide_adapters`) keeps
+the separate form there.
 
 A quantised kernel (`lora_jax.quant.QuantizedKernel`, QLoRA) is dequantised here, where it is used:
 `quantized_matmul` forms the one `[in, out]` kernel in the compute dtype under `jax.checkpoint`, so
@@ -18,6 +21,8 @@ stacked over all layers). Gradients reach the activations and adapters, never th
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -116,14 +121,15 @@ def _row(v, ndim):
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("fuse_wide",))
 def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=None,
-               dropout_rate=0.0):
+               dropout_rate=0.0, fuse_wide=True):
     """`x @ kernel (+ bias)` plus the low-rank update, in the dtype of `x`.
 
     x: [..., in]; kernel: [in, out]; a: [in, r]; b: [r, out]; scale: scalar (alpha/r or alpha/sqrt r);
     magnitude: [out] for DoRA; dropout_rng: a key when dropout is active (training), at
     `dropout_rate` (a number or a traced scalar: a sweep trains each adapter at its own rate).
+    fuse_wide: run a wide projection's adapter inside the frozen matmul (`_joint_matmul`).
     """
     dtype = x.dtype
     if not is_quantized(kernel):
@@ -138,7 +144,7 @@ def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=No
         # the scale goes on B ([r, out]) rather than on the product ([tokens, out]): no
         # output-sized multiply forward or backward
         sb = (s * b.astype(jnp.float32)).astype(dtype)
-        if not is_quantized(kernel) and _widens(kernel):
+        if fuse_wide and not is_quantized(kernel) and _widens(kernel):
             y = _joint_matmul(x, xd, kernel, a.astype(dtype), sb)
         else:
             y = _base_mm(x, kernel) + _mm(_mm(xd, a.astype(dtype)), sb)
