@@ -527,8 +527,8 @@ def test_failed_saves_write_nothing(bases, tmp_path, monkeypatch):
                                           ("patterns", True)])
 def test_adapter_gradients_equal_peft(tiny_llama, bases, tmp_path, variant, fuse):
     """One loss's gradients w.r.t. every lora_A / lora_B (and DoRA magnitude) equal PEFT's under
-    torch autograd: the whole backward pass (the loss's and the projections' hand-written VJPs;
-    gate/up inside the frozen matmul or beside it) against the real thing.
+    torch autograd: the whole backward pass (the loss's and the projections' hand-written VJPs,
+    RMSNorm's, SwiGLU's; gate/up inside the frozen matmul or beside it) against the real thing.
     Our gradient tree is written with `save_peft` so its tensors carry PEFT's names and layout."""
     import torch
 

