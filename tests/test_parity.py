@@ -88,3 +88,28 @@ def test_bf16_close_to_fp32(tiny_llama):
     out32 = lj.Llama(cfg32).apply({"params": p32}, ids)
     assert out16.dtype == jnp.bfloat16
     assert max_diff(out16, out32) <= 5e-2
+
+
+def test_rms_norm_and_swiglu_vjps_equal_autodiff():
+    """The hand-written VJPs of RMSNorm and SwiGLU give autodiff's gradients of the plain formulas
+    (both inputs, the norm's weight included: it trains with modules_to_save), forward bit for bit."""
+    import flax.linen as nn
+    import jax
+
+    from lora_jax.models.llama import _rms_norm, rms_norm, swiglu
+
+    k = jax.random.split(jax.random.key(0), 6)
+    x, dy = 2 * jax.random.normal(k[0], (3, 5, 64)), jax.random.normal(k[1], (3, 5, 64))
+    scale = 1 + 0.1 * jax.random.normal(k[2], (64,))
+    got_y, got_vjp = jax.vjp(lambda x, s: rms_norm(x, s, 1e-6), x, scale)
+    ref_y, ref_vjp = jax.vjp(lambda x, s: _rms_norm(x, s, 1e-6), x, scale)
+    assert bool(jnp.all(got_y == ref_y))
+    for got, ref in zip(got_vjp(dy), ref_vjp(dy)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    g, u, dh = (3 * jax.random.normal(k[3], (4, 256)), jax.random.normal(k[4], (4, 256)),
+                jax.random.normal(k[5], (4, 256)))
+    got_h, got_vjp = jax.vjp(swiglu, g, u)
+    ref_h, ref_vjp = jax.vjp(lambda g, u: nn.silu(g) * u, g, u)
+    assert bool(jnp.all(got_h == ref_h))
+    for got, ref in zip(got_vjp(dh), ref_vjp(dh)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
