@@ -54,6 +54,11 @@ def _steps_logged(out):
         return max([json.loads(x).get("step", 0) for x in f if x.strip() and "loss" in x] or [0])
 
 
+def _step_losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
 KILL_DURING_SAVE = """
 import os, signal, sys
 from lora_jax import checkpoint
@@ -103,6 +108,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
         assert step == step_ref == 12
         for a, b in zip(jax.tree.leaves(lora_ref), jax.tree.leaves(lora)):
             assert np.array_equal(np.asarray(a), np.asarray(b)), f"{run.name}: adapters differ"
+        # the log reads as one run: each step once, with the uninterrupted run's losses
+        assert _step_losses(run) == _step_losses(ref), f"{run.name}: metrics.jsonl differs"
     with open(ref / "summary.json") as f:
         summary = json.load(f)
     assert summary["steps"] == 12 and os.path.isfile(ref / "adapter" / "adapter_model.safetensors")

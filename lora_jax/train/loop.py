@@ -5,8 +5,9 @@ is written, so a refused run leaves no trace. Output directory layout:
 
     run.json           the full RunConfig, the model config and the base fingerprint
     checkpoints/<step> Orbax: state (adapters, optimizer, step, rng) + meta (loader state, configs)
-    metrics.jsonl      one line per step (loss, lr, grad_norm, tokens/s, ...) and per evaluation
-    tb/                TensorBoard event files
+    metrics.jsonl      one line per step (loss, lr, grad_norm, tokens/s, ...) and per evaluation;
+                       `--resume` drops what a killed run logged after its last checkpoint
+    tb/                TensorBoard event files (likewise purged on resume)
     adapter/           the PEFT adapter exported at the end
     summary.json       eval_before, eval_after, train_loss_first/last, steps, tokens_per_s, ...
 """
@@ -131,14 +132,21 @@ def exact_match(records, cfg, params, lora, lcfg, tokenizer, max_new_tokens: int
 class _Writers:
     """metrics.jsonl + TensorBoard, on process 0 only."""
 
-    def __init__(self, out: str, enabled: bool):
+    def __init__(self, out: str, enabled: bool, resume_step: int | None = None):
+        """resume_step: the checkpoint a resumed run starts from; what the killed run logged after
+        it is dropped (it is about to be logged again) from metrics.jsonl and, through TensorBoard's
+        `purge_step`, from the event files."""
         self.enabled = enabled
-        self.jsonl = open(os.path.join(out, "metrics.jsonl"), "a") if enabled else None
+        path = os.path.join(out, "metrics.jsonl")
+        if enabled and resume_step is not None:
+            _truncate_metrics(path, resume_step)
+        self.jsonl = open(path, "a") if enabled else None
         self.tb = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(out, "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=purge)
 
     def write(self, record: dict, step: int, tb: bool = True):
         if not self.enabled:
@@ -154,6 +162,25 @@ class _Writers:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Keep the records of steps <= last_step (and drop a line torn by a kill), atomically."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -226,7 +253,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                               jit_kwargs=shardings.step_jit_kwargs())
     eval_fn = make_eval_step(model, cfg, lcfg, chunk_tokens=run.model.loss_chunk_tokens,
                              use_segments=dcfg.packing)
-    writers = _Writers(out, is_main)
+    writers = _Writers(out, is_main, resume_step=int(state.step) if resume else None)
 
     def evaluate(trainable) -> dict:
         from lora_jax.lora.tree import combine
