@@ -164,19 +164,24 @@ class _Writers:
             self.tb.close()
 
 
+def _metric_lines(path: str):
+    """(line, record) for each readable line of a metrics.jsonl (a line torn by a kill is skipped)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
 def _truncate_metrics(path: str, last_step: int) -> None:
     """Keep the records of steps <= last_step (and drop a line torn by a kill), atomically."""
     if not os.path.isfile(path):
         return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    kept = [line if line.endswith("\n") else line + "\n"
+            for line, rec in _metric_lines(path) if rec.get("step", 0) <= last_step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(kept)
@@ -253,7 +258,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                               jit_kwargs=shardings.step_jit_kwargs())
     eval_fn = make_eval_step(model, cfg, lcfg, chunk_tokens=run.model.loss_chunk_tokens,
                              use_segments=dcfg.packing)
-    writers = _Writers(out, is_main, resume_step=int(state.step) if resume else None)
+    start_step = int(state.step)
+    writers = _Writers(out, is_main, resume_step=start_step if resume else None)
 
     def evaluate(trainable) -> dict:
         from lora_jax.lora.tree import combine
@@ -273,7 +279,6 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                                              tcfg.max_new_tokens, tcfg.eval_generate)
         return res
 
-    start_step = int(state.step)
     summary_path = os.path.join(out, "summary.json")
     eval_before = evaluate(state.trainable) if start_step == 0 else _saved_eval_before(out)
     if start_step == 0:
@@ -430,14 +435,5 @@ def _saved_eval_before(out: str) -> dict:
 
 
 def _saved_first_loss(out: str) -> float | None:
-    path = os.path.join(out, "metrics.jsonl")
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "loss" in rec:
-                    return rec["loss"]
-    return None
+    return next((rec["loss"] for _, rec in _metric_lines(os.path.join(out, "metrics.jsonl"))
+                 if "loss" in rec), None)
