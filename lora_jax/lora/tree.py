@@ -68,7 +68,7 @@ def _init_one(t: Target, w_io, key, init) -> dict[str, jax.Array]:
         bound = 1.0 / math.sqrt(t.r)
         b = jax.random.uniform(kb, (t.r, t.fan_out), jnp.float32, -bound, bound)
     else:
-        b = jnp.zeros((t.r, t.fan_out), jnp.float32)
+        b = np.zeros((t.r, t.fan_out), np.float32)  # host zeros: see `_stack_layers`
     return {"a": a, "b": b}
 
 
@@ -84,10 +84,11 @@ def init_lora(params, lcfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> di
     for t in targets:
         by_module[t.name][t.layer] = t
     lora: dict = {}
+    needs_kernel = lcfg.use_dora or lcfg.init_lora_weights == "pissa"  # else only shapes matter
     for idx, t in enumerate(targets):
-        w = _kernel(params, t.layer, t, shape.scan_layers)
+        w = _kernel(params, t.layer, t, shape.scan_layers) if needs_kernel else None
         leaves = _init_one(t, w, jax.random.fold_in(key, idx), lcfg.init_lora_weights)
-        leaves["scale"] = jnp.asarray(t.scale, jnp.float32)
+        leaves["scale"] = np.float32(t.scale)
         if lcfg.use_dora:
             delta = t.scale * leaves["a"] @ leaves["b"]
             leaves["m"] = _col_norm(w.astype(jnp.float32) + delta)
@@ -100,12 +101,16 @@ def init_lora(params, lcfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> di
         else:
             for layer, leaves in per_layer.items():
                 lora.setdefault(f"layers_{layer}", {}).setdefault(parent, {})[name] = {
-                    k: v.astype(dtype) if k != "scale" else v for k, v in leaves.items()}
+                    k: jnp.asarray(v, jnp.float32 if k == "scale" else dtype) for k, v in leaves.items()}
     return lora
 
 
 def _stack_layers(per_layer: dict[int, dict], num_layers: int, dtype) -> dict:
-    """Stack per-layer leaves, zero-padding ranks to the largest and zero-filling absent layers."""
+    """Stack per-layer leaves, zero-padding ranks to the largest and zero-filling absent layers.
+
+    On the host, with numpy: eager `jnp.pad` / `jnp.stack` / `jnp.zeros` compile one small XLA
+    program per distinct shape, which made up ~2 s of a rank sweep's start-up on a CPU (every rank
+    brings new shapes); the values are the same either way (pure data movement)."""
     r_max = max(v["a"].shape[1] for v in per_layer.values())
     first = next(iter(per_layer.values()))
     fan_in, fan_out = first["a"].shape[0], first["b"].shape[1]
@@ -113,15 +118,16 @@ def _stack_layers(per_layer: dict[int, dict], num_layers: int, dtype) -> dict:
     for layer in range(num_layers):
         leaves = per_layer.get(layer)
         if leaves is None:
-            leaves = {"a": jnp.zeros((fan_in, r_max)), "b": jnp.zeros((r_max, fan_out)),
-                      "scale": jnp.zeros(()), **({"m": jnp.zeros((fan_out,))} if "m" in first else {})}
+            leaves = {"a": np.zeros((fan_in, r_max), np.float32), "b": np.zeros((r_max, fan_out), np.float32),
+                      "scale": np.float32(0), **({"m": np.zeros((fan_out,), np.float32)} if "m" in first else {})}
+        leaves = {k: np.asarray(v) for k, v in leaves.items()}
         pad = r_max - leaves["a"].shape[1]
-        out["a"].append(jnp.pad(leaves["a"], ((0, 0), (0, pad))))
-        out["b"].append(jnp.pad(leaves["b"], ((0, pad), (0, 0))))
+        out["a"].append(np.pad(leaves["a"], ((0, 0), (0, pad))))
+        out["b"].append(np.pad(leaves["b"], ((0, pad), (0, 0))))
         out["scale"].append(leaves["scale"])
         if "m" in leaves:
             out["m"].append(leaves["m"])
-    return {k: jnp.stack(v).astype(jnp.float32 if k == "scale" else dtype) for k, v in out.items()}
+    return {k: jnp.asarray(np.stack(v), jnp.float32 if k == "scale" else dtype) for k, v in out.items()}
 
 
 def adapter_paths(lora) -> list[tuple[str, ...]]:
