@@ -862,11 +862,15 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     # ---- evaluation: eval loss vmapped (one program); exact match per adapter with the padded
     # slice, so every adapter runs the same compiled decoder (padding adds exact zeros)
     t0 = time.perf_counter()
+    result = SweepResult(points=points, rows=[], train_loss=losses, metric="", compiles={},
+                         timing={}, output_dir=out, state=state, frozen_lora=frozen_lora,
+                         base_params=base, model_config=cfg,
+                         shapes=shapes)
     loss_after = eval_loss(state.trainable)
     diverged = [not bool(np.all(np.isfinite(losses[:, k]))) for k in range(K)]
     matches: list[float | None] = [None] * K
     if tcfg.eval_generate and datasets.eval_records:
-        host_tr, host_fl = jax.device_get((state.trainable, frozen_lora))  # sliced on the host
+        host_tr, host_fl = result._host_adapters  # one transfer, also used by the export below
         for k in range(K):
             if diverged[k]:
                 continue
@@ -877,10 +881,6 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
                                      tcfg.max_new_tokens, tcfg.eval_generate)
     eval_s += time.perf_counter() - t0
 
-    result = SweepResult(points=points, rows=[], train_loss=losses, metric="", compiles={},
-                         timing={}, output_dir=out, state=state, frozen_lora=frozen_lora,
-                         base_params=base, model_config=cfg,
-                         shapes=shapes)
     rows = []
     for k, p in enumerate(points):
         lc, oc = p.run.lora, p.run.optim

@@ -125,14 +125,18 @@ def _rms_norm_bwd(eps, res, dy):
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
-@jax.custom_vjp
-def swiglu(gate: Array, up: Array) -> Array:
-    """`silu(gate) * up`, the Llama MLP's activation, in the inputs' dtype."""
+def _swiglu(gate: Array, up: Array) -> Array:
     return nn.silu(gate) * up
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """`silu(gate) * up`, the Llama MLP's activation, in the inputs' dtype."""
+    return _swiglu(gate, up)
+
+
 def _swiglu_fwd(gate, up):
-    return nn.silu(gate) * up, (gate, up)
+    return _swiglu(gate, up), (gate, up)
 
 
 def _swiglu_bwd(res, dh):
