@@ -14,12 +14,15 @@ from typing import Any, Mapping
 from lora_jax.errors import ConfigError
 
 __all__ = ["ConfigError", "LlamaConfig", "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "MeshConfig",
-           "RunConfig", "REMAT_POLICIES"]
+           "RunConfig", "REMAT_POLICIES", "ATTENTION_IMPLS"]
 
 # What each layer keeps for the backward pass: nothing recomputed ("none"), everything recomputed
 # ("full"), q/k/v kept ("save_qkv": +3 GiB, +2.3% on the 8B shape at 4 x 2048), q/k/v and the
 # attention output ("save_qkv_out"), every matmul output ("dots", "dots_no_batch")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv", "save_qkv_out")
+# The attention kernel (`lora_jax.models.attention`): "auto" picks the fastest correct one for the
+# platform; "xla" is the reference (materialises [t, t] scores: the CPU and tests only).
+ATTENTION_IMPLS = ("auto", "cudnn", "pallas", "xla")
 _SUPPORTED_ROPE = ("default", "llama3")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -68,7 +71,7 @@ class LlamaConfig:
     remat_policy: str = "none"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention_impl: str | None = None  # None: let JAX choose (cuDNN on GPU, XLA elsewhere)
+    attention: str = "auto"  # one of ATTENTION_IMPLS
     # gate/up adapters ride inside the frozen matmul (`lora_jax.lora.kernel`): faster, but a little
     # more peak memory at very long context; False for the longest sequence that fits
     fuse_wide_adapters: bool = True
@@ -95,6 +98,8 @@ class LlamaConfig:
                 "Running it as another type would give wrong logits, so it is refused.")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
         if isinstance(self.eos_token_id, list):
@@ -396,8 +401,13 @@ class ModelConfig:
     # the gate/up adapters inside the frozen matmul (faster; false: ~2% less peak memory, for the
     # longest context that fits)
     fuse_wide_adapters: bool = True
+    # the attention kernel: "auto" (the fastest correct one for the platform), "cudnn", "pallas"
+    # or "xla" (the reference; keeps [t, t] scores, so only for the CPU and tests)
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
         if self.quantize not in (None, "nf4", "int8"):
             raise ConfigError(f"model.quantize={self.quantize!r}; choose 'nf4', 'int8' or null (no quantisation)")
         if self.dtype not in ("auto",) + _DTYPES:

@@ -742,7 +742,8 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     cfg, params = load_pretrained(model_path, dtype=resolve_dtype(run.model.dtype),
                                   scan_layers=run.model.scan_layers,
                                   remat_policy=run.model.remat_policy, quantize=run.model.quantize,
-                                  fuse_wide_adapters=run.model.fuse_wide_adapters)
+                                  fuse_wide_adapters=run.model.fuse_wide_adapters,
+                                  attention=run.model.attention)
     shardings = _sweep_shardings(mesh, K) if mesh is not None else None
 
     # ---- K adapters, each initialised as its single run would be, padded and stacked

@@ -52,7 +52,7 @@ def _versions() -> dict:
 def build(shape: str, remat: str, attention: str | None, scan: bool = True, quantize: str | None = None,
           fuse_wide: bool = True):
     cfg = lj.LlamaConfig.from_hf(get_shape(shape), dtype="bfloat16", param_dtype="bfloat16",
-                                 scan_layers=scan, remat_policy=remat, attention_impl=attention,
+                                 scan_layers=scan, remat_policy=remat, attention=attention or "auto",
                                  fuse_wide_adapters=fuse_wide)
     model = lj.Llama(cfg)
     init = lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]

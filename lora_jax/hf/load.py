@@ -127,7 +127,7 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
 def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: bool = True,
                     remat_policy: str = "none", compute_dtype: Any = None, rules=None,
                     quantize: str | None = None, fuse_wide_adapters: bool = True,
-                    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None):
+                    attention: str = "auto", place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None):
     """Load a HF Llama directory -> `(LlamaConfig, params)`.
 
     dtype: parameter dtype (`"float32"`, `"bfloat16"`); None keeps the checkpoint's own.
@@ -139,6 +139,7 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
         embeddings, norms and the LM head stay in `dtype`. Such params run inside
         `lora_interception()` (`lj.apply`, training, `generate`).
     fuse_wide_adapters: `LlamaConfig.fuse_wide_adapters` (how the gate/up adapters run).
+    attention: `LlamaConfig.attention`, the attention kernel (`lora_jax.models.attention`).
     place: `(path, host array) -> array`, replacing the default placement; with `quantize`, it is
         called with the kernel's path for each array of a quantised kernel (assembled on the host).
     """
@@ -160,7 +161,8 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
         if dtype is None:
             raise ConfigError(f"checkpoint dtype {stored} is not supported; pass dtype='float32' or 'bfloat16'")
     cfg = hf_cfg.replace(param_dtype=dtype, dtype=compute_dtype or dtype, scan_layers=scan_layers,
-                         remat_policy=remat_policy, fuse_wide_adapters=fuse_wide_adapters)
+                         remat_policy=remat_policy, fuse_wide_adapters=fuse_wide_adapters,
+                         attention=attention)
     target = np_dtype(cfg.param_dtype)
     quantizer = None
     if quantize is not None:

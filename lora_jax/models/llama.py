@@ -177,7 +177,7 @@ class LlamaAttention(nn.Module):
             kk, v = kk.astype(q.dtype), v.astype(q.dtype)
         if mask is None:  # plain causal: the fast path (cuDNN flash attention on GPU)
             out = jax.nn.dot_product_attention(q, kk, v, is_causal=True,
-                                               implementation=cfg.attention_impl)
+                                               implementation=None)
         else:
             out = jax.nn.dot_product_attention(q, kk, v, mask=mask)
         out = checkpoint_name(out, "attn_out")

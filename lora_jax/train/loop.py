@@ -218,7 +218,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     cfg, params = load_pretrained(model_path, dtype=dtype, mesh=mesh, rules=rules,
                                   scan_layers=run.model.scan_layers, remat_policy=run.model.remat_policy,
                                   quantize=run.model.quantize,
-                                  fuse_wide_adapters=run.model.fuse_wide_adapters)
+                                  fuse_wide_adapters=run.model.fuse_wide_adapters,
+                                  attention=run.model.attention)
     lora = place(init_lora(params, lcfg, jax.random.key(tcfg.seed)), mesh, rules)
     if lcfg.init_lora_weights == "pissa":
         params = unmerge(params, lora, lcfg)
