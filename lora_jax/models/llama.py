@@ -25,6 +25,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lora_jax.config import LlamaConfig
+from lora_jax.models.attention import attention
 
 __all__ = ["Llama", "KVCache", "init_kv_cache", "rope_inv_freq", "rms_norm", "swiglu"]
 
@@ -159,7 +160,7 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_btd, cos, sin, mask, cache):
+    def __call__(self, x_btd, cos, sin, segment_ids, mask, cache):
         cfg = self.config
         b, t, _ = x_btd.shape
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -175,11 +176,10 @@ class LlamaAttention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
             new_cache = (kk, v)
             kk, v = kk.astype(q.dtype), v.astype(q.dtype)
-        if mask is None:  # plain causal: the fast path (cuDNN flash attention on GPU)
-            out = jax.nn.dot_product_attention(q, kk, v, is_causal=True,
-                                               implementation=None)
-        else:
-            out = jax.nn.dot_product_attention(q, kk, v, mask=mask)
+        if mask is None:  # training and scoring: a flash kernel, packed or not
+            out = attention(q, kk, v, segment_ids, implementation=cfg.attention)
+        else:  # decoding against a cache: few queries, XLA's attention with the cache's mask
+            out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation="xla")
         out = checkpoint_name(out, "attn_out")
         out = _dense(cfg, cfg.hidden_size, "o_proj", cfg.attention_bias)(out.reshape(b, t, n * h))
         return out, new_cache
@@ -197,16 +197,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    """One decoder layer. Signature fits `nn.scan`: `(x, rope, mask, cache) -> (x, cache)`."""
+    """One decoder layer. Signature fits `nn.scan`: `(x, rope, (segment_ids, mask), cache) -> (x, cache)`."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, rope, mask, cache):
+    def __call__(self, x, rope, seg_mask, cache):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         attn, new_cache = LlamaAttention(cfg, name="self_attn")(
-            norm("input_layernorm")(x), rope[0], rope[1], mask, cache)
+            norm("input_layernorm")(x), rope[0], rope[1], seg_mask[0], seg_mask[1], cache)
         x = x + attn
         x = x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
         return x, new_cache
@@ -249,7 +249,9 @@ class Llama(nn.Module):
             start = 0 if cache is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         rope = _rope(positions, cfg)
-        mask = _attention_mask(t, segment_ids, cache, cache_index, cache_mask)
+        # the attention kernels take segment ids; only decoding builds a mask (over the cache)
+        mask = None if cache is None else _cache_mask(t, cache, cache_index, cache_mask)
+        seg_mask = (segment_ids if cache is None else None, mask)
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
@@ -262,12 +264,12 @@ class Llama(nn.Module):
             scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_hidden_layers)
-            x, new_layer_cache = scanned(cfg, name="layers")(x, rope, mask, layer_cache)
+            x, new_layer_cache = scanned(cfg, name="layers")(x, rope, seg_mask, layer_cache)
         else:
             outs = []
             for i in range(cfg.num_hidden_layers):
                 li = None if layer_cache is None else jax.tree.map(lambda c: c[i], layer_cache)
-                x, out = block(cfg, name=f"layers_{i}")(x, rope, mask, li)
+                x, out = block(cfg, name=f"layers_{i}")(x, rope, seg_mask, li)
                 outs.append(out)
             new_layer_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
         x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
@@ -283,17 +285,12 @@ class Llama(nn.Module):
         return out, KVCache(*new_layer_cache)
 
 
-def _attention_mask(t, segment_ids, cache, cache_index, cache_mask):
-    """None for plain causal attention (the fast path); else a boolean `[batch, 1, q, k]` mask."""
-    if cache is not None:
-        max_len = cache.k.shape[2]
-        q_slot = cache_index + jnp.arange(t)
-        allowed = jnp.arange(max_len)[None, :] <= q_slot[:, None]  # [q, k]
-        if cache_mask is not None:
-            allowed = allowed[None] & cache_mask[:, None, :].astype(bool)
-        return jnp.broadcast_to(allowed, (cache.k.shape[1], t, max_len))[:, None]
-    if segment_ids is None:
-        return None
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same)[:, None]
+def _cache_mask(t, cache, cache_index, cache_mask):
+    """`[batch, 1, q, max_len]` boolean: each query sees the cache slots up to its own, and only
+    the valid ones (`cache_mask`)."""
+    max_len = cache.k.shape[2]
+    q_slot = cache_index + jnp.arange(t)
+    allowed = jnp.arange(max_len)[None, :] <= q_slot[:, None]  # [q, k]
+    if cache_mask is not None:
+        allowed = allowed[None] & cache_mask[:, None, :].astype(bool)
+    return jnp.broadcast_to(allowed, (cache.k.shape[1], t, max_len))[:, None]

@@ -1,0 +1,184 @@
+"""Causal self-attention within the documents of packed rows, through a flash kernel.
+
+A packed row holds several documents, told apart by `segment_ids` (`[batch, t]`, 1, 2, ... per
+document, 0 = padding; each segment a contiguous run of the row): a token attends to the earlier
+tokens of its own segment only. The implementations (`LlamaConfig.attention`):
+
+- `"cudnn"`: cuDNN's fused flash attention. Unpacked rows go through the public
+  `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`. Packed rows use cuDNN's
+  ragged ("packed") layout, which JAX reaches only through a private module (`_cudnn_packed`): the
+  whole batch is flattened into one row and each document becomes a ragged sequence of it, so
+  the kernel skips every block across documents. bf16/fp16 only.
+- `"pallas"`: JAX's Pallas flash-attention kernels, which take segment ids: Triton on GPUs
+  (`jax.experimental.pallas.ops.gpu.attention.mha`; any dtype; GQA by repeating the kv heads, as
+  the kernel wants equal head counts), Mosaic on TPUs (`...ops.tpu.flash_attention`).
+- `"xla"`: the reference: a dense `[batch, 1, t, t]` mask and XLA's attention, which keeps the
+  `[batch, heads, t, t]` scores of every layer. For the CPU and as the test oracle only.
+- `"auto"`: cuDNN on GPUs when the dtype and head size allow it, else the Pallas kernel; the
+  Pallas kernel on TPUs; XLA on CPUs. Measured on an H200 (one layer forward + backward, 8 x 2048,
+  32 heads of 64; see the README's benchmark section): cuDNN's packed path is within a few percent
+  of its unpacked causal path and about 3x faster than the Triton kernel, which is in turn about
+  3x faster than XLA with a dense mask, so cuDNN comes first and Triton is the portable fallback.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.config import ATTENTION_IMPLS
+from lora_jax.errors import ConfigError
+
+__all__ = ["attention", "resolve_attention", "check_attention", "segment_mask", "packed_segments"]
+
+Array = jax.Array
+
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _platform() -> str:
+    return jax.default_backend()
+
+
+def check_attention(name: str, platform: str | None = None) -> None:
+    """Refuse, before anything runs, an implementation the platform does not have."""
+    platform = platform or _platform()
+    if name not in ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention={name!r}; choose one of {ATTENTION_IMPLS}")
+    if name == "cudnn" and platform != "gpu":
+        raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU, but JAX runs on {platform!r}; "
+                          "use model.attention=auto (or xla on a CPU)")
+    if name == "pallas" and platform not in ("gpu", "tpu"):
+        raise ConfigError(f"model.attention='pallas' needs a GPU or TPU, but JAX runs on {platform!r}; "
+                          "use model.attention=auto (or xla on a CPU)")
+
+
+def resolve_attention(name: str, dtype, head_dim: int, platform: str | None = None) -> str:
+    """The implementation `name` stands for on this platform, for this dtype and head size."""
+    platform = platform or _platform()
+    check_attention(name, platform)
+    cudnn_ok = jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES] and head_dim % 8 == 0 \
+        and head_dim <= 256
+    if name == "cudnn" and not cudnn_ok:
+        raise ConfigError(f"model.attention='cudnn' runs bf16/fp16 with a head size that is a multiple "
+                          f"of 8 up to 256 (got {jnp.dtype(dtype).name}, head_dim={head_dim}); use "
+                          "model.attention=auto or pallas")
+    if name != "auto":
+        return name
+    if platform == "gpu":
+        return "cudnn" if cudnn_ok else "pallas"
+    if platform == "tpu":
+        return "pallas"
+    return "xla"
+
+
+def segment_mask(t: int, segment_ids: Array | None) -> Array:
+    """`[batch or 1, 1, t, t]` boolean: causal, and within one segment when `segment_ids` is given."""
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
+    if segment_ids is None:
+        return causal
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal & same[:, None]
+
+
+def attention(q: Array, k: Array, v: Array, segment_ids: Array | None = None, *,
+              implementation: str = "auto", interpret: bool = False) -> Array:
+    """Causal attention, `q [b, t, heads, d]`, `k, v [b, t, kv_heads, d]` -> `[b, t, heads, d]`.
+
+    segment_ids: `[b, t]` int, or None for one document per row. `interpret` runs the Pallas
+    kernel in interpret mode (its numerics on a CPU, for tests).
+    """
+    impl = "pallas" if interpret else resolve_attention(implementation, q.dtype, q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "xla":
+        if segment_ids is None:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(q.shape[1], segment_ids),
+                                            implementation="xla")
+    if impl == "cudnn":
+        if segment_ids is None:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return _cudnn_packed(q, k, v, segment_ids, scale)
+    if (_platform() == "tpu") and not interpret:
+        return _pallas_tpu(q, k, v, segment_ids, scale)
+    return _pallas_triton(q, k, v, segment_ids, scale, interpret)
+
+
+def packed_segments(segment_ids: Array) -> tuple[Array, Array]:
+    """cuDNN's ragged description of a batch flattened into one row of `b*t` tokens.
+
+    Returns `(lengths [1, M], offsets [1, M+1])` with `M = b*t`, the most segments there can be:
+    a segment starts at each row start and wherever the id changes (padding is a segment of its
+    own: its queries attend among themselves, so nothing is NaN, and the loss masks them).
+    Offsets end with `b*t`; unused entries are -1, as cuDNN's packed layout requires.
+    """
+    b, t = segment_ids.shape
+    n = b * t
+    seg = segment_ids.reshape(n)
+    pos = jnp.arange(n, dtype=jnp.int32)
+    starts_here = (pos % t == 0) | (seg != jnp.roll(seg, 1))
+    count = jnp.sum(starts_here, dtype=jnp.int32)
+    starts = jnp.nonzero(starts_here, size=n, fill_value=n)[0].astype(jnp.int32)
+    nxt = jnp.concatenate([starts[1:], jnp.full((1,), n, jnp.int32)])
+    idx = jnp.arange(n, dtype=jnp.int32)
+    lengths = jnp.where(idx < count, nxt - starts, -1)
+    offsets = jnp.concatenate([jnp.where(idx < count, starts, -1), jnp.full((1,), -1, jnp.int32)])
+    offsets = offsets.at[count].set(n)
+    return lengths[None], offsets[None]
+
+
+def _cudnn_packed(q, k, v, segment_ids, scale):
+    """cuDNN flash attention over the documents of the whole batch, flattened into one row.
+
+    JAX exposes the packed layout (`q_offsets`/`kv_offsets`) only in its private
+    `jax._src.cudnn.fused_attention_stablehlo`; this function is the one place that calls it, and
+    a test pins it to the XLA reference. One row of `b*t` tokens is used because per-row offsets
+    over several rows returned NaN on an H200 (JAX 0.11, cuDNN 9).
+    """
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    b, t, n, d = q.shape
+    lengths, offsets = packed_segments(segment_ids)
+    flat = lambda x: x.reshape(1, b * t, x.shape[2], d)
+    out = cudnn_attention(flat(q), flat(k), flat(v), q_seqlen=lengths, kv_seqlen=lengths,
+                          q_offsets=offsets, kv_offsets=offsets, mask_type=MaskType.CAUSAL,
+                          scale=scale)
+    return out.reshape(b, t, n, d)
+
+
+def _repeat_kv(q, x):
+    return x if x.shape[2] == q.shape[2] else jnp.repeat(x, q.shape[2] // x.shape[2], axis=2)
+
+
+def _pallas_triton(q, k, v, segment_ids, scale, interpret):
+    """JAX's Pallas (Triton) flash attention, forward and backward, with segment ids. The
+    sequence is padded to a multiple of the kernel's block (padding sits after every real token,
+    so causality keeps it out of their attention)."""
+    from jax.experimental.pallas.ops.gpu.attention import BlockSizes, mha
+
+    t = q.shape[1]
+    pad = -t % 128
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+        if segment_ids is not None:
+            segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    sizes = BlockSizes(block_q=128, block_k=128, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32,
+                       block_kv_dq=32)  # the kernel's defaults
+    out = mha(q, _repeat_kv(q, k), _repeat_kv(q, v), segment_ids, sm_scale=scale, causal=True,
+              block_sizes=sizes, interpret=interpret)
+    return out[:, :t]
+
+
+def _pallas_tpu(q, k, v, segment_ids, scale):
+    """The Pallas (Mosaic) TPU flash attention with segment ids; `[b, heads, t, d]` layout."""
+    from jax.experimental.pallas.ops.tpu.flash_attention import SegmentIds, flash_attention
+
+    tr = lambda x: jnp.swapaxes(x, 1, 2)
+    seg = None if segment_ids is None else SegmentIds(q=segment_ids, kv=segment_ids)
+    out = flash_attention(tr(q), tr(_repeat_kv(q, k)), tr(_repeat_kv(q, v)), segment_ids=seg,
+                          causal=True, sm_scale=scale)
+    return tr(out)

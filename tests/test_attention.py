@@ -1,0 +1,147 @@
+"""Attention over packed rows: every implementation equals each document run alone.
+
+The XLA reference runs everywhere; the Pallas (Triton) kernel runs in interpret mode on the CPU;
+cuDNN needs a GPU (its test is skipped elsewhere, and its ragged description is checked here
+against the reference mask)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from lora_jax.errors import ConfigError
+from lora_jax.models.attention import (attention, check_attention, packed_segments, resolve_attention,
+                                       segment_mask)
+
+B, T, N, KV, D = 2, 128, 4, 2, 16
+# documents of each row as (segment id, length); 0 is padding at the row's end
+DOCS = [[(1, 50), (2, 30), (3, 48)], [(1, 7), (2, 90), (0, 31)]]
+
+
+def _segment_ids():
+    return jnp.asarray([np.concatenate([np.full(n, s) for s, n in row]) for row in DOCS], jnp.int32)
+
+
+def _qkv(key, t=T, b=B):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (jax.random.normal(kq, (b, t, N, D)), jax.random.normal(kk, (b, t, KV, D)),
+            jax.random.normal(kv, (b, t, KV, D)))
+
+
+def _alone(q, k, v, impl, interpret):
+    """Each document (and the padding run) attended on its own, concatenated back into rows."""
+    rows = []
+    for r, docs in enumerate(DOCS):
+        start, parts = 0, []
+        for _, n in docs:
+            sl = slice(start, start + n)
+            parts.append(attention(q[r:r + 1, sl], k[r:r + 1, sl], v[r:r + 1, sl], None,
+                                   implementation=impl, interpret=interpret))
+            start += n
+        rows.append(jnp.concatenate(parts, axis=1))
+    return jnp.concatenate(rows, axis=0)
+
+
+@pytest.mark.parametrize("impl,interpret", [("xla", False), ("pallas", True)])
+def test_packed_rows_equal_documents_alone(impl, interpret):
+    q, k, v = _qkv(jax.random.key(0))
+    seg = _segment_ids()
+    w = jax.random.normal(jax.random.key(1), q.shape)  # a loss that weighs every output
+
+    def packed(q, k, v):
+        return jnp.sum(w * attention(q, k, v, seg, implementation=impl, interpret=interpret))
+
+    def alone(q, k, v):
+        return jnp.sum(w * _alone(q, k, v, impl, interpret))
+
+    out_p = attention(q, k, v, seg, implementation=impl, interpret=interpret)
+    out_a = _alone(q, k, v, impl, interpret)
+    assert float(jnp.max(jnp.abs(out_p))) > 0.1
+    np.testing.assert_allclose(out_p, out_a, atol=2e-5, rtol=2e-5)
+    g_p = jax.grad(packed, argnums=(0, 1, 2))(q, k, v)
+    g_a = jax.grad(alone, argnums=(0, 1, 2))(q, k, v)
+    for gp, ga in zip(g_p, g_a):
+        assert float(jnp.max(jnp.abs(ga))) > 1e-3
+        np.testing.assert_allclose(gp, ga, atol=5e-5, rtol=5e-5)
+
+
+def test_pallas_equals_xla_unpacked_and_unaligned_length():
+    q, k, v = _qkv(jax.random.key(2), t=100, b=1)  # not a multiple of the kernel's block: padded
+    ref = attention(q, k, v, None, implementation="xla")
+    out = attention(q, k, v, None, interpret=True)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_packed_segments_describe_the_reference_mask():
+    """The ragged (lengths, offsets) handed to cuDNN allow exactly what the reference mask allows:
+    rebuild the mask they imply over the flattened batch and compare."""
+    seg = _segment_ids()
+    lengths, offsets = (np.asarray(a)[0] for a in packed_segments(seg))
+    n = B * T
+    count = int(np.sum(lengths >= 0))
+    assert count == 6 and offsets[count] == n and np.all(offsets[count + 1:] == -1)
+    assert np.all(lengths[count:] == -1) and lengths[:count].sum() == n
+    np.testing.assert_array_equal(offsets[1:count] - offsets[:count - 1], lengths[:count - 1])
+    doc = np.zeros(n, int)
+    for i in range(count):
+        doc[offsets[i]:offsets[i] + lengths[i]] = i
+    implied = (doc[:, None] == doc[None, :]) & np.tri(n, dtype=bool)
+    ref = np.zeros((n, n), bool)
+    mask = np.asarray(segment_mask(T, seg))[:, 0]
+    for r in range(B):
+        ref[r * T:(r + 1) * T, r * T:(r + 1) * T] = mask[r]
+    np.testing.assert_array_equal(implied, ref)
+
+
+def test_model_loss_of_packed_row_equals_documents_alone():
+    """Through the whole model (fp32, XLA): a packed row's per-token logits equal each document's
+    own forward pass (positions restart per document, as the packer writes them)."""
+    cfg = lj.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = lj.Llama(cfg)
+    ids = jax.random.randint(jax.random.key(3), (B, T), 1, 64)
+    seg = _segment_ids()
+    positions = jnp.asarray([np.concatenate([np.arange(n) for _, n in row]) for row in DOCS], jnp.int32)
+    params = model.init(jax.random.key(4), ids)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(5), p.shape), params)
+    packed = model.apply({"params": params}, ids, positions, seg)
+    for r, docs in enumerate(DOCS):
+        start = 0
+        for _, n in docs:
+            alone = model.apply({"params": params}, ids[r:r + 1, start:start + n])
+            np.testing.assert_allclose(packed[r, start:start + n], alone[0], atol=1e-4, rtol=1e-4)
+            start += n
+
+
+def test_impossible_choices_are_refused():
+    with pytest.raises(ConfigError, match="cudnn.*needs an NVIDIA GPU"):
+        check_attention("cudnn", "cpu")
+    with pytest.raises(ConfigError, match="pallas.*needs a GPU or TPU"):
+        check_attention("pallas", "cpu")
+    with pytest.raises(ConfigError, match="flash"):
+        check_attention("flash", "gpu")
+    with pytest.raises(ConfigError, match="bf16/fp16"):
+        resolve_attention("cudnn", jnp.float32, 64, "gpu")
+    assert resolve_attention("auto", jnp.bfloat16, 64, "gpu") == "cudnn"
+    assert resolve_attention("auto", jnp.float32, 64, "gpu") == "pallas"
+    assert resolve_attention("auto", jnp.bfloat16, 64, "tpu") == "pallas"
+    assert resolve_attention("auto", jnp.float32, 64, "cpu") == "xla"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+@pytest.mark.parametrize("impl", ["cudnn", "pallas"])
+def test_gpu_kernels_equal_the_reference_on_packed_rows(impl):
+    """bf16 on the GPU: forward and gradients of the packed kernels against the XLA reference."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(jax.random.key(6), t=512, b=2))
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 4], [1, 1, 2, 0]], 128, axis=1), jnp.int32)
+    w = jax.random.normal(jax.random.key(7), q.shape).astype(jnp.bfloat16)
+    f = lambda impl: lambda q, k, v: jnp.sum((w * attention(q, k, v, seg, implementation=impl))
+                                             .astype(jnp.float32))
+    out = attention(q, k, v, seg, implementation=impl).astype(jnp.float32)
+    ref = attention(q, k, v, seg, implementation="xla").astype(jnp.float32)
+    assert not np.any(np.isnan(np.asarray(out)))
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    assert rel(out, ref) < 1e-2
+    for g, gr in zip(jax.grad(f(impl), (0, 1, 2))(q, k, v), jax.grad(f("xla"), (0, 1, 2))(q, k, v)):
+        assert rel(g.astype(jnp.float32), gr.astype(jnp.float32)) < 2e-2
