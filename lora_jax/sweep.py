@@ -718,6 +718,7 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     from lora_jax.hf.load import load_pretrained
     from lora_jax.hf.peft import save_peft
     from lora_jax.lora.tree import combine
+    from lora_jax.models.attention import check_attention
     from lora_jax.models.llama import Llama
     from lora_jax.train.loop import (data_config, exact_match, open_model_dir, resolve_dtype,
                                      resolve_model_path)
@@ -736,6 +737,7 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     model_path = resolve_model_path(run.model.path)
 
     # ---- everything that validates input, before anything is written
+    check_attention(run.model.attention)
     tokenizer = open_model_dir(model_path)
     datasets = build_datasets(dcfg, tokenizer)
     loader = DataLoader(datasets.train_rows, tcfg.batch_size, dcfg.seed)
