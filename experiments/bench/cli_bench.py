@@ -1,0 +1,168 @@
+"""The product's throughput: `lora-jax train` with a shipped config on a packed JSONL corpus.
+
+What users run is what this times: the CLI's own config reader and `train()` (tokenizer, loader,
+packing with segment ids, the attention kernel `model.attention=auto` picks, logging, evaluation
+at the start and end, a checkpoint at the last step, the PEFT export). Nothing is downloaded: once
+per shape it writes, under `--work`, a random-weight Hugging Face model (transformers, bf16
+safetensors), a word-level tokenizer covering its vocabulary, and a corpus of `{"text"}` documents
+of `--doc-words` random words (one token each). Prints `RESULT {json}`: the loop's tokens/s (its
+own summary, first step excluded), the median step of `metrics.jsonl`, MFU, peak device memory,
+compile seconds.
+
+    python experiments/bench/cli_bench.py --shape 1b --config experiments/configs/llama-3.2-1b.yaml
+    python experiments/bench/cli_bench.py --shape 8b --config experiments/configs/llama-3-8b.yaml --steps 8
+    python experiments/bench/cli_bench.py --shape 8b --config experiments/configs/llama-3-8b-long.yaml \\
+        --doc-words 139264 139264 --steps 3                     # one long document per row
+    python experiments/bench/cli_bench.py --shape tiny --steps 5 --work /tmp/bench  # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(os.path.dirname(_HERE))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, _ROOT)
+
+from shapes import get_shape  # noqa: E402
+
+GIB = 2**30
+
+
+def make_model(shape: str, out: str) -> None:
+    """A random Llama of `shape` saved by transformers (bf16 safetensors) plus a word-level
+    tokenizer whose words `w0 ... w{vocab-1}` are the token ids. Runs in its own process so torch
+    frees the device before JAX starts."""
+    import numpy as np
+    import tokenizers
+    import torch
+    import transformers
+
+    hf = get_shape(shape)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+    with torch.no_grad():  # random, non-zero weights everywhere (norms too)
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.02 if p.ndim > 1 else 0.1) + (1.0 if p.ndim == 1 else 0.0))
+    tmp = out + ".tmp"
+    model.save_pretrained(tmp, safe_serialization=True)
+    vocab = {f"w{i}": i for i in range(hf["vocab_size"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=f"w{hf.get('bos_token_id', 1)}",
+        eos_token=f"w{np.atleast_1d(hf.get('eos_token_id', 2))[0]}")
+    fast.save_pretrained(tmp)
+    os.replace(tmp, out)
+
+
+def make_corpus(path: str, n_tokens: int, words: tuple[int, int], vocab: int, seed: int = 0) -> None:
+    """`{"text"}` JSONL of random-length documents of random words, about `n_tokens` in all."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    hi = min(vocab, 128000) if vocab > 128000 else vocab - 8  # keep clear of the special ids
+    total = 0
+    with open(path + ".tmp", "w") as f:
+        while total < n_tokens:
+            n = int(rng.integers(words[0], words[1] + 1))
+            ids = rng.integers(8, hi, n)
+            f.write(json.dumps({"text": " ".join(f"w{i}" for i in ids)}) + "\n")
+            total += n
+    os.replace(path + ".tmp", path)
+
+
+def _median_step_s(run_dir: str) -> float | None:
+    steps = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "step_s" in rec and rec["step"] > 1:
+                steps.append(rec["step_s"])
+    return statistics.median(steps) if steps else None
+
+
+def run(args) -> dict:
+    import jax
+
+    import lora_jax
+    from lora_jax.cli import load_run_config
+    from lora_jax.train.loop import train
+
+    model_dir = os.path.join(args.work, f"model-{args.shape}")
+    if not os.path.isdir(model_dir):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--make-model", args.shape, "--work", args.work], check=True)
+        print(f"model written in {time.perf_counter() - t:.0f} s", flush=True)
+    run_cfg = load_run_config(args.config).with_overrides([
+        f"model.path={model_dir}", f"train.steps={args.steps}", *args.overrides])
+    seq, batch = run_cfg.data.seq_len, run_cfg.train.batch_size
+    need = int(args.steps * batch * seq * 1.3 / (1 - run_cfg.data.eval_fraction)) + 2 * seq
+    vocab = get_shape(args.shape)["vocab_size"]
+    data = os.path.join(args.work, f"corpus-{args.shape}-{args.doc_words[0]}-{args.doc_words[1]}-{need}.jsonl")
+    if not os.path.isfile(data):
+        make_corpus(data, need, tuple(args.doc_words), vocab)
+    out = os.path.join(args.work, f"run-{args.shape}-{os.getpid()}")
+    run_cfg = run_cfg.with_overrides([f"data.train_file={data}", f"train.output_dir={out}"])
+    result = {"system": "lora-jax train", "shape": args.shape, "config": os.path.relpath(args.config, _ROOT)
+              if args.config else "demo", "overrides": args.overrides, "batch": batch, "seq": seq,
+              "grad_accum": run_cfg.train.grad_accum, "packed": run_cfg.data.packing,
+              "doc_words": args.doc_words, "remat": run_cfg.model.remat_policy,
+              "attention": run_cfg.model.attention, "dropout": run_cfg.lora.lora_dropout,
+              "gpu": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "lora_jax": lora_jax.__name__}
+    try:
+        t = time.perf_counter()
+        summary = train(run_cfg, progress=False)
+        result.update(status="ok", wall_s=time.perf_counter() - t, tokens_per_s=summary["tokens_per_s"],
+                      mfu_798=summary["mfu"], compile_s=summary["compile_s"], setup_s=summary["setup_s"],
+                      loss_first=summary["train_loss_first"], loss_last=summary["train_loss_last"],
+                      rows=summary["data"].get("train_rows"))
+        med = _median_step_s(out)
+        if med:
+            result["tokens_per_s_median_step"] = batch * seq / med
+        if result["mfu_798"]:
+            result["mfu_989"] = result["mfu_798"] * 798 / 989
+    except Exception as e:  # an out-of-memory step is a result, not a crash of the suite
+        msg = f"{type(e).__name__}: {e}"
+        result.update(status="OOM" if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
+                      else "error", error=msg[:2000])
+        traceback.print_exc()
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        result["peak_gib"] = stats["peak_bytes_in_use"] / GIB
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="1b", help="a shape of experiments/bench/shapes.py")
+    p.add_argument("--config", default=None, help="a run config YAML (default: the demonstration's)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--doc-words", type=int, nargs=2, default=[200, 1800], metavar=("MIN", "MAX"),
+                   help="document lengths in words = tokens (default 200 1800)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/lora_jax_bench"))
+    p.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    if args.make_model:
+        make_model(args.make_model, os.path.join(args.work, f"model-{args.make_model}"))
+        return 0
+    print("RESULT " + json.dumps(run(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
