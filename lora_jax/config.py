@@ -72,6 +72,9 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     attention: str = "auto"  # one of ATTENTION_IMPLS
+    # the most segments (documents, and the padding run) one row holds: cuDNN's packed attention
+    # sizes its buffers by it; None = unknown (training sets it from the data)
+    max_segments: int | None = None
     # gate/up adapters ride inside the frozen matmul (`lora_jax.lora.kernel`): faster, but a little
     # more peak memory at very long context; False for the longest sequence that fits
     fuse_wide_adapters: bool = True
@@ -100,6 +103,9 @@ class LlamaConfig:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
+        if self.max_segments is not None and (not isinstance(self.max_segments, int)
+                                              or isinstance(self.max_segments, bool) or self.max_segments < 1):
+            raise ConfigError(f"max_segments={self.max_segments!r} must be a positive integer or None")
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
         if isinstance(self.eos_token_id, list):

@@ -718,7 +718,7 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     from lora_jax.hf.load import load_pretrained
     from lora_jax.hf.peft import save_peft
     from lora_jax.lora.tree import combine
-    from lora_jax.models.attention import check_attention
+    from lora_jax.models.attention import check_attention, segments_per_row
     from lora_jax.models.llama import Llama
     from lora_jax.train.loop import (data_config, exact_match, open_model_dir, resolve_dtype,
                                      resolve_model_path)
@@ -746,6 +746,8 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
                                   remat_policy=run.model.remat_policy, quantize=run.model.quantize,
                                   fuse_wide_adapters=run.model.fuse_wide_adapters,
                                   attention=run.model.attention)
+    if dcfg.packing:  # the bound that cuDNN's packed attention sizes its buffers by
+        cfg = cfg.replace(max_segments=segments_per_row(datasets.train_rows + datasets.eval_rows))
     shardings = _sweep_shardings(mesh, K) if mesh is not None else None
 
     # ---- K adapters, each initialised as its single run would be, padded and stacked

@@ -12,7 +12,7 @@ import pytest
 import lora_jax as lj
 from lora_jax.errors import ConfigError
 from lora_jax.models.attention import (attention, check_attention, packed_segments, resolve_attention,
-                                       segment_mask)
+                                       segment_mask, segments_per_row)
 
 B, T, N, KV, D = 2, 128, 4, 2, 16
 # documents of each row as (segment id, length); 0 is padding at the row's end
@@ -73,25 +73,37 @@ def test_pallas_equals_xla_unpacked_and_unaligned_length():
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
-def test_packed_segments_describe_the_reference_mask():
-    """The ragged (lengths, offsets) handed to cuDNN allow exactly what the reference mask allows:
-    rebuild the mask they imply over the flattened batch and compare."""
-    seg = _segment_ids()
-    lengths, offsets = (np.asarray(a)[0] for a in packed_segments(seg))
-    n = B * T
+def _implied_mask(lengths, offsets, n):
+    """The causal block-diagonal mask that ragged (lengths, offsets) over `n` tokens stand for."""
     count = int(np.sum(lengths >= 0))
-    assert count == 6 and offsets[count] == n and np.all(offsets[count + 1:] == -1)
-    assert np.all(lengths[count:] == -1) and lengths[:count].sum() == n
+    assert offsets[count] == n and np.all(offsets[count + 1:] == -1) and np.all(lengths[count:] == -1)
+    assert lengths[:count].sum() == n
     np.testing.assert_array_equal(offsets[1:count] - offsets[:count - 1], lengths[:count - 1])
     doc = np.zeros(n, int)
     for i in range(count):
         doc[offsets[i]:offsets[i] + lengths[i]] = i
-    implied = (doc[:, None] == doc[None, :]) & np.tri(n, dtype=bool)
-    ref = np.zeros((n, n), bool)
+    return (doc[:, None] == doc[None, :]) & np.tri(n, dtype=bool)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_packed_segments_describe_the_reference_mask(flatten):
+    """The ragged (lengths, offsets) handed to cuDNN allow exactly what the reference mask allows:
+    rebuild the mask they imply and compare, per row or over the flattened batch."""
+    seg = _segment_ids()
+    bound = segments_per_row([{"segment_ids": np.asarray(r)} for r in seg])
+    assert bound == 4  # 3 segments per row, rounded up to a power of two
+    lengths, offsets = (np.asarray(a) for a in packed_segments(seg, bound, flatten))
     mask = np.asarray(segment_mask(T, seg))[:, 0]
-    for r in range(B):
-        ref[r * T:(r + 1) * T, r * T:(r + 1) * T] = mask[r]
-    np.testing.assert_array_equal(implied, ref)
+    if flatten:
+        assert lengths.shape == (1, B * bound)
+        ref = np.zeros((B * T, B * T), bool)
+        for r in range(B):
+            ref[r * T:(r + 1) * T, r * T:(r + 1) * T] = mask[r]
+        np.testing.assert_array_equal(_implied_mask(lengths[0], offsets[0], B * T), ref)
+    else:
+        assert lengths.shape == (B, bound) and offsets.shape == (B, bound + 1)
+        for r in range(B):
+            np.testing.assert_array_equal(_implied_mask(lengths[r], offsets[r], T), mask[r])
 
 
 def test_model_loss_of_packed_row_equals_documents_alone():
@@ -136,9 +148,9 @@ def test_gpu_kernels_equal_the_reference_on_packed_rows(impl):
     q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(jax.random.key(6), t=512, b=2))
     seg = jnp.asarray(np.repeat([[1, 2, 3, 4], [1, 1, 2, 0]], 128, axis=1), jnp.int32)
     w = jax.random.normal(jax.random.key(7), q.shape).astype(jnp.bfloat16)
-    f = lambda impl: lambda q, k, v: jnp.sum((w * attention(q, k, v, seg, implementation=impl))
-                                             .astype(jnp.float32))
-    out = attention(q, k, v, seg, implementation=impl).astype(jnp.float32)
+    f = lambda impl: lambda q, k, v: jnp.sum((w * attention(q, k, v, seg, implementation=impl,
+                                                            max_segments=4)).astype(jnp.float32))
+    out = attention(q, k, v, seg, implementation=impl, max_segments=4).astype(jnp.float32)
     ref = attention(q, k, v, seg, implementation="xla").astype(jnp.float32)
     assert not np.any(np.isnan(np.asarray(out)))
     rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))

@@ -23,6 +23,7 @@ stacked over all layers). Gradients reach the activations and adapters, never th
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from lora_jax.quant import dequantize, is_quantized
 
-__all__ = ["lora_dense", "dora_column_norm", "dense", "quantized_matmul"]
+__all__ = ["lora_dense", "dora_column_norm", "dense", "quantized_matmul", "dropout_keep_mask"]
 
 
 def _mm(x, w):
@@ -117,6 +118,36 @@ def _joint_bwd(res, dy):
 _joint_matmul.defvjp(_joint_fwd, _joint_bwd, symbolic_zeros=True)
 
 
+def dropout_keep_mask(key, rate, shape) -> tuple[jax.Array, jax.Array]:
+    """`(keep [shape] bool, keep probability)` for inverted dropout at `rate` (a number or a
+    traced scalar).
+
+    Four masks elements come from each 64-bit Threefry output: a 16-bit draw each, dropped below
+    `round(rate * 2**16)`. `jax.random.bernoulli` spends one Threefry hash per element and keeps
+    32 of its 64 bits, and LoRA dropout draws a mask over the input of every adapted projection,
+    so the hashes were a visible part of a training step; a quarter of them makes that small. The
+    drop probability is `rate` rounded to a multiple of 2**-16 (0.05 becomes 0.0500031) and the
+    kept values are scaled by the exact keep probability, so the layer stays unbiased. The count
+    runs over the flat index, as JAX's partitionable Threefry does, so the mask does not depend on
+    sharding or on `vmap`. Keys of other PRNG implementations take `jax.random.bernoulli`.
+    """
+    from jax.extend.random import threefry2x32_p
+
+    rate = jnp.asarray(rate, jnp.float32)
+    data = jax.random.key_data(key)
+    if data.shape != (2,) or data.dtype != jnp.uint32:
+        keep_p = 1.0 - rate
+        return jax.random.bernoulli(key, keep_p, shape), keep_p
+    n = math.prod(shape)
+    words = -(-n // 4)
+    counts = jax.lax.iota(jnp.uint32, words)
+    hi, lo = threefry2x32_p.bind(data[0], data[1], jnp.zeros_like(counts), counts)
+    u16 = jax.lax.bitcast_convert_type(jnp.stack([hi, lo], axis=-1), jnp.uint16).reshape(-1)
+    threshold = jnp.round(rate * 65536.0)
+    keep = u16[:n].reshape(shape).astype(jnp.int32) >= threshold.astype(jnp.int32)
+    return keep, 1.0 - threshold / 65536.0
+
+
 def _row(v, ndim):
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
@@ -136,8 +167,7 @@ def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=No
         kernel = kernel.astype(dtype)
     xd = x
     if dropout_rng is not None:
-        keep_p = 1.0 - jnp.asarray(dropout_rate, jnp.float32)
-        keep = jax.random.bernoulli(dropout_rng, keep_p, x.shape)
+        keep, keep_p = dropout_keep_mask(dropout_rng, dropout_rate, x.shape)
         xd = jnp.where(keep, x / keep_p.astype(dtype), 0).astype(dtype)
     s = jnp.asarray(scale, jnp.float32)
     if magnitude is None:

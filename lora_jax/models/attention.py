@@ -24,14 +24,17 @@ tokens of its own segment only. The implementations (`LlamaConfig.attention`):
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.config import ATTENTION_IMPLS
 from lora_jax.errors import ConfigError
 
-__all__ = ["attention", "resolve_attention", "check_attention", "segment_mask", "packed_segments"]
+__all__ = ["attention", "resolve_attention", "check_attention", "segment_mask", "packed_segments",
+           "segments_per_row"]
 
 Array = jax.Array
 
@@ -84,13 +87,22 @@ def segment_mask(t: int, segment_ids: Array | None) -> Array:
 
 
 def attention(q: Array, k: Array, v: Array, segment_ids: Array | None = None, *,
-              implementation: str = "auto", interpret: bool = False) -> Array:
+              implementation: str = "auto", max_segments: int | None = None,
+              interpret: bool = False) -> Array:
     """Causal attention, `q [b, t, heads, d]`, `k, v [b, t, kv_heads, d]` -> `[b, t, heads, d]`.
 
-    segment_ids: `[b, t]` int, or None for one document per row. `interpret` runs the Pallas
-    kernel in interpret mode (its numerics on a CPU, for tests).
+    segment_ids: `[b, t]` int, or None for one document per row.
+    max_segments: the most segments a row holds (`segments_per_row`): cuDNN's packed path sizes
+        its buffers by it, so without it "auto" takes the Pallas kernel for packed rows.
+    interpret: run the Pallas kernel in interpret mode (its numerics on a CPU, for tests).
     """
     impl = "pallas" if interpret else resolve_attention(implementation, q.dtype, q.shape[-1])
+    if impl == "cudnn" and segment_ids is not None and max_segments is None:
+        if implementation == "cudnn":
+            raise ConfigError("cuDNN's packed attention needs the most segments a row holds "
+                              "(LlamaConfig.max_segments; training sets it from the data); set it, "
+                              "or use attention='pallas'")
+        impl = "pallas"
     scale = 1.0 / math.sqrt(q.shape[-1])
     if impl == "xla":
         if segment_ids is None:
@@ -100,50 +112,63 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None = None, *,
     if impl == "cudnn":
         if segment_ids is None:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        return _cudnn_packed(q, k, v, segment_ids, scale)
+        return _cudnn_packed(q, k, v, segment_ids, scale, max_segments)
     if (_platform() == "tpu") and not interpret:
         return _pallas_tpu(q, k, v, segment_ids, scale)
     return _pallas_triton(q, k, v, segment_ids, scale, interpret)
 
 
-def packed_segments(segment_ids: Array) -> tuple[Array, Array]:
-    """cuDNN's ragged description of a batch flattened into one row of `b*t` tokens.
+def segments_per_row(rows) -> int:
+    """A bound on the segments of any of `rows` (dicts with `segment_ids`, as the packer writes
+    them; a padding run counts as one), rounded up to a power of two so that datasets of similar
+    shape share a compiled step."""
+    most = 1
+    for row in rows:
+        seg = np.asarray(row["segment_ids"])
+        most = max(most, 1 + int(np.count_nonzero(seg[1:] != seg[:-1])))
+    return 1 << (most - 1).bit_length()
 
-    Returns `(lengths [1, M], offsets [1, M+1])` with `M = b*t`, the most segments there can be:
-    a segment starts at each row start and wherever the id changes (padding is a segment of its
-    own: its queries attend among themselves, so nothing is NaN, and the loss masks them).
-    Offsets end with `b*t`; unused entries are -1, as cuDNN's packed layout requires.
+
+def packed_segments(segment_ids: Array, max_segments: int, flatten: bool = False) -> tuple[Array, Array]:
+    """cuDNN's ragged description of packed rows: `(lengths [rows, M], offsets [rows, M+1])`.
+
+    A segment starts at each row start and wherever the id changes (padding is a segment of its
+    own: its queries attend among themselves, so nothing is NaN, and the loss masks them). Offsets
+    end with the row length; unused entries are -1, as cuDNN's packed layout requires.
+    flatten: describe the batch as one row of `b*t` tokens (`M = b * max_segments`).
+    Segments beyond `max_segments` in a row would be dropped: the bound comes from the data.
     """
     b, t = segment_ids.shape
-    n = b * t
-    seg = segment_ids.reshape(n)
-    pos = jnp.arange(n, dtype=jnp.int32)
-    starts_here = (pos % t == 0) | (seg != jnp.roll(seg, 1))
-    count = jnp.sum(starts_here, dtype=jnp.int32)
-    starts = jnp.nonzero(starts_here, size=n, fill_value=n)[0].astype(jnp.int32)
-    nxt = jnp.concatenate([starts[1:], jnp.full((1,), n, jnp.int32)])
-    idx = jnp.arange(n, dtype=jnp.int32)
+    starts_here = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    if flatten:
+        starts_here, b, t, max_segments = starts_here.reshape(1, b * t), 1, b * t, b * max_segments
+    m = max_segments
+    count = jnp.sum(starts_here, axis=1, dtype=jnp.int32)[:, None]  # [rows, 1]
+    starts = jax.vmap(lambda s: jnp.nonzero(s, size=m, fill_value=t)[0])(starts_here).astype(jnp.int32)
+    nxt = jnp.concatenate([starts[:, 1:], jnp.full((b, 1), t, jnp.int32)], axis=1)
+    idx = jnp.arange(m, dtype=jnp.int32)[None]
     lengths = jnp.where(idx < count, nxt - starts, -1)
-    offsets = jnp.concatenate([jnp.where(idx < count, starts, -1), jnp.full((1,), -1, jnp.int32)])
-    offsets = offsets.at[count].set(n)
-    return lengths[None], offsets[None]
+    offsets = jnp.concatenate([jnp.where(idx < count, starts, -1), jnp.full((b, 1), -1, jnp.int32)], 1)
+    offsets = jnp.where(jnp.arange(m + 1)[None] == count, t, offsets)
+    return lengths, offsets
 
 
-def _cudnn_packed(q, k, v, segment_ids, scale):
-    """cuDNN flash attention over the documents of the whole batch, flattened into one row.
+def _cudnn_packed(q, k, v, segment_ids, scale, max_segments, flatten=True):
+    """cuDNN flash attention over the documents of packed rows (its ragged layout).
 
     JAX exposes the packed layout (`q_offsets`/`kv_offsets`) only in its private
     `jax._src.cudnn.fused_attention_stablehlo`; this function is the one place that calls it, and
-    a test pins it to the XLA reference. One row of `b*t` tokens is used because per-row offsets
-    over several rows returned NaN on an H200 (JAX 0.11, cuDNN 9).
+    a test pins it to the XLA reference. cuDNN keeps softmax statistics of `[rows * M, heads, t]`,
+    so `M` is the data's bound, not the worst case. flatten: the whole batch as one row
+    (per-row offsets returned NaN in an earlier JAX).
     """
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
     b, t, n, d = q.shape
-    lengths, offsets = packed_segments(segment_ids)
-    flat = lambda x: x.reshape(1, b * t, x.shape[2], d)
-    out = cudnn_attention(flat(q), flat(k), flat(v), q_seqlen=lengths, kv_seqlen=lengths,
+    lengths, offsets = packed_segments(segment_ids, max_segments, flatten)
+    shape = (lambda x: x.reshape(1, b * t, x.shape[2], d)) if flatten else (lambda x: x)
+    out = cudnn_attention(shape(q), shape(k), shape(v), q_seqlen=lengths, kv_seqlen=lengths,
                           q_offsets=offsets, kv_offsets=offsets, mask_type=MaskType.CAUSAL,
                           scale=scale)
     return out.reshape(b, t, n, d)
@@ -157,7 +182,9 @@ def _pallas_triton(q, k, v, segment_ids, scale, interpret):
     """JAX's Pallas (Triton) flash attention, forward and backward, with segment ids. The
     sequence is padded to a multiple of the kernel's block (padding sits after every real token,
     so causality keeps it out of their attention)."""
-    from jax.experimental.pallas.ops.gpu.attention import BlockSizes, mha
+    with warnings.catch_warnings():  # newer JAX points to tokamax; the kernel is still JAX's own
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu.attention import BlockSizes, mha
 
     t = q.shape[1]
     pad = -t % 128

@@ -177,7 +177,8 @@ class LlamaAttention(nn.Module):
             new_cache = (kk, v)
             kk, v = kk.astype(q.dtype), v.astype(q.dtype)
         if mask is None:  # training and scoring: a flash kernel, packed or not
-            out = attention(q, kk, v, segment_ids, implementation=cfg.attention)
+            out = attention(q, kk, v, segment_ids, implementation=cfg.attention,
+                            max_segments=cfg.max_segments)
         else:  # decoding against a cache: few queries, XLA's attention with the cache's mask
             out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation="xla")
         out = checkpoint_name(out, "attn_out")

@@ -197,6 +197,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     from lora_jax.hf.peft import save_peft
     from lora_jax.lora.targets import model_shape, plan_targets
     from lora_jax.lora.tree import init_lora, split_trainable, unmerge
+    from lora_jax.models.attention import check_attention, segments_per_row
     from lora_jax.models.llama import Llama
     from lora_jax.train.step import init_state, make_eval_step, make_schedule, make_train_step, make_tx
 
@@ -210,6 +211,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     tokenizer = open_model_dir(model_path)
     datasets = build_datasets(dcfg, tokenizer)
     dtype = resolve_dtype(run.model.dtype)
+    check_attention(run.model.attention)
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     rules = rules_with(run.mesh.rules)
     if tcfg.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -220,6 +222,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                                   quantize=run.model.quantize,
                                   fuse_wide_adapters=run.model.fuse_wide_adapters,
                                   attention=run.model.attention)
+    if dcfg.packing:  # the bound that cuDNN's packed attention sizes its buffers by
+        cfg = cfg.replace(max_segments=segments_per_row(datasets.train_rows + datasets.eval_rows))
     lora = place(init_lora(params, lcfg, jax.random.key(tcfg.seed)), mesh, rules)
     if lcfg.init_lora_weights == "pissa":
         params = unmerge(params, lora, lcfg)
