@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lora_jax.models.attention import attention  # noqa: E402
+from lora_jax.lora.kernel import dropout_keep_mask  # noqa: E402
+from lora_jax.models.attention import _cudnn_packed, attention, segments_per_row  # noqa: E402
 
 
 def timeit(f, *args, n=20) -> float:
@@ -59,16 +60,26 @@ def bench_attention(args) -> list[dict]:
     w = jax.random.normal(ks[3], (b, t, n, d), jnp.bfloat16)
     seg = packed_segment_ids(b, t, np.random.default_rng(0))
 
+    bound = segments_per_row([{"segment_ids": np.asarray(r)} for r in seg])
+    print(f"segments per row (bound): {bound}", flush=True)
+
     def fwd_bwd(impl, segs):
+        if impl in ("cudnn rows", "cudnn flat"):
+            attn = lambda q, k, v: _cudnn_packed(q, k, v, segs, 1 / d**0.5, bound, impl.endswith("flat"))
+        else:
+            attn = lambda q, k, v: attention(q, k, v, segs, implementation=impl, max_segments=bound)
+
         def loss(q, k, v):
-            return jnp.sum((w * attention(q, k, v, segs, implementation=impl)).astype(jnp.float32))
+            return jnp.sum((w * attn(q, k, v)).astype(jnp.float32))
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     ref_val, ref_g = fwd_bwd("xla", seg)(q, k, v)
     rel = lambda a, r: float(jnp.linalg.norm((a - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
     out = []
     for name, impl, segs in [("xla dense mask, packed", "xla", seg), ("pallas triton, packed", "pallas", seg),
-                             ("cudnn causal, unpacked", "cudnn", None), ("cudnn packed", "cudnn", seg)]:
+                             ("cudnn causal, unpacked", "cudnn", None),
+                             ("cudnn packed, per-row offsets", "cudnn rows", seg),
+                             ("cudnn packed, batch flattened", "cudnn flat", seg)]:
         try:
             f = fwd_bwd(impl, segs)
             ms = timeit(f, q, k, v)
@@ -87,6 +98,16 @@ def bench_dropout(args) -> list[dict]:
     out = []
     for feat in (2048, 8192):
         x = jax.random.normal(jax.random.key(1), (tokens, feat), jnp.bfloat16)
+
+        @jax.jit
+        def ours(key, x):
+            keep, keep_p = dropout_keep_mask(key, 0.05, x.shape)
+            return jnp.where(keep, x / keep_p.astype(x.dtype), 0).astype(x.dtype)
+
+        ms = timeit(ours, jax.random.key(0), x)
+        out.append({"bench": "dropout", "impl": "lora_jax dropout_keep_mask", "shape": [tokens, feat], "ms": ms,
+                    "drop_rate": 1 - float(jnp.mean(ours(jax.random.key(0), x) != 0))})
+        print(json.dumps(out[-1]), flush=True)
         for impl in ("threefry2x32", "philox4x32", "rbg"):
             try:
                 key = jax.random.key(0, impl=impl)
