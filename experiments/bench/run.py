@@ -27,7 +27,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 
 _1B = ["--shape", "1b", "--config", "experiments/configs/llama-3.2-1b.yaml", "--steps", "30"]
-_8B = ["--shape", "8b", "--config", "experiments/configs/llama-3-8b.yaml", "--steps", "10"]
+_8B = ["--shape", "8b", "--config", "experiments/configs/llama-3-8b.yaml", "--steps", "8"]
 _LONG = ["--shape", "8b", "--config", "experiments/configs/llama-3-8b-long.yaml", "--steps", "3"]
 
 SUITES = {

@@ -159,8 +159,8 @@ def _cudnn_packed(q, k, v, segment_ids, scale, max_segments, flatten=True):
     JAX exposes the packed layout (`q_offsets`/`kv_offsets`) only in its private
     `jax._src.cudnn.fused_attention_stablehlo`; this function is the one place that calls it, and
     a test pins it to the XLA reference. cuDNN keeps softmax statistics of `[rows * M, heads, t]`,
-    so `M` is the data's bound, not the worst case. flatten: the whole batch as one row
-    (per-row offsets returned NaN in an earlier JAX).
+    so `M` is the data's bound, not the worst case. flatten: the whole batch as one row, since
+    per-row offsets over several rows give NaN gradients (`experiments/bench/kernel_bench.py`).
     """
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
