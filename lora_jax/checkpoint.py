@@ -21,7 +21,21 @@ import orbax.checkpoint as ocp
 
 from lora_jax.errors import CheckpointFormatError
 
-__all__ = ["Checkpointer", "base_fingerprint", "fingerprints_match"]
+__all__ = ["Checkpointer", "CheckpointMismatch", "base_fingerprint", "fingerprints_match"]
+
+
+class CheckpointMismatch(CheckpointFormatError):
+    """A checkpoint's saved state does not fit the state it is restored into (other adapter
+    shapes or leaves: a different LoRA config). `differences` lists them, trainable leaves first."""
+
+    def __init__(self, directory: str, step: int, differences: list[str]):
+        self.directory, self.step, self.differences = directory, step, differences
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        super().__init__(f"checkpoint step {step} in {directory} does not fit the state being restored: "
+                         f"{differences[0]}{more}")
+
+    def __reduce__(self):
+        return type(self), (self.directory, self.step, self.differences)
 
 
 @jax.jit
@@ -77,9 +91,40 @@ class Checkpointer:
         if step is None or step not in self.all_steps():
             raise CheckpointFormatError(f"no checkpoint for step {step} in {self.directory}; "
                                         f"available: {self.all_steps()}")
+        # Compared before restoring: Orbax's own shape / structure errors run to pages, and its
+        # read coroutines keep printing after the failure.
+        differences = self.state_differences(step, abstract_state)
+        if differences:
+            raise CheckpointMismatch(self.directory, step, differences)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out.state, out.meta
+
+    def state_differences(self, step: int, target: Any) -> list[str]:
+        """Where the state saved at `step` and `target` differ in leaves or shapes ([] when they
+        fit), trainable leaves first, e.g. "trainable/lora/.../q_proj/a: (64, 16) saved, (64, 8) here"."""
+        from etils import epath
+
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            saved = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+        except Exception:  # unreadable metadata: nothing to compare with
+            return []
+        finally:
+            handler.close()
+        have = {_path_name(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]
+                if hasattr(v, "shape")}
+        want = {_path_name(p): tuple(v.shape if hasattr(v, "shape") else np.shape(v))
+                for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+        out = []
+        for name in sorted(have.keys() | want.keys(), key=lambda n: (not n.startswith("trainable"), n)):
+            if name not in want:
+                out.append(f"{name}: saved {have[name]}, absent here")
+            elif name not in have:
+                out.append(f"{name}: {want[name]} here, absent from the checkpoint")
+            elif have[name] != want[name]:
+                out.append(f"{name}: {have[name]} saved, {want[name]} here")
+        return out
 
     def restore_meta(self, step: int | None = None) -> tuple[int, dict]:
         step = self.latest_step() if step is None else step
@@ -103,3 +148,17 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _path_name(path) -> str:
+    """A key path as "trainable/lora/layers/self_attn/q_proj/a", the same for a NamedTuple field
+    (GetAttrKey) and the dict key Orbax's metadata gives it."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)

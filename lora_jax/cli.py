@@ -1,59 +1,114 @@
 """`lora-jax`: argument parsing only; each subcommand calls one library function.
 
-User errors print one line and exit with status 2; a diverged run exits with status 1.
+User errors print one line (`lora-jax: error: ...`) and exit with status 2, usage errors included;
+a diverged run exits with status 1. `main(argv)` returns the exit status instead of exiting, so it
+can be called in-process (tests, notebooks).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other user error (status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lora-jax: error: {message} (see {self.prog} --help)\n")
+
+
+def _path(text: str) -> str:
+    """A path option: an empty one would silently mean the default, so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a path")
+    return text
+
+
+def _int_at_least(minimum: int, below: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum or (below is not None and value >= below):
+            limit = f" and < {below}" if below is not None else ""
+            raise argparse.ArgumentTypeError(f"{text} must be an integer >= {minimum}{limit}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
 
 
 def add_run_args(p: argparse.ArgumentParser, output_help: str) -> None:
-    """The run-config options that `train` and `sweep` share (see `run_config_from_args`)."""
-    p.add_argument("--config", help="YAML run config (sections: model, lora, data, optim, train; "
-                                    "default: the built-in demonstration)")
+    """The run-config options that `train` and `sweep` share (see `flag_overrides`)."""
+    p.add_argument("--config", type=_path, help="YAML run config (sections: model, lora, data, optim, "
+                                                "train, mesh; default: the built-in demonstration)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field, e.g. --set lora.r=8 --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--model", help="Hugging Face Llama directory (default: the built-in demo model)")
-    p.add_argument("--data", help="training JSONL ({text} | {prompt, completion} | {messages})")
-    p.add_argument("--eval-data", help="held-out JSONL (default: a split of --data)")
+                   help="override one field, e.g. --set lora.r=8 --set optim.lr=1e-4 --set "
+                        "lora.target_modules=[q_proj,v_proj] (repeatable; values are YAML, and text "
+                        "as it is for text fields such as train.output_dir)")
+    p.add_argument("--model", type=_path, help="Hugging Face Llama directory (default: the built-in demo "
+                                               "model)")
+    p.add_argument("--data", type=_path, help="training JSONL ({text} | {prompt, completion} | {messages})")
+    p.add_argument("--eval-data", type=_path, help="held-out JSONL (default: a split of --data)")
     p.add_argument("--quantize", choices=("nf4", "int8"),
                    help="QLoRA: a 4-bit NF4 (or int8) frozen base; same as --set model.quantize=...")
-    p.add_argument("--output-dir", help=output_help)
+    p.add_argument("--output-dir", type=_path, help=output_help)
     p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# the flags that would change a run's configuration: --resume refuses them (see _train_args)
+_CONFIG_FLAGS = (("config", "--config"), ("overrides", "--set"), ("model", "--model"), ("data", "--data"),
+                 ("eval_data", "--eval-data"), ("quantize", "--quantize"))
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     add_run_args(p, "run directory (default: runs/demo)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir with its saved config (run.json); "
+                        "--config, --set, --model, --data, --eval-data, --quantize and --overwrite "
+                        "would change or discard that run, so they are refused with --resume")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: jax.distributed.initialize() (TPU pods, SLURM, or LORA_JAX_* env)")
 
 
 def load_run_config(path: str | None):
     """The RunConfig of a YAML file, or the demonstration's when `path` is None."""
-    from lora_jax.config import RunConfig
+    from lora_jax.config import RunConfig, load_yaml
     from lora_jax.errors import ConfigError
 
-    if not path:
+    if path is None:
         from lora_jax.demo import demo_run_config
 
         return demo_run_config()
-    import yaml
+    d = load_yaml(path, "--config")
+    try:
+        return RunConfig.from_dict({} if d is None else d)
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file")
-    with open(path) as f:
-        try:
-            return RunConfig.from_dict(yaml.safe_load(f) or {})
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+
+def _quote(text: str) -> str:
+    """`text` as a YAML single-quoted scalar: a flag's value is taken exactly (`--data null` is a
+    file named null)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def flag_overrides(args) -> list[str]:
@@ -61,20 +116,27 @@ def flag_overrides(args) -> list[str]:
     pairs = list(args.overrides)
     for flag, key in (("model", "model.path"), ("data", "data.train_file"),
                       ("eval_data", "data.eval_file"), ("quantize", "model.quantize")):
-        if getattr(args, flag, None):
-            pairs.append(f"{key}={getattr(args, flag)}")
+        if getattr(args, flag, None) is not None:
+            pairs.append(f"{key}={_quote(getattr(args, flag))}")
     return pairs
 
 
 def _run_config(args):
     from lora_jax.errors import ConfigError
 
-    if args.resume and args.overrides:
-        raise ConfigError("--resume continues with the run's saved config; drop --set (or start a new "
-                          "run with --overwrite)")
+    if args.resume:
+        given = [f"{flag} {' '.join(v) if isinstance(v, list) else v}" for attr, flag in _CONFIG_FLAGS
+                 if (v := getattr(args, attr, None))]
+        if given:
+            raise ConfigError(f"--resume continues with the run's saved config (run.json), so "
+                              f"{'; '.join(given)} would be ignored and is refused: drop it, or start a "
+                              "new run with --overwrite")
+        if args.overwrite:
+            raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it; "
+                              "pass one of them")
     pairs = flag_overrides(args)
-    if args.output_dir:
-        pairs.append(f"train.output_dir={args.output_dir}")
+    if args.output_dir is not None:
+        pairs.append(f"train.output_dir={_quote(args.output_dir)}")
     return load_run_config(args.config).with_overrides(pairs)
 
 
@@ -82,9 +144,10 @@ def cmd_train(args) -> int:
     from lora_jax.distributed import initialize
     from lora_jax.train.loop import train
 
+    run = _run_config(args)  # bad input fails here, before anything starts
+    if not args.resume:  # a resumed run was warned when it started
+        run.warn_unusual()
     initialize(auto=args.distributed)
-
-    run = _run_config(args)
     summary = train(run, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     import jax
 
@@ -110,11 +173,28 @@ def _print_summary(summary: dict) -> None:
     Console(stderr=False).print(table)
 
 
+def _check_export_dirs(args) -> None:
+    """An export directory may not be, or hold, the run it exports (replacing it would delete the
+    run), nor be the other export's directory."""
+    from lora_jax.errors import ConfigError
+
+    run = os.path.realpath(args.checkpoint)
+    outs = [(flag, d) for flag, d in (("--peft", args.peft), ("--merged", args.merged)) if d]
+    for flag, d in outs:
+        real = os.path.realpath(d)
+        if real == run or run.startswith(real.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"{flag} {d} is, or holds, the run directory {args.checkpoint}; export "
+                              "to another directory")
+    if len(outs) == 2 and os.path.realpath(outs[0][1]) == os.path.realpath(outs[1][1]):
+        raise ConfigError(f"--peft and --merged both name {args.peft}; give them different directories")
+
+
 def cmd_export(args) -> int:
     from lora_jax.export import export_checkpoint
 
+    _check_export_dirs(args)
     written = export_checkpoint(args.checkpoint, step=args.step, peft_dir=args.peft, merged_dir=args.merged,
-                                dtype=args.dtype, max_shard_size=args.max_shard_size)
+                                dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(json.dumps(written, indent=2))
     return 0
 
@@ -130,31 +210,39 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-jax", description="LoRA fine-tuning of Llama models in JAX")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lora-jax", description="LoRA fine-tuning of Llama models in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)  # subparsers are _Parser too
 
     p = sub.add_parser("train", help="fine-tune (no arguments: the built-in demonstration)")
     _train_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export a run's checkpoint as a PEFT adapter or a merged HF model")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a `lora-jax train` output dir")
-    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    p.add_argument("--peft", metavar="OUT_DIR", help="write a PEFT adapter here")
-    p.add_argument("--merged", metavar="OUT_DIR", help="write the merged model here (transformers format)")
+    p.add_argument("--checkpoint", required=True, type=_path, metavar="RUN_DIR",
+                   help="a `lora-jax train` output dir")
+    p.add_argument("--step", type=_int_at_least(0), help="checkpoint step (default: latest)")
+    p.add_argument("--peft", type=_path, metavar="OUT_DIR", help="write a PEFT adapter here")
+    p.add_argument("--merged", type=_path, metavar="OUT_DIR",
+                   help="write the merged model here (transformers format)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="export dtype")
     p.add_argument("--max-shard-size", default="5GB", help="merged export shard size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an OUT_DIR that holds a previous export of the same kind (anything else is refused)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text with a base model and optional adapter")
-    p.add_argument("--model", help="HF Llama directory (default: the built-in demo model)")
-    p.add_argument("--adapter", help="PEFT adapter directory")
-    p.add_argument("--checkpoint", metavar="RUN_DIR", help="use the latest checkpoint of a run instead")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", type=_path, help="HF Llama directory (default: the built-in demo model)")
+    p.add_argument("--adapter", type=_path, help="PEFT adapter directory")
+    p.add_argument("--checkpoint", type=_path, metavar="RUN_DIR",
+                   help="use the latest checkpoint of a run instead (its base model too)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable, not empty)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=48,
+                   help="tokens to generate per prompt (default 48); prompt + these must fit the model's "
+                        "context (max_position_embeddings)")
+    p.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_int_at_least(0), default=0,
+                   help="sample from the k most likely tokens (needs --temperature > 0; 0 = all)")
+    p.add_argument("--seed", type=_int_at_least(0, 2**63), default=0, help="sampling seed (default 0)")
     p.set_defaults(func=cmd_generate)
 
     try:
@@ -166,22 +254,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    from lora_jax.errors import LoraJaxError
-    from lora_jax.train.loop import TrainingDiverged
+def _quiet_startup() -> None:
+    """transformers' start-up notices ("PyTorch was not found...", advisory warnings) are noise for
+    this program, which never runs torch; its errors still show. Takes effect for a transformers
+    imported after this; the user's own TRANSFORMERS_VERBOSITY / _NO_ADVISORY_WARNINGS win."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-    args = build_parser().parse_args(argv)
+
+def _show_config_warning(show):
+    """A `warnings.showwarning` printing a ConfigWarning as one `lora-jax: warning:` line."""
+    from lora_jax.errors import ConfigWarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ConfigWarning):
+            print(f"lora-jax: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
+def _one_line(error) -> str:
+    """The message on one line, whatever it quotes (a record's text, a YAML snippet)."""
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+
+
+def main(argv=None) -> int:
+    """Run `lora-jax ARGV`; returns the exit status (0 ok, 1 diverged, 2 bad input, 128 + signal:
+    stopped by SIGTERM (143) or SIGINT (130) after saving a checkpoint)."""
+    import logging
+    import warnings
+
+    _quiet_startup()
     try:
-        return args.func(args)
-    except TrainingDiverged as e:
-        print(f"lora-jax: {e}", file=sys.stderr)
-        return 1
-    except LoraJaxError as e:
-        print(f"lora-jax: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lora-jax: interrupted", file=sys.stderr)
-        return 130
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a usage error already printed as one line (2)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+
+    from lora_jax.errors import ConfigWarning, LoraJaxError
+    from lora_jax.train.loop import TrainingDiverged, TrainingInterrupted
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigWarning)
+        warnings.showwarning = _show_config_warning(warnings.showwarning)
+        try:
+            return args.func(args)
+        except TrainingInterrupted as e:  # SIGTERM/SIGINT: the step in flight was saved
+            print(f"lora-jax: {e}", file=sys.stderr)
+            return e.exit_code  # 128 + signal: 143 SIGTERM, 130 SIGINT
+        except TrainingDiverged as e:
+            print(f"lora-jax: {e}", file=sys.stderr)
+            return 1
+        except LoraJaxError as e:
+            print(f"lora-jax: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("lora-jax: interrupted", file=sys.stderr)
+            # a save abandoned by a second Ctrl-C: Orbax's threads would log errors at exit
+            logging.disable(logging.CRITICAL)
+            return 130
 
 
 if __name__ == "__main__":

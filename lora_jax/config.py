@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import re
 from typing import Any, Mapping
 
 from lora_jax.errors import ConfigError
@@ -35,6 +38,62 @@ def _dtype_name(dtype: Any) -> str | None:
     if name not in _DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; use one of {_DTYPES}")
     return name
+
+
+def _check_int(obj, name: str, where: str, minimum: int = 1, hint: str = "", below: int = 2**63) -> None:
+    """`obj.name` must be an integer in [minimum, below) (not a bool, not 1.5, not "12")."""
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= value < below:
+        rule = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        if isinstance(value, numbers.Integral) and value >= below:
+            rule += f" below {below}"
+        raise ConfigError(f"{where}{name}={value!r} must be {rule}{hint}")
+    object.__setattr__(obj, name, int(value))
+
+
+def _check_number(obj, name: str, where: str, rule: str, ok, allow_none: bool = False) -> None:
+    """`obj.name` must be a finite number with `ok(value)`; `rule` says so in the error. A numeric
+    string is read as a number: YAML 1.1 reads `1e-4` (no dot) as a string."""
+    value = getattr(obj, name)
+    if value is None and allow_none:
+        return
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        number = None
+    if number is None:
+        raise ConfigError(f"{where}{name}={value!r} is not a number; it must be {rule}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}{name}={value!r} is not finite; it must be {rule}")
+    if not ok(number):
+        raise ConfigError(f"{where}{name}={value!r} must be {rule}")
+    if isinstance(value, str):
+        object.__setattr__(obj, name, number)
+
+
+def _check_bool(obj, name: str, where: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}{name}={value!r}; use true or false")
+
+
+def _check_str(obj, name: str, where: str, what: str, allow_none: bool = False) -> None:
+    """`obj.name` must be a non-empty string (a path-like is converted), or None when allowed."""
+    value = getattr(obj, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        object.__setattr__(obj, name, value)
+    if not isinstance(value, str) or not value:
+        none = " or null" if allow_none else ""
+        raise ConfigError(f"{where}{name}={value!r} must be {what}{none}"
+                          + (" (a string; in YAML, quote a name that looks like a number)"
+                             if not isinstance(value, str) else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,8 +325,10 @@ _INIT_CHOICES = (True, False, "gaussian", "pissa")
 def _as_tuple(value, name: str, kind=str) -> tuple | None:
     if value is None:
         return None
-    if isinstance(value, kind):
+    if isinstance(value, kind) and not isinstance(value, bool):
         return (value,)
+    if isinstance(value, (Mapping, bytes)):
+        raise ConfigError(f"{name}={value!r} must be a list of {kind.__name__}")
     try:
         out = tuple(value)
     except TypeError:
@@ -279,14 +340,23 @@ def _as_tuple(value, name: str, kind=str) -> tuple | None:
 
 def _as_pairs(value, name: str, kind) -> tuple[tuple[str, Any], ...]:
     """Patterns are stored as sorted (key, value) pairs so the config stays hashable (jit-static)."""
-    if not value:
+    if value is None or (isinstance(value, (Mapping, list, tuple)) and not value):
         return ()
-    items = value.items() if isinstance(value, Mapping) else value
+    what = kind.__name__ if isinstance(kind, type) else "number"
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2
+                                                  for kv in value):
+        items = list(value)
+    else:
+        raise ConfigError(f"{name}={value!r} must map module patterns to a positive {what}, "
+                          f"e.g. {{q_proj: 8}}")
     out = []
     for k, v in items:
-        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, kind) or v <= 0:
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, kind) or not v > 0 \
+                or not math.isfinite(v):
             raise ConfigError(f"{name} entry {k!r}: {v!r} must map a module pattern to a positive "
-                              f"{kind.__name__ if isinstance(kind, type) else 'number'}")
+                              f"{what}")
         out.append((k, v))
     return tuple(out)
 
@@ -317,26 +387,27 @@ class LoraConfig:
     bias: str = "none"
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r={self.r!r} must be a positive integer (the adapter rank), e.g. r=16")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or self.lora_alpha <= 0:
-            raise ConfigError(f"lora_alpha={self.lora_alpha!r} must be a positive number, e.g. 2*r")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1), e.g. 0.05")
+        _check_int(self, "r", "", hint=" (the adapter rank), e.g. r=16")
+        _check_number(self, "lora_alpha", "", "> 0, e.g. 2*r", lambda v: v > 0)
+        _check_number(self, "lora_dropout", "", "in [0, 1), e.g. 0.05", lambda v: 0 <= v < 1)
         targets = self.target_modules
         if targets == "all-linear":
             targets = ALL_LINEAR
         elif isinstance(targets, str):
+            if not targets.strip():
+                raise ConfigError(f"target_modules={targets!r} is empty; name modules such as "
+                                  "[q_proj, v_proj] or pass 'all-linear'")
             _check_regex(targets, "target_modules")
         else:
             targets = _as_tuple(targets, "target_modules")
             if not targets:
-                raise ConfigError("target_modules is empty; name modules such as ('q_proj', 'v_proj') "
-                                  "or pass 'all-linear'")
+                raise ConfigError(f"target_modules is empty ({self.target_modules!r}); name modules such "
+                                  "as ('q_proj', 'v_proj') or pass 'all-linear'")
         object.__setattr__(self, "target_modules", targets)
         excl = self.exclude_modules
         if isinstance(excl, str):
+            if not excl:
+                raise ConfigError("exclude_modules='' excludes nothing; name modules or use null")
             _check_regex(excl, "exclude_modules")
         else:
             object.__setattr__(self, "exclude_modules", _as_tuple(excl, "exclude_modules"))
@@ -357,8 +428,10 @@ class LoraConfig:
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r}; choose one of "
                               f"{_INIT_CHOICES}")
         object.__setattr__(self, "modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save") or ())
-        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
-            raise ConfigError(f"loraplus_lr_ratio={self.loraplus_lr_ratio!r} must be positive, e.g. 16")
+        _check_bool(self, "use_rslora", "")
+        _check_bool(self, "use_dora", "")
+        _check_number(self, "loraplus_lr_ratio", "", "> 0 (the learning-rate ratio of b to a), e.g. 16, "
+                      "or null", lambda v: v > 0, allow_none=True)
         if self.bias != "none":
             raise ConfigError(f"bias={self.bias!r} is not supported; lora_jax trains no biases, use 'none'")
         if self.use_dora and self.init_lora_weights == "pissa":
@@ -420,11 +493,10 @@ class ModelConfig:
             raise ConfigError(f"model.dtype={self.dtype!r}; choose 'auto', 'float32' or 'bfloat16'")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
-        if self.loss_chunk_tokens <= 0:
-            raise ConfigError(f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be positive")
+        _check_str(self, "path", "model.", "a Hugging Face model directory", allow_none=True)
+        _check_int(self, "loss_chunk_tokens", "model.", hint=", e.g. 2048")
         for name in ("scan_layers", "fuse_wide_adapters"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"model.{name}={getattr(self, name)!r}; use true or false")
+            _check_bool(self, name, "model.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,14 +514,19 @@ class OptimConfig:
     clip_norm: float | None = 1.0
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr={self.lr!r} must be positive, e.g. 2e-4")
+        w = "optim."
+        _check_number(self, "lr", w, "> 0, e.g. 2e-4", lambda v: v > 0)
         if self.schedule not in _SCHEDULES:
             raise ConfigError(f"optim.schedule={self.schedule!r}; choose one of {_SCHEDULES}")
-        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
-            raise ConfigError("optim.warmup_steps must be >= 0, optim.min_lr_ratio in [0, 1] and "
-                              f"optim.weight_decay >= 0 (got {self.warmup_steps}, {self.min_lr_ratio}, "
-                              f"{self.weight_decay})")
+        _check_int(self, "warmup_steps", w, minimum=0, hint=" (0: no warmup)")
+        _check_number(self, "min_lr_ratio", w, "in [0, 1] (the final lr as a fraction of optim.lr)",
+                      lambda v: 0 <= v <= 1)
+        _check_number(self, "weight_decay", w, ">= 0, e.g. 0.01", lambda v: v >= 0)
+        _check_number(self, "b1", w, "in [0, 1) (Adam's beta1), e.g. 0.9", lambda v: 0 <= v < 1)
+        _check_number(self, "b2", w, "in [0, 1) (Adam's beta2), e.g. 0.999", lambda v: 0 <= v < 1)
+        _check_number(self, "eps", w, "> 0, e.g. 1e-8", lambda v: v > 0)
+        _check_number(self, "clip_norm", w, "> 0 (the global gradient-norm clip, e.g. 1.0) or null "
+                      "for no clipping", lambda v: v > 0, allow_none=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,11 +548,16 @@ class TrainConfig:
     export_peft: bool = True
 
     def __post_init__(self):
+        w = "train."
         for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints",
                      "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"train.{name}={value!r} must be a positive integer")
+            _check_int(self, name, w)
+        _check_int(self, "seed", w, minimum=0)
+        _check_int(self, "eval_every", w, minimum=0, hint=" (0: evaluate at the start and the end only)")
+        _check_int(self, "eval_batches", w, hint=" (batches per evaluation)")
+        _check_int(self, "eval_generate", w, minimum=0, hint=" (0: no exact-match scoring)")
+        _check_str(self, "output_dir", w, "a directory path")
+        _check_bool(self, "export_peft", w)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by "
                               f"train.grad_accum={self.grad_accum}")
@@ -492,17 +574,39 @@ class MeshConfig:
     rules: Any = ()
 
     def __post_init__(self):
-        rules = self.rules.items() if isinstance(self.rules, Mapping) else self.rules
-        pairs = []
-        for k, v in rules or ():
-            if isinstance(v, list):
-                v = tuple(v)
-            pairs.append((k, v))
-        object.__setattr__(self, "rules", tuple(sorted(pairs, key=lambda kv: kv[0])))
         for name in ("data", "fsdp", "tensor"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (v <= 0 and v != -1):
                 raise ConfigError(f"mesh.{name}={v!r} must be a positive integer or -1 (all remaining devices)")
+            object.__setattr__(self, name, int(v))
+        object.__setattr__(self, "rules", _mesh_rules(self.rules))
+
+
+def _mesh_rules(rules) -> tuple:
+    """mesh.rules as sorted (logical axis, mesh axis | tuple of mesh axes | None) pairs."""
+    from lora_jax.sharding import DEFAULT_RULES, MESH_AXES
+
+    example = "e.g. {mlp: fsdp} or {embed: [fsdp, tensor]}"
+    if rules is None or (isinstance(rules, (list, tuple)) and not rules):
+        return ()
+    if isinstance(rules, Mapping):
+        items = list(rules.items())
+    elif isinstance(rules, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2
+                                                  for kv in rules):
+        items = [tuple(kv) for kv in rules]
+    else:
+        raise ConfigError(f"mesh.rules={rules!r} must map logical axes to mesh axes, {example}")
+    pairs = []
+    for k, v in items:
+        if not isinstance(k, str) or k not in DEFAULT_RULES:
+            raise ConfigError(f"mesh.rules key {k!r} is not a logical axis; known: {sorted(DEFAULT_RULES)}")
+        targets = [v] if isinstance(v, str) else v if isinstance(v, (list, tuple)) else None
+        if v is not None and (targets is None or not all(isinstance(t, str) and t in MESH_AXES
+                                                         for t in targets)):
+            raise ConfigError(f"mesh.rules {k}: {v!r} must name mesh axes {list(MESH_AXES)} (a name, "
+                              f"a list of names or null), {example}")
+        pairs.append((k, tuple(v) if isinstance(v, list) else v))
+    return tuple(sorted(pairs, key=lambda kv: kv[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,6 +627,28 @@ class RunConfig:
             object.__setattr__(self, "lora", LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         if self.data is None:
             object.__setattr__(self, "data", DataConfig())
+        for name, klass in _sections().items():
+            value = getattr(self, name)
+            if not isinstance(value, klass):
+                raise ConfigError(f"RunConfig {name}={value!r} must be a {klass.__name__}; build it with "
+                                  f"RunConfig.from_dict for plain mappings")
+
+    def warn_unusual(self) -> list[str]:
+        """Warn (`ConfigWarning`) about settings that run but probably not as meant; returns the
+        messages. Not done at construction: a config is often built in steps (--set, sweep files)."""
+        import warnings
+
+        from lora_jax.errors import ConfigWarning
+
+        notes = []
+        warmup, steps = self.optim.warmup_steps, self.train.steps
+        if warmup > steps:
+            notes.append(f"optim.warmup_steps={warmup} exceeds train.steps={steps}: the warmup is cut to "
+                         f"{max(steps - 1, 0)} steps, so the schedule is not the one configured; lower "
+                         "optim.warmup_steps or raise train.steps")
+        for note in notes:
+            warnings.warn(ConfigWarning(note), stacklevel=2)
+        return notes
 
     def to_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model), "lora": self.lora.to_dict(),
@@ -532,16 +658,22 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
-        from lora_jax.data.config import DataConfig
-
-        sections = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
-                    "train": TrainConfig, "mesh": MeshConfig}
-        unknown = sorted(set(d) - set(sections))
+        sections = _sections()
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a run config is a mapping of sections {sorted(sections)}, not a "
+                              f"{type(d).__name__} ({_short(d)})")
+        unknown = sorted(set(map(str, d)) - set(sections))
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; sections are {sorted(sections)}")
         out = {}
         for name, klass in sections.items():
-            values = dict(d.get(name) or {})
+            values = d.get(name)
+            if values is None:
+                values = {}
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"config section {name}: {_short(values)} must be a mapping of fields, "
+                                  f"e.g. {name}: {{{next(iter(_field_types(klass)))}: ...}}")
+            values = {str(k): v for k, v in values.items()}
             fields = {f.name for f in dataclasses.fields(klass)}
             bad = sorted(set(values) - fields)
             if bad:
@@ -566,18 +698,95 @@ class RunConfig:
             if field not in d[section]:
                 raise ConfigError(f"--set key {key!r} is unknown"
                                   f"{_suggest(key, _all_keys(d), None)}")
-            d[section][field] = _parse_value(raw)
+            kind = _field_types(_sections()[section])[field]
+            d[section][field] = _parse_value(raw, key=key, kind=kind)
         return RunConfig.from_dict(d)
 
 
-def _parse_value(raw: str):
-    """YAML scalars and lists, plus the 1e-4 form YAML 1.1 reads as a string."""
+def _sections() -> dict:
+    from lora_jax.data.config import DataConfig
+
+    return {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
+            "train": TrainConfig, "mesh": MeshConfig}
+
+
+def _field_types(klass) -> dict[str, str]:
+    """Field name -> its annotation as written ("str", "str | None", "int", "Any", ...)."""
+    return {f.name: str(f.type) for f in dataclasses.fields(klass)}
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _yaml_loader():
+    """yaml.SafeLoader that also reads `1e-4` (no dot; YAML 1.1 makes it a string) as a float, in
+    plain (unquoted) scalars only, as YAML 1.2 does."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return Loader
+
+
+def _parse_value(raw: str, key: str | None = None, kind: str = "Any"):
+    """A `--set` / `--grid` value: YAML (1e-4, true, null, [q_proj, v_proj], {mlp: fsdp}), with
+    YAML 1.1's gap filled (`1e-4`, without a dot, is a float, also inside lists and maps). For a
+    string field (`kind` "str" / "str | None") the text is taken as it is (`train.output_dir=1e5` is
+    the directory "1e5"), null aside; quote it to use YAML."""
+    import yaml
+
+    text = raw.strip()
+    if kind in ("str", "str | None") and not (text[:1] in "'\"" and text):
+        return None if kind == "str | None" and text in _NULLS else text
     try:
-        return float(raw) if "e" in raw.lower() and not raw.isalpha() else yaml.safe_load(raw)
-    except (ValueError, yaml.YAMLError):
-        return raw
+        return yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as e:
+        if text[:1] in "[{'\"":
+            where = f"--set {key}={raw}" if key else repr(raw)
+            raise ConfigError(f"{where} is not valid YAML ({_yaml_problem(e)}); e.g. [q_proj, v_proj] "
+                              "or {mlp: fsdp}") from None
+        return text
+
+
+def _yaml_problem(e) -> str:
+    """One line from a YAML error: "line L, column C: problem (context)"."""
+    def at(mark):
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark, cmark = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    context = getattr(e, "context", None)
+    out = (f"{at(mark)}: " if mark is not None else "") + problem
+    if context:
+        out += f" ({context}" + (f" started at {at(cmark)}" if cmark is not None else "") + ")"
+    return out
+
+
+def load_yaml(path: str, flag: str):
+    """The contents of a YAML file given as `flag` (--config, --sweep); ConfigError, one line, on a
+    missing file, undecodable bytes or invalid YAML (with the line and column)."""
+    import yaml
+
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a directory; pass a YAML file")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag} {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_yaml_loader())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{flag} {path} is not a UTF-8 text file (byte {e.start}); pass a YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{flag} {path}: invalid YAML at {_yaml_problem(e)}") from None
 
 
 def _all_keys(d: dict) -> list[str]:

@@ -1,6 +1,6 @@
 """The one exception family for user errors: the CLI turns these into one line and exit status 2."""
 
-__all__ = ["LoraJaxError", "ConfigError", "CheckpointFormatError", "DataError"]
+__all__ = ["LoraJaxError", "ConfigError", "CheckpointFormatError", "DataError", "ConfigWarning"]
 
 
 class LoraJaxError(ValueError):
@@ -17,3 +17,9 @@ class CheckpointFormatError(LoraJaxError):
 
 class DataError(LoraJaxError):
     """A dataset file is missing, malformed or empty."""
+
+
+class ConfigWarning(UserWarning):
+    """A configuration that runs, but probably not as meant (e.g. a warmup longer than the run).
+    The CLI prints it as one `lora-jax: warning:` line; `warnings.simplefilter("error",
+    ConfigWarning)` turns it into an error."""

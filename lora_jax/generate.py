@@ -7,17 +7,22 @@ key mask hides the padding, so a padded prompt decodes exactly as it would alone
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+import json
+import math
+import numbers
+import os
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LlamaConfig, LoraConfig
+from lora_jax.errors import ConfigError
 from lora_jax.lora.intercept import lora_interception
 from lora_jax.models.llama import Llama, init_kv_cache
 
-__all__ = ["generate", "generate_text"]
+__all__ = ["generate", "generate_text", "check_settings"]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -82,7 +87,13 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, lora
 
     temperature=0 is greedy; otherwise softmax sampling at that temperature, optionally top-k.
     Prompt lengths are rounded up to `bucket` so nearby lengths share one compiled program.
+    Bad settings (an empty prompt, max_new_tokens < 1, a negative or non-finite temperature, top_k
+    outside [0, vocab_size] or without sampling) raise ConfigError naming the value.
     """
+    check_settings(cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ConfigError(f"prompt {i} is empty (no token ids); every prompt needs at least one token")
     if not prompts:
         return []
     batch = len(prompts)
@@ -114,6 +125,34 @@ def generate(cfg: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, lora
     return results
 
 
+def check_settings(cfg: LlamaConfig | None, *, max_new_tokens, temperature, top_k, seed=0,
+                   names: Mapping[str, str] | None = None) -> None:
+    """ConfigError naming the value unless max_new_tokens >= 1, temperature is finite and >= 0,
+    0 <= top_k <= vocab_size (top_k only when sampling: temperature > 0) and seed is an integer >= 0.
+    `names` spells the settings in messages (the CLI's flags); `cfg=None` skips the vocabulary."""
+    n = {"max_new_tokens": "max_new_tokens=", "temperature": "temperature=", "top_k": "top_k=",
+         "seed": "seed=", **(names or {})}
+
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ConfigError(f"{n['max_new_tokens']}{max_new_tokens!r} must be a positive integer, e.g. 48")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"{n['temperature']}{temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if not is_int(top_k) or top_k < 0:
+        raise ConfigError(f"{n['top_k']}{top_k!r} must be an integer >= 0 (0 = no top-k cut)")
+    if top_k and temperature == 0:
+        raise ConfigError(f"{n['top_k']}{top_k} needs sampling, but {n['temperature']}0 is greedy "
+                          f"decoding; set a temperature > 0 (e.g. 0.7) or drop top_k")
+    if cfg is not None and top_k > cfg.vocab_size:
+        raise ConfigError(f"{n['top_k']}{top_k} exceeds the vocabulary ({cfg.vocab_size} tokens); "
+                          f"use at most {cfg.vocab_size}")
+    if not is_int(seed) or not 0 <= seed < 2**63:
+        raise ConfigError(f"{n['seed']}{seed!r} must be an integer in [0, 2**63)")
+
+
 def generate_text(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
     """String in, string out; special tokens are dropped from the output."""
     ids = [tokenizer(p)["input_ids"] for p in prompts]
@@ -123,27 +162,77 @@ def generate_text(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str], *
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
 
 
-def generate_cli(*, model: str | None, adapter: str | None, checkpoint: str | None, prompts, **kwargs):
-    """What `lora-jax generate` does: base (+ PEFT adapter or a run's checkpoint) -> completions."""
-    import transformers
+_FLAGS = {"max_new_tokens": "--max-new-tokens ", "temperature": "--temperature ", "top_k": "--top-k ",
+          "seed": "--seed "}
 
-    from lora_jax.errors import ConfigError
+
+def _run_model_path(run_dir: str) -> str:
+    """The base model a training run used (from its run.json), without loading anything."""
+    from lora_jax.errors import CheckpointFormatError
+
+    run_json = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(run_json):
+        raise CheckpointFormatError(f"--checkpoint {run_dir} is not a lora-jax run directory (no run.json); "
+                                    "pass the --output-dir of a `lora-jax train` run")
+    try:
+        with open(run_json) as f:
+            return json.load(f)["model_path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointFormatError(f"--checkpoint {run_dir}: run.json is unreadable ({type(e).__name__}: "
+                                    f"{e}); the run directory is damaged") from None
+
+
+def generate_cli(*, model: str | None, adapter: str | None, checkpoint: str | None, prompts,
+                 max_new_tokens: int = 48, temperature: float = 0.0, top_k: int = 0, seed: int = 0):
+    """What `lora-jax generate` does: base (+ PEFT adapter or a run's checkpoint) -> completions.
+
+    Every setting is checked before weights load: the prompts (not empty), the sampling settings,
+    the model directory, and that each prompt plus max_new_tokens fits the model's context
+    (max_position_embeddings)."""
     from lora_jax.hf.load import load_pretrained
-    from lora_jax.train.loop import resolve_dtype, resolve_model_path
+    from lora_jax.train.loop import open_model_dir, resolve_dtype, resolve_model_path
 
     if adapter and checkpoint:
-        raise ConfigError("pass --adapter or --checkpoint, not both")
+        raise ConfigError(f"pass --adapter or --checkpoint, not both (got --adapter {adapter} and "
+                          f"--checkpoint {checkpoint})")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ConfigError(f"--prompt {p!r} is empty; give the text to continue")
+    check_settings(None, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                   names=_FLAGS)
+    if adapter and not os.path.isdir(adapter):
+        raise ConfigError(f"--adapter {adapter}: no such directory; pass a PEFT adapter directory "
+                          "(adapter_config.json + adapter_model.safetensors)")
+    model_path = _run_model_path(checkpoint) if checkpoint else resolve_model_path(model)
+    tokenizer = open_model_dir(model_path)  # config.json, weights and tokenizer, one clear error each
+    cfg = LlamaConfig.from_hf(model_path)
+    check_settings(cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                   names=_FLAGS)
+    context = cfg.max_position_embeddings
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    for p, toks in zip(prompts, ids):
+        if len(toks) + max_new_tokens > context:
+            room = context - len(toks)
+            fix = f"use --max-new-tokens {room} or less" if room > 0 else "shorten the prompt"
+            raise ConfigError(f"--max-new-tokens {max_new_tokens} after the prompt {_short(p)} ({len(toks)} "
+                              f"tokens) exceeds the model's context of {context} tokens "
+                              f"(max_position_embeddings); {fix}")
     lora = lcfg = None
     if checkpoint:
         from lora_jax.export import load_run
 
         cfg, params, lora, lcfg, _, _, model_path = load_run(checkpoint)
     else:
-        model_path = resolve_model_path(model)
         cfg, params = load_pretrained(model_path, dtype=resolve_dtype("auto"))
         if adapter:
             from lora_jax.hf.peft import load_peft
 
             lora, lcfg = load_peft(adapter, params)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    return generate_text(cfg, params, tokenizer, prompts, lora=lora, lcfg=lcfg, **kwargs)
+    outs = generate(cfg, params, ids, lora=lora, lcfg=lcfg, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_k=top_k, seed=seed, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id or 0)
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit - 3] + "...")

@@ -61,23 +61,20 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
 
 
 def _read_sweep_file(path: str) -> dict:
-    import yaml
-
+    from lora_jax.config import load_yaml
     from lora_jax.errors import ConfigError
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"--sweep {path}: no such file")
-    with open(path) as f:
-        try:
-            spec = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--sweep {path} is not valid YAML: {e}") from None
+    spec = load_yaml(path, "--sweep")
+    spec = {} if spec is None else spec
     if not isinstance(spec, dict):
         raise ConfigError(f"--sweep {path} holds a {type(spec).__name__}; it must be a mapping with "
                           "a grid: key")
-    unknown = sorted(set(spec) - set(_FILE_KEYS))
+    unknown = sorted(set(map(str, spec)) - set(_FILE_KEYS))
     if unknown:
         raise ConfigError(f"--sweep {path}: unknown key(s) {unknown}; allowed: {list(_FILE_KEYS)}")
+    out = spec.get("output_dir")
+    if out is not None and (not isinstance(out, str) or not out.strip()):
+        raise ConfigError(f"--sweep {path}: output_dir: {out!r} must be a directory path (text)")
     return spec
 
 
@@ -96,9 +93,9 @@ def _sets(value, where: str) -> list[str]:
 def build_sweep(args):
     """(run, grid, output_dir) from parsed arguments; ConfigError on bad input."""
     from lora_jax.cli import flag_overrides, load_run_config
-    from lora_jax.config import RunConfig, _parse_value
+    from lora_jax.config import RunConfig, _field_types, _parse_value, _sections
     from lora_jax.errors import ConfigError
-    from lora_jax.sweep import _combos, normalize_grid, parse_grid_args
+    from lora_jax.sweep import _combos, expand_grid, normalize_grid, parse_grid_args
 
     cli_grid = parse_grid_args(args.grid)  # malformed / unknown keys fail before anything loads
     spec = _read_sweep_file(args.sweep) if args.sweep else {}
@@ -112,8 +109,13 @@ def build_sweep(args):
             if not isinstance(values, dict):
                 raise ConfigError(f"--sweep {args.sweep}: section {name}: must be a mapping of fields")
             # YAML reads 1e-4 as a string; parse such values as --set does
-            d[name].update({k: _parse_value(v) if isinstance(v, str) else v for k, v in values.items()})
-        run = RunConfig.from_dict(d)
+            kinds = _field_types(_sections()[name])
+            d[name].update({k: _parse_value(v, kind=kinds.get(k, "Any")) if isinstance(v, str) else v
+                            for k, v in values.items()})
+        try:
+            run = RunConfig.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"--sweep {args.sweep}: {e}") from None
     run = run.with_overrides(_sets(spec.get("set"), f"--sweep {args.sweep}:") + flag_overrides(args))
 
     file_grid = spec.get("grid")
@@ -131,6 +133,7 @@ def build_sweep(args):
         grid.update(cli_grid)
     else:
         grid = dict(DEMO_GRID)
+    expand_grid(run, grid)  # every configuration is valid (e.g. optim.lr=-1) before anything loads
     out = args.output_dir or spec.get("output_dir") or DEFAULT_OUTPUT_DIR
     return run, grid, out
 
@@ -157,6 +160,7 @@ def cmd_sweep(args) -> int:
 
     per_pass = _per_pass(args.adapters_per_pass)
     run, grid, out = build_sweep(args)
+    run.warn_unusual()
     result = sweep(run, grid, output_dir=out, progress=not args.no_progress, overwrite=args.overwrite,
                    adapters_per_pass=per_pass)
     console = Console()

@@ -507,7 +507,6 @@ def test_failed_saves_write_nothing(bases, tmp_path, monkeypatch):
     # a failure while writing leaves an existing directory as it was, and no temporary behind
     keep = tmp_path / "keep"
     keep.mkdir()
-    (keep / "marker").write_text("old")
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -518,8 +517,13 @@ def test_failed_saves_write_nothing(bases, tmp_path, monkeypatch):
     monkeypatch.setattr("lora_jax.hf.save.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         lj.save_pretrained(keep, params, cfg, lora=lora, lcfg=lcfg)
-    assert os.listdir(keep) == ["marker"] and (keep / "marker").read_text() == "old"
+    assert os.listdir(keep) == []
     assert sorted(os.listdir(tmp_path)) == ["keep"]
+    # a directory holding someone's files is not written into at all (tests/test_export_safety.py)
+    (keep / "marker").write_text("old")
+    with pytest.raises(lj.ConfigError, match="is not empty"):
+        lj.save_peft(keep, lora, lcfg, cfg)
+    assert os.listdir(keep) == ["marker"] and (keep / "marker").read_text() == "old"
 
 
 # ------------------------------------------------------------------------------ training gradients

@@ -10,8 +10,8 @@
     state = loader.get_state()                     # JSON; loader.set_state(state) resumes exactly
 """
 
-from lora_jax.data.config import OVERLONG_POLICIES, DataConfig
-from lora_jax.data.dataset import Datasets, build_datasets, split_heldout
+from lora_jax.data.config import DEFAULT_MAX_RECORD_BYTES, OVERLONG_POLICIES, DataConfig
+from lora_jax.data.dataset import Datasets, build_datasets, has_content, split_heldout
 from lora_jax.data.formats import (FORMATS, detect_file_format, detect_format, read_jsonl,
                                    read_jsonl_lines)
 from lora_jax.data.loader import DataLoader, batch_indices, eval_batches, steps_per_epoch
@@ -20,7 +20,8 @@ from lora_jax.data.pack import (ROW_DTYPES, ROW_KEYS, empty_row, first_fit, pack
 from lora_jax.data.tokenize import assistant_spans, special_prefix, tokenize_record
 
 __all__ = [
-    "DataConfig", "OVERLONG_POLICIES", "Datasets", "build_datasets", "split_heldout", "FORMATS",
+    "DataConfig", "OVERLONG_POLICIES", "DEFAULT_MAX_RECORD_BYTES", "Datasets", "build_datasets",
+    "split_heldout", "has_content", "FORMATS",
     "read_jsonl", "read_jsonl_lines", "detect_format", "detect_file_format", "DataLoader",
     "batch_indices", "eval_batches", "steps_per_epoch", "ROW_KEYS", "ROW_DTYPES", "empty_row",
     "first_fit", "pack_examples", "pad_examples", "truncate_examples", "special_prefix",

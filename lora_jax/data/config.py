@@ -11,9 +11,15 @@ import os
 
 from lora_jax.errors import ConfigError
 
-__all__ = ["DataConfig", "OVERLONG_POLICIES"]
+__all__ = ["DataConfig", "OVERLONG_POLICIES", "DEFAULT_MAX_RECORD_BYTES"]
 
 OVERLONG_POLICIES = ("truncate", "error")
+
+# Why 1 MiB: each line is checked against this before it is parsed or tokenized, because tokenizing
+# takes hundreds of times the raw size in memory (a 50 MB line exhausted 24 GiB). 1 MiB of JSON is
+# still far more tokens (~170k or more) than any seq_len keeps, so only a record that would mostly be
+# truncated anyway is refused, and tokenizing the largest accepted one stays in the hundreds of MB.
+DEFAULT_MAX_RECORD_BYTES = 2**20
 
 
 def _is_int(value) -> bool:
@@ -39,6 +45,9 @@ class DataConfig:
     seed: held-out split and (in the loader) the shuffle order.
     add_eos: append the tokenizer's eos to each record unless it already ends with it, so the
         model learns to stop.
+    max_record_bytes: the largest record (one JSONL line, in bytes) that is read; a longer line is
+        refused, naming its file and line, before it is parsed or tokenized, so memory stays bounded
+        by this limit and not by the file. Raise it for genuinely long records, or split them.
     """
 
     train_file: str | None = None
@@ -50,6 +59,7 @@ class DataConfig:
     overlong: str = "truncate"
     seed: int = 0
     add_eos: bool = True
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
     def __post_init__(self):
         for name in ("train_file", "eval_file"):
@@ -77,6 +87,10 @@ class DataConfig:
             raise ConfigError(f"data.overlong={self.overlong!r}; choose one of {OVERLONG_POLICIES}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"data.seed={self.seed!r} must be a non-negative integer")
+        if not _is_int(self.max_record_bytes) or self.max_record_bytes < 2:
+            raise ConfigError(f"data.max_record_bytes={self.max_record_bytes!r} must be an integer number "
+                              f"of bytes >= 2 (the longest JSONL line read), e.g. {DEFAULT_MAX_RECORD_BYTES} "
+                              "(1 MiB, the default)")
 
     def replace(self, **changes) -> "DataConfig":
         return dataclasses.replace(self, **changes)

@@ -17,7 +17,7 @@ from lora_jax.data.pack import Example, pack_examples, pad_examples, truncate_ex
 from lora_jax.data.tokenize import special_prefix, tokenize_record
 from lora_jax.errors import ConfigError, DataError
 
-__all__ = ["Datasets", "build_datasets", "split_heldout"]
+__all__ = ["Datasets", "build_datasets", "split_heldout", "has_content"]
 
 
 class Datasets(NamedTuple):
@@ -26,7 +26,8 @@ class Datasets(NamedTuple):
     train_rows / eval_rows: packed or padded rows (`lora_jax.data.pack`), eval_rows for eval loss.
     eval_records: the raw held-out records (dicts as in the file), e.g. for generation evals.
     stats: JSON-friendly counts: n_records (in train_file), n_train, n_eval (records), n_truncated
-        (train + eval), n_dropped (records with no loss token left, skipped), n_tokens and
+        (train + eval), n_dropped (records with no loss token left, skipped), n_empty (training
+        records with nothing to learn but eos: `has_content`; kept), n_tokens and
         n_loss_tokens (train), n_train_rows, n_eval_rows, fill (fraction of train row slots that
         hold a token), format, eval_format.
     """
@@ -54,12 +55,12 @@ def build_datasets(cfg: DataConfig, tokenizer) -> Datasets:
     if not cfg.train_file:
         raise ConfigError("data.train_file is not set; point it at a JSONL file of "
                           '{"text"}, {"prompt", "completion"} or {"messages"} records')
-    train = read_jsonl_lines(cfg.train_file)
+    train = read_jsonl_lines(cfg.train_file, cfg.max_record_bytes)
     fmt = detect_file_format(train, cfg.train_file)
     train_where = [f"{cfg.train_file}:{line}" for line, _ in train]
     train_records = [record for _, record in train]
     if cfg.eval_file:
-        held = read_jsonl_lines(cfg.eval_file)
+        held = read_jsonl_lines(cfg.eval_file, cfg.max_record_bytes)
         eval_fmt = detect_file_format(held, cfg.eval_file)
         eval_where = [f"{cfg.eval_file}:{line}" for line, _ in held]
         eval_records = [record for _, record in held]
@@ -76,6 +77,9 @@ def build_datasets(cfg: DataConfig, tokenizer) -> Datasets:
         train_where = [train_where[i] for i in train_idx]
         train_records = [train_records[i] for i in train_idx]
 
+    n_empty = sum(not has_content(r, fmt, cfg.completion_only_loss) for r in train_records)
+    if n_empty == len(train_records):
+        raise DataError(_all_empty(cfg, fmt, len(train_records)))
     if cfg.add_eos and tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token, so data.add_eos cannot append one; set "
                         "data.add_eos=false or use a tokenizer that defines eos")
@@ -100,6 +104,7 @@ def build_datasets(cfg: DataConfig, tokenizer) -> Datasets:
         "n_eval": len(eval_records),
         "n_truncated": n_cut_train + n_cut_eval,
         "n_dropped": n_drop_train + n_drop_eval,
+        "n_empty": n_empty,
         "n_tokens": n_tokens,
         "n_loss_tokens": int(sum(float(row["loss_mask"].sum()) for row in train_rows)),
         "n_train_rows": len(train_rows),
@@ -107,6 +112,28 @@ def build_datasets(cfg: DataConfig, tokenizer) -> Datasets:
         "fill": n_tokens / (len(train_rows) * cfg.seq_len),
     }
     return Datasets(train_rows, eval_rows, eval_records, stats)
+
+
+def has_content(record: dict, fmt: str, completion_only: bool = True) -> bool:
+    """Whether a (format-checked) record has any non-blank text the loss is taken on: its text; its
+    completion (with `completion_only`, else prompt or completion); an assistant message's content
+    (with `completion_only`, else any message's). A record without any learns nothing but eos."""
+    if fmt == "text":
+        return bool(record["text"].strip())
+    if fmt == "prompt_completion":
+        return bool(record["completion"].strip() or (not completion_only and record["prompt"].strip()))
+    return any(m["content"].strip() for m in record["messages"]
+               if not completion_only or m["role"] == "assistant")
+
+
+def _all_empty(cfg: DataConfig, fmt: str, n: int) -> str:
+    what = {"text": "every 'text' is empty or blank",
+            "prompt_completion": ("every 'completion' is empty or blank" if cfg.completion_only_loss
+                                  else "every 'prompt' and 'completion' is empty or blank"),
+            "messages": ("no assistant message has content" if cfg.completion_only_loss
+                         else "every message's 'content' is empty or blank")}[fmt]
+    return (f"{cfg.train_file}: no trainable tokens: {what} in all {n} training record(s), so only eos "
+            "would be learned; fill in the records (check the field names and the file written)")
 
 
 def _examples(records: Sequence[dict], where: Sequence[str], fmt: str, tokenizer, cfg: DataConfig,

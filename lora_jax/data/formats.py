@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping, NoReturn
 
+from lora_jax.data.config import DEFAULT_MAX_RECORD_BYTES
 from lora_jax.errors import DataError
 
 __all__ = ["FORMATS", "read_jsonl", "read_jsonl_lines", "detect_format", "detect_file_format"]
@@ -20,11 +21,14 @@ _EXPECTED = ('{"text": ...}, {"prompt": ..., "completion": ...} or '
              '{"messages": [{"role": ..., "content": ...}, ...]}')
 
 
-def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
+def read_jsonl_lines(path: str | os.PathLike,
+                     max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> list[tuple[int, dict]]:
     """``(line_number, record)`` per non-blank line (1-based), so later errors can name the line.
 
-    Lines are decoded one by one (a UTF-8 BOM on the first is dropped) so that an encoding error,
-    too, points at its line rather than a byte offset.
+    The file is read line by line, and a line longer than ``max_record_bytes`` (``None``: no limit)
+    is refused before it is decoded or parsed, having read at most that many bytes of it, so memory
+    is bounded by the limit and not by the file. Lines are decoded one by one (a UTF-8 BOM on the
+    first is dropped) so that an encoding error, too, points at its line rather than a byte offset.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -32,40 +36,100 @@ def read_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
                         f"{os.getcwd()})")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory; give a JSONL file (one JSON object per line)")
+    records: list[tuple[int, dict]] = []
     try:
         with open(path, "rb") as f:
-            raw_lines = f.read().splitlines()
+            for lineno, raw in _raw_lines(f, path, max_record_bytes):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                record = _parse_line(raw, path, lineno)
+                if record is not None:
+                    records.append((lineno, record))
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); check its permissions") from None
-    records: list[tuple[int, dict]] = []
-    for lineno, raw in enumerate(raw_lines, start=1):
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                            "save the file as UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                            "fix the line or remove it") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: record is a JSON {_json_type(record)}, expected an "
-                            f"object such as {_EXPECTED}; write one JSON object per line")
-        records.append((lineno, record))
     if not records:
         raise DataError(f"{path}: no records (empty file or only blank lines); add one JSON "
                         f"object per line, such as {_EXPECTED}")
     return records
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSONL file, in order; `DataError` for a missing, malformed or empty file."""
-    return [record for _, record in read_jsonl_lines(path)]
+def read_jsonl(path: str | os.PathLike, max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> list[dict]:
+    """The records of a JSONL file, in order; `DataError` for a missing, malformed or empty file,
+    or a line longer than ``max_record_bytes``."""
+    return [record for _, record in read_jsonl_lines(path, max_record_bytes)]
+
+
+_MEASURE_AT_MOST = 1 << 30  # an over-long line is measured up to here for the message, no further
+
+
+def _raw_lines(f: BinaryIO, path: str, limit: int | None) -> Iterator[tuple[int, bytes]]:
+    """``(line number, bytes without the line break)``, reading at most ``limit`` + 2 bytes of a line.
+
+    Line breaks are "\\n", "\\r\\n" and a lone "\\r" (as ``bytes.splitlines``); the limit applies to
+    the bytes between two "\\n"."""
+    lineno = 0
+    while True:
+        raw = f.readline(-1 if limit is None else limit + 2)  # + 2: room for a "\\r\\n" at the end
+        if not raw:
+            return
+        whole = raw.endswith(b"\n")
+        line = raw[:-1] if whole else raw
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if limit is not None and len(line) > limit:
+            size = len(line) if whole else _drain(f, len(line), min(max(limit, 1 << 16), 1 << 20))
+            _too_long(path, lineno + 1, size, limit)
+        for piece in line.split(b"\r") if b"\r" in line else (line,):
+            lineno += 1
+            yield lineno, piece
+
+
+def _drain(f: BinaryIO, seen: int, chunk_bytes: int) -> int:
+    """Skip to the end of the current line, a chunk at a time; its length (capped) in bytes."""
+    while seen <= _MEASURE_AT_MOST:
+        chunk = f.readline(chunk_bytes)
+        if not chunk:
+            break
+        if chunk.endswith(b"\n"):
+            return seen + len(chunk.rstrip(b"\r\n"))
+        seen += len(chunk)
+    return seen
+
+
+def _too_long(path: str, lineno: int, size: int, limit: int) -> NoReturn:
+    over = "more than " if size > _MEASURE_AT_MOST else ""
+    fits = 1 << max(size - 1, 1).bit_length()
+    raise DataError(f"{path}:{lineno}: record is {over}{size} bytes ({_human(size)}), over "
+                    f"data.max_record_bytes={limit} ({_human(limit)}), so it is refused before "
+                    "tokenizing; split it into smaller records, or raise the limit if records this "
+                    f"long are meant (e.g. --set data.max_record_bytes={fits})")
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _parse_line(raw: bytes, path: str, lineno: int) -> dict | None:
+    """The record on one line; None for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                        "save the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                        "fix the line or remove it") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{lineno}: record is a JSON {_json_type(record)}, expected an "
+                        f"object such as {_EXPECTED}; write one JSON object per line")
+    return record
 
 
 def detect_format(record: Mapping[str, Any], where: str) -> str:

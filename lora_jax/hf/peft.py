@@ -45,7 +45,7 @@ from lora_jax.config import LlamaConfig, LoraConfig
 from lora_jax.errors import CheckpointFormatError, ConfigError
 from lora_jax.hf.load import np_dtype
 from lora_jax.hf.names import PROJECTIONS, Entry, flax_path, hf_entries, projection_parent
-from lora_jax.hf.save import atomic_dir
+from lora_jax.hf.save import atomic_dir, check_export_target
 from lora_jax.lora.targets import Target, model_shape, plan_targets, shape_from_config
 
 __all__ = ["save_peft", "load_peft", "apply_modules_to_save", "read_peft_config",
@@ -318,18 +318,22 @@ def _adapter_tensors(lora, lcfg: LoraConfig, targets: list[Target], target_dtype
 
 
 def save_peft(out_dir: str, lora, lcfg: LoraConfig, cfg: LlamaConfig, base_model_name_or_path: str | None = None,
-              dtype: str = "float32", params=None) -> str:
+              dtype: str = "float32", params=None, *, overwrite: bool = False) -> str:
     """Write `lora` as a PEFT adapter directory that `peft.PeftModel.from_pretrained` loads.
 
     cfg: the base model's LlamaConfig (fixes the shapes targets are planned against).
     dtype: tensor dtype in the file ("float32", "bfloat16", "float16").
     params: the (trained) parameters, needed only when `lcfg.modules_to_save` is set: those modules'
         weights are written as PEFT writes them (`base_model.model.lm_head.weight`, ...).
-    Written into a temporary directory renamed into place, so an error leaves nothing behind.
-    Returns the directory.
+    overwrite: replace `out_dir` if it holds a previous adapter export (exactly adapter_config.json
+        + adapter_model.safetensors); without it a non-empty `out_dir` is refused. A directory
+        holding anything else, or a file at `out_dir`, is refused either way.
+    Written into a temporary directory beside `out_dir`, renamed into place when complete: an error
+    leaves `out_dir` as it was and nothing behind. Returns the directory.
     """
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype={dtype!r}; choose one of {_DTYPES}")
+    check_export_target(out_dir, "peft", overwrite)
     target = np_dtype(dtype)
     targets = plan_targets(shape_from_config(cfg), lcfg)
     tensors = _adapter_tensors(lora, lcfg, targets, target)
@@ -347,7 +351,7 @@ def save_peft(out_dir: str, lora, lcfg: LoraConfig, cfg: LlamaConfig, base_model
                                   f"{list(e.hf_shape)}; pass the params and LlamaConfig of one model")
             tensors[PREFIX + e.hf_key] = np.ascontiguousarray(t.astype(target))
     config = _peft_config_dict(lcfg, None if base_model_name_or_path is None else os.fspath(base_model_name_or_path))
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "peft", overwrite) as tmp:
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             # top level sorted as PEFT writes it; pattern dicts keep their order (first match wins)

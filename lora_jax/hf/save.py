@@ -1,6 +1,11 @@
 """Write a Flax Llama as a Hugging Face model directory (config.json + safetensors, sharded + index
-above `max_shard_size`), tensor by tensor, into a temporary directory renamed into place at the end,
-so a failure never leaves a half-written model behind.
+above `max_shard_size`), tensor by tensor.
+
+Exports never destroy what they did not write (`atomic_dir`): everything is written into a fresh
+temporary directory beside the target and renamed into place only once complete, so a failure
+leaves the target as it was and no temporary behind. A target that holds anything is refused unless
+`overwrite=True`, and even then only a previous export of the same kind (recognised by its exact
+contents, `is_previous_export`) is replaced; a file at the target is always refused.
 
 A quantised base (`lora_jax.quant`, QLoRA) is written dequantised, one layer slice at a time, in
 fp32 arithmetic cast once to the export dtype; merged with adapters, the merge runs on that fp32
@@ -11,7 +16,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
+import uuid
 from typing import Iterator
 
 import jax
@@ -25,51 +32,179 @@ from lora_jax.hf.load import np_dtype
 from lora_jax.hf.names import flax_path, hf_entries
 from lora_jax.quant import dequantize, is_quantized
 
-__all__ = ["save_pretrained", "parse_size", "atomic_dir", "TOKENIZER_FILES"]
+__all__ = ["save_pretrained", "parse_size", "atomic_dir", "check_export_target", "is_previous_export",
+           "EXPORT_KINDS", "TOKENIZER_FILES"]
 
 _NP_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
+# ------------------------------------------------------------------------------------------ sizes
+_UNITS = (("TIB", 2**40), ("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("TB", 10**12), ("GB", 10**9),
+          ("MB", 10**6), ("KB", 10**3), ("B", 1))
+_SIZE = re.compile(r"(?P<num>\d+(\.\d*)?|\.\d+)\s*(?P<unit>[KMGT]I?B|B)?")
 
-def parse_size(size: int | str) -> int:
+
+def parse_size(size: int | str, what: str = "max_shard_size") -> int:
+    """Bytes in `size`: an integer of bytes (5000000000, "5000000000") or a number with a unit, as
+    transformers writes them ("5GB", "500MB", "1.5GiB"; KB/MB/GB/TB are powers of 10, KiB/MiB/GiB/TiB
+    of 2; case-insensitive). Anything else, or a size below one byte, is a `ConfigError` naming it."""
+    forms = "e.g. 5GB, 500MB, 2GiB, or an integer number of bytes such as 5000000000"
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ConfigError(f"{what}={size!r} is not a size; use {forms}")
     if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                       ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+        value = size
+    else:
+        m = _SIZE.fullmatch(size.strip().upper())
+        if m is None:
+            raise ConfigError(f"{what}={size!r} is not a size; use {forms}")
+        mult = dict(_UNITS)[m["unit"]] if m["unit"] else 1
+        if not m["unit"] and not m["num"].isdigit():
+            raise ConfigError(f"{what}={size!r}: a size without a unit is a whole number of bytes; use {forms}")
+        value = int(float(m["num"]) * mult)
+    if value < 1:
+        raise ConfigError(f"{what}={size!r} must be at least 1 byte; use {forms}")
+    return value
+
+
+# ----------------------------------------------------------------------------------- safe targets
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+# kind -> (what it is, in messages; the files an export of that kind writes). A directory holding
+# only such files, with the required ones, is a previous export that overwrite=True may replace.
+EXPORT_KINDS = {
+    "peft": "PEFT adapter (adapter_config.json + adapter_model.safetensors)",
+    "model": "Hugging Face model (config.json + model*.safetensors)",
+}
+
+
+def _export_names(kind: str, names: set[str]) -> tuple[bool, list[str]]:
+    """(has the files an export of `kind` must have, the names an export of `kind` never writes)."""
+    if kind == "peft":
+        allowed = required = {"adapter_config.json", "adapter_model.safetensors"}
+        return required <= names, sorted(names - allowed)
+    if kind == "model":
+        weights = {n for n in names if n == "model.safetensors" or _SHARD.fullmatch(n)}
+        allowed = {"config.json", "model.safetensors.index.json", *TOKENIZER_FILES} | weights
+        return "config.json" in names and bool(weights), sorted(names - allowed)
+    raise ValueError(f"unknown export kind {kind!r}; one of {sorted(EXPORT_KINDS)}")
+
+
+def is_previous_export(path: str, kind: str) -> bool:
+    """Whether directory `path` holds exactly what an export of `kind` ("peft" or "model") writes:
+    the required files, only plain files, nothing else. Such a directory may be replaced with
+    `overwrite=True`; any other is refused even then."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return False
+    if any(e.is_symlink() or not e.is_file() for e in entries):
+        return False
+    complete, foreign = _export_names(kind, {e.name for e in entries})
+    return complete and not foreign
+
+
+def check_export_target(out_dir, kind: str, overwrite: bool = False) -> str:
+    """The absolute path of `out_dir` if an export of `kind` may be written there, else a
+    `ConfigError` naming the path and the way out. Writes nothing.
+
+    Allowed: a path that does not exist yet (parents are created), an empty directory, and with
+    `overwrite` a directory holding a previous export of the same kind (`is_previous_export`).
+    Refused: a file or symbolic link at the path, a non-empty directory without `overwrite`, and
+    with it a directory holding anything an export does not write.
+    """
+    what = EXPORT_KINDS[kind]
+    out = os.path.abspath(os.fspath(out_dir))
+    if os.path.islink(out):
+        raise ConfigError(f"{out} is a symbolic link; refusing to replace it. Export to the directory "
+                          f"it points to ({os.path.realpath(out)}) or to a new path")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"{out} is a file, not a directory; refusing to replace it with a {what}. "
+                          "Choose a new or empty directory")
+    if not os.path.isdir(out):
+        parent = os.path.dirname(out)
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise ConfigError(f"cannot export to {out}: {parent} is a file, not a directory")
+        return out
+    try:
+        names = os.listdir(out)
+    except OSError as e:
+        raise ConfigError(f"cannot export to {out}: {e.strerror or e}") from None
+    if not names:
+        return out
+    if not overwrite:
+        raise ConfigError(f"{out} is not empty; refusing to export a {what} over it (nothing was "
+                          "changed). Choose a new or empty directory, or pass --overwrite "
+                          "(overwrite=True) to replace a previous export there")
+    if not is_previous_export(out, kind):
+        _, foreign = _export_names(kind, set(names))
+        held = f"it holds {_short(foreign)}, which" if foreign else "its contents"
+        raise ConfigError(f"{out} is not a previous {what} export ({held} an export never writes); "
+                          "refusing to replace it even with --overwrite (nothing was changed). "
+                          "Choose a new or empty directory")
+    return out
+
+
+def _short(names, n: int = 5) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 class atomic_dir:
-    """Context manager: write into `<out>.tmp-<pid>`, then replace `out` only on success."""
+    """Context manager for writing one export: `with atomic_dir(out, kind, overwrite) as tmp:` write
+    the files into `tmp`, a new directory beside `out` (`<out>.tmp-XXXXXXXX`); on success it is
+    renamed to `out`, on any error it is removed and `out` is left as it was.
 
-    def __init__(self, out_dir: str, overwrite: bool = True):
-        self.out = os.path.abspath(os.fspath(out_dir))
-        if os.path.exists(self.out) and not overwrite:
-            raise ConfigError(f"{self.out} already exists; choose another directory or pass overwrite=True")
-        self.tmp = f"{self.out}.tmp-{os.getpid()}"
+    `out` is checked (`check_export_target`) on entry and again just before the rename, so a
+    directory that filled up meanwhile is not replaced either. A previous export being replaced
+    (overwrite) is first renamed aside, then deleted once the new one is in place; if the new one
+    cannot be put in place the old one is renamed back."""
+
+    def __init__(self, out_dir, kind: str, overwrite: bool = False):
+        self.kind, self.overwrite = kind, overwrite
+        self.out = check_export_target(out_dir, kind, overwrite)
+        self.tmp: str | None = None
 
     def __enter__(self) -> str:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
+        parent = os.path.dirname(self.out)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create {parent} to export into: {e.strerror or e}") from None
+        # os.mkdir, not tempfile.mkdtemp: the export keeps the umask's permissions, not 0700
+        self.tmp = f"{self.out}.tmp-{uuid.uuid4().hex[:8]}"
+        os.mkdir(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if os.path.exists(self.out):
-            old = f"{self.out}.old-{os.getpid()}"
-            os.rename(self.out, old)
-            os.rename(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
+        if exc_type is None:
+            try:
+                self._commit()
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
         else:
-            os.makedirs(os.path.dirname(self.out) or ".", exist_ok=True)
-            os.rename(self.tmp, self.out)
+            shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+    def _commit(self) -> None:
+        check_export_target(self.out, self.kind, self.overwrite)
+        if not os.path.isdir(self.out):
+            os.rename(self.tmp, self.out)  # fails if a non-empty `out` appeared meanwhile
+        elif not os.listdir(self.out):
+            os.rmdir(self.out)  # fails if something was written into it meanwhile
+            os.rename(self.tmp, self.out)
+        else:  # a previous export, checked above
+            old = f"{self.out}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out, old)
+            try:
+                os.rename(self.tmp, self.out)
+            except BaseException:
+                os.rename(old, self.out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _get(tree, path):
@@ -95,11 +230,12 @@ def hf_tensors(params, cfg: LlamaConfig, dtype: str, entries=None) -> Iterator[t
 
 
 def write_model(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], cfg: LlamaConfig, dtype: str,
-                max_shard_size: int | str = "5GB", tokenizer_dir: str | None = None) -> None:
+                max_shard_size: int | str = "5GB", tokenizer_dir: str | None = None, *,
+                overwrite: bool = False) -> None:
     limit = parse_size(max_shard_size)
     weight_map: dict[str, str] = {}
     total = 0
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "model", overwrite) as tmp:
         pending: dict[str, np.ndarray] = {}
         pending_bytes = 0
         n = 0
@@ -143,7 +279,7 @@ def write_model(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], cfg: Ll
 
 def save_pretrained(out_dir: str, params, cfg: LlamaConfig, lora=None, lcfg=None, *,
                     dtype: str | None = None, max_shard_size: int | str = "5GB",
-                    tokenizer_dir: str | None = None) -> str:
+                    tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
     """Write a transformers-loadable model directory; with `lora`, the merged model (W + s*A@B, DoRA:
     m * (W + s*A@B) / ||W + s*A@B||, as `lora_jax.merge`), folded in fp32 and cast once to `dtype`.
 
@@ -151,18 +287,25 @@ def save_pretrained(out_dir: str, params, cfg: LlamaConfig, lora=None, lcfg=None
     memory holds the model, one merged slice and the shard being filled, never a merged copy of the
     model.
     dtype: of the written tensors (default: the params' dtype, `cfg.param_dtype`).
-    Returns the directory.
+    max_shard_size: "5GB", "500MB", "2GiB" or an integer of bytes (`parse_size`).
+    overwrite: replace `out_dir` if it holds a previous model export (config.json + model*.safetensors
+        [+ index, tokenizer files] and nothing else); without it a non-empty `out_dir` is refused.
+        A directory holding anything else, or a file at `out_dir`, is refused either way.
+    Written into a temporary directory beside `out_dir`, renamed into place when complete: an error
+    leaves `out_dir` as it was. Returns the directory.
     """
     dtype = dtype or cfg.param_dtype
     if dtype not in _NP_DTYPE_NAMES:
         raise ConfigError(f"dtype={dtype!r}; choose one of {_NP_DTYPE_NAMES}")
+    parse_size(max_shard_size)
+    check_export_target(out_dir, "model", overwrite)
     if lora is not None:
         if lcfg is None:
             raise ConfigError("save_pretrained got lora= but no lcfg=; pass the LoraConfig of the adapter")
         tensors = _merged_tensors(params, _adapters_by_kernel(params, lora, cfg), cfg, dtype)
     else:
         tensors = hf_tensors(params, cfg, dtype)
-    write_model(out_dir, tensors, cfg, dtype, max_shard_size, tokenizer_dir)
+    write_model(out_dir, tensors, cfg, dtype, max_shard_size, tokenizer_dir, overwrite=overwrite)
     return os.path.abspath(out_dir)
 
 

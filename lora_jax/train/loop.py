@@ -10,6 +10,12 @@ is written, so a refused run leaves no trace. Output directory layout:
     tb/                TensorBoard event files (likewise purged on resume)
     adapter/           the PEFT adapter exported at the end
     summary.json       eval_before, eval_after, train_loss_first/last, steps, tokens_per_s, ...
+
+Preemption: the first SIGTERM (SLURM, TPU/cloud preemption) or SIGINT (Ctrl-C) during the loop lets
+the step in flight finish, checkpoints that step (loader state included, so the resume is exact) and
+raises `TrainingInterrupted`; a second signal acts as if the loop had installed nothing (SIGINT
+raises KeyboardInterrupt at once, SIGTERM kills). Progress: a tqdm bar on a terminal, one plain
+line per `train.log_every` steps when stderr is a file or a pipe.
 """
 
 from __future__ import annotations
@@ -17,24 +23,50 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from lora_jax.checkpoint import Checkpointer, base_fingerprint, fingerprints_match
+from lora_jax.checkpoint import Checkpointer, CheckpointMismatch, base_fingerprint, fingerprints_match
 from lora_jax.config import RunConfig
 from lora_jax.errors import ConfigError, LoraJaxError
 from lora_jax.sharding import make_mesh, place, rules_with
 from lora_jax.train.step import shard_state
 
-__all__ = ["train", "TrainingDiverged", "prepare_output_dir", "resolve_model_path", "exact_match"]
+__all__ = ["train", "TrainingDiverged", "TrainingInterrupted", "prepare_output_dir", "resolve_model_path",
+           "exact_match"]
 
 
 class TrainingDiverged(LoraJaxError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(LoraJaxError):
+    """SIGTERM or SIGINT stopped the loop after a step, with a checkpoint at that step.
+
+    `step` is the checkpointed step, `signum` the signal, `exit_code` the conventional 128 + signum
+    (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, step: int, signum: int, output_dir: str):
+        self.step, self.signum, self.output_dir = step, signum, output_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped after step {step} and saved a checkpoint at step "
+                         f"{step} in {os.path.join(output_dir, 'checkpoints')}; continue with "
+                         f"`lora-jax train --output-dir {shlex.quote(output_dir)} --resume`")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __reduce__(self):
+        return type(self), (self.step, self.signum, self.output_dir)
 
 
 def open_model_dir(model_path: str):
@@ -50,11 +82,18 @@ def open_model_dir(model_path: str):
                           "Llama directory: config.json, *.safetensors, tokenizer files)")
     LlamaConfig.from_hf(model_path)
     weight_files(model_path)
+    needed = ("tokenizer.json (or tokenizer.model, or vocab.json + merges.txt) and tokenizer_config.json; "
+              "copy them from the base model's repository")
+    if not any(os.path.isfile(os.path.join(model_path, name)) for name in _TOKENIZER_FILES):
+        raise ConfigError(f"model directory {model_path} has no tokenizer files: it needs {needed}")
     try:
         return transformers.AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the tokenizer from {model_path} ({type(e).__name__}: {e}); the "
-                          "model directory needs tokenizer.json / tokenizer_config.json") from None
+    except (OSError, ValueError, TypeError) as e:  # transformers' text runs to several lines
+        raise ConfigError(f"cannot load the tokenizer in {model_path} ({type(e).__name__}); the model "
+                          f"directory needs {needed}") from None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def data_config(run: RunConfig):
@@ -83,6 +122,7 @@ def resolve_dtype(dtype: str) -> str:
 def prepare_output_dir(out: str, run: RunConfig, resume: bool, overwrite: bool) -> RunConfig:
     """Refuse a directory holding another run unless resuming / overwriting; returns the config to
     use (the saved one when resuming). Writes nothing."""
+    _check_output_path(out)
     run_json = os.path.join(out, "run.json")
     if resume:
         if not os.path.isfile(run_json):
@@ -97,6 +137,55 @@ def prepare_output_dir(out: str, run: RunConfig, resume: bool, overwrite: bool) 
             raise ConfigError(f"--overwrite: {out} is not a lora-jax run directory (no run.json); "
                               "refusing to delete it. Choose another --output-dir")
     return run
+
+
+def _check_output_path(out: str) -> None:
+    """An output directory must be a directory, or creatable: its nearest existing ancestor a
+    writable directory."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--output-dir {out} is a file, not a directory; choose another --output-dir")
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--output-dir {out} cannot be created: {parent} is a file, not a directory; "
+                          "choose another --output-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {out}: {parent} is not writable; choose another --output-dir")
+
+
+def _output_dir(value) -> str:
+    """train.output_dir as an absolute path; a value YAML read as a number, a bool or null (e.g.
+    `output_dir: 1.5e5` gives 150000.0) is refused rather than guessed back."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        kind = "empty" if isinstance(value, str) else f"it was read as a {type(value).__name__}"
+        raise ConfigError(f"train.output_dir={value!r} is not a directory path ({kind}); give it as a "
+                          "string (in a YAML file, quote it: output_dir: \"1e5\")")
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _mismatch_message(e: CheckpointMismatch, ckpt: Checkpointer, out: str, lcfg) -> str:
+    """--resume into a state the checkpoint does not fit: which leaf, and which LoRA fields of the
+    run's config differ from the ones the checkpoint was written with."""
+    changed = ""
+    try:
+        saved = ckpt.restore_meta(e.step)[1]["run"]["lora"]
+    except (LoraJaxError, OSError, KeyError, TypeError, ValueError):
+        saved = None
+    if isinstance(saved, dict):
+        now = lcfg.to_dict()
+        diffs = [f"lora.{k}={now.get(k)!r} (the checkpoint's: {saved[k]!r})"
+                 for k in saved if json.dumps(saved[k], sort_keys=True, default=str)
+                 != json.dumps(now.get(k), sort_keys=True, default=str)]
+        if diffs:
+            changed = f"; run.json says {', '.join(diffs)}"
+    more = f" (and {len(e.differences) - 1} more)" if len(e.differences) > 1 else ""
+    return (f"--resume: the checkpoint at step {e.step} in {out} does not fit this run's config: its "
+            f"adapter shapes differ ({e.differences[0]}{more}){changed}. Resume with the config the "
+            "checkpoint was written with, or start again with --overwrite")
 
 
 def _peak_flops() -> float | None:
@@ -201,7 +290,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     from lora_jax.models.llama import Llama
     from lora_jax.train.step import init_state, make_eval_step, make_schedule, make_train_step, make_tx
 
-    out = os.path.abspath(run.train.output_dir)
+    out = _output_dir(run.train.output_dir)
     run = prepare_output_dir(out, run, resume, overwrite)
     tcfg, ocfg, lcfg, dcfg = run.train, run.optim, run.lora, data_config(run)
     model_path = resolve_model_path(run.model.path)
@@ -240,7 +329,10 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         ckpt = Checkpointer(ckpt_dir, tcfg.keep_checkpoints)
         if ckpt.latest_step() is None:
             raise ConfigError(f"--resume: {out} has no complete checkpoint yet; start again with --overwrite")
-        state, meta = ckpt.restore(None, state)
+        try:
+            state, meta = ckpt.restore(None, state)
+        except CheckpointMismatch as e:
+            raise ConfigError(_mismatch_message(e, ckpt, out, lcfg)) from None
         if not fingerprints_match(meta["fingerprint"], fingerprint):
             raise ConfigError(f"--resume: the base weights at {model_path} differ from the ones this run "
                               "started from (fingerprint mismatch); point --model at the original base")
@@ -293,11 +385,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     seq_len = dcfg.seq_len
     fpt = flops_per_token(cfg, seq_len, lcfg.r, sorted({t.name for t in targets}))
     peak = _peak_flops()
-    bar = None
-    if progress and is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tcfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    progress_out = _Progress(tcfg.steps, start_step, tcfg.log_every) if progress and is_main else None
     losses: list[float] = []
     first_loss = _saved_first_loss(out) if start_step else None
     compile_s = None
@@ -314,58 +402,88 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         now = time.perf_counter()
         dt, last_done[0] = now - max(last_done[0], t0), now
         if not math.isfinite(m["loss"]):
-            raise TrainingDiverged(
-                f"loss became {m['loss']} at step {step}; stopped. The last good checkpoint is in "
-                f"{ckpt_dir} (steps {ckpt.all_steps()}). Lower optim.lr or raise optim.warmup_steps")
+            steps_saved = ckpt.all_steps()
+            where = (f"The last good checkpoint is step {max(steps_saved)} in {ckpt_dir}" if steps_saved
+                     else f"No checkpoint was written yet (the first was due at step "
+                          f"{min(tcfg.save_every, tcfg.steps)})")
+            raise TrainingDiverged(f"loss became {m['loss']} at step {step}; stopped. {where}. Lower "
+                                   "optim.lr or raise optim.warmup_steps")
         if first_loss is None:
             first_loss = m["loss"]
         losses.append(m["loss"])
         return m, dt
 
+    def log(m: dict, dt: float, s: int) -> None:
+        record = _log_step(m, dt, s, writers, progress_out, tcfg, fpt, peak, seq_len)
+        if on_step is not None:
+            on_step(s, record)
+
+    def save(s: int) -> None:
+        ckpt.save(s, state, {"loader": loader.get_state(), "fingerprint": fingerprint,
+                             "run": run.to_dict(), "model_config": cfg.to_dict(),
+                             "model_path": model_path, "first_loss": first_loss})
+
     t_prev = time.perf_counter()
     step = start_step
+    stop = _StopSignals(nproc, sync_every=tcfg.log_every, last_step=tcfg.steps)
     try:
-        while step < tcfg.steps:
-            batch = next(loader)
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, frozen, shardings.put_batch(batch))
-            step += 1
-            if pending is not None:
-                p_step, p_metrics, p_t0 = pending
-                _log_step(*finish(p_step, p_metrics, p_t0), p_step, writers, bar, tcfg, fpt, peak, seq_len)
-            pending = (step, metrics, t0)
-            if step == start_step + 1:
-                jax.block_until_ready(state.step)
-                compile_s = time.perf_counter() - t0
-                pending = None
-                m, _ = finish(step, metrics, t0)
-                _log_step(m, compile_s, step, writers, bar, tcfg, fpt, peak, seq_len)
-                t_prev = time.perf_counter()
-            else:
-                now = time.perf_counter()
-                tokens_timed += float(np.sum(batch["loss_mask"] >= 0))  # all slots processed
-                time_timed += now - t_prev
-                t_prev = now
-            if step % tcfg.save_every == 0 or step == tcfg.steps:
-                if pending is not None:  # never checkpoint a state whose loss we have not checked
-                    _log_step(*finish(*pending[:2], pending[2]), pending[0], writers, bar, tcfg, fpt, peak, seq_len)
+        with stop:
+            while step < tcfg.steps:
+                batch = next(loader)
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, frozen, shardings.put_batch(batch))
+                step += 1
+                if pending is not None:
+                    p_step, p_metrics, p_t0 = pending
+                    log(*finish(p_step, p_metrics, p_t0), p_step)
+                pending = (step, metrics, t0)
+                if step == start_step + 1:
+                    jax.block_until_ready(state.step)
+                    compile_s = time.perf_counter() - t0
                     pending = None
-                ckpt.save(step, state, {"loader": loader.get_state(), "fingerprint": fingerprint,
-                                        "run": run.to_dict(), "model_config": cfg.to_dict(),
-                                        "model_path": model_path, "first_loss": first_loss})
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-                res = evaluate(state.trainable)
-                writers.write({"step": step, "event": "eval", **res}, step)
-        if pending is not None:
-            _log_step(*finish(*pending[:2], pending[2]), pending[0], writers, bar, tcfg, fpt, peak, seq_len)
+                    m, _ = finish(step, metrics, t0)
+                    log(m, compile_s, step)
+                    t_prev = time.perf_counter()
+                else:
+                    now = time.perf_counter()
+                    tokens_timed += float(np.sum(batch["loss_mask"] >= 0))  # all slots processed
+                    time_timed += now - t_prev
+                    t_prev = now
+                saved = step % tcfg.save_every == 0 or step == tcfg.steps
+                if saved:
+                    if pending is not None:  # never checkpoint a state whose loss we have not checked
+                        log(*finish(*pending[:2], pending[2]), pending[0])
+                        pending = None
+                    save(step)
+                if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+                    res = evaluate(state.trainable)
+                    writers.write({"step": step, "event": "eval", **res}, step)
+                if stop.requested(step):  # SIGTERM / SIGINT: checkpoint the step just taken, then stop
+                    if pending is not None:
+                        log(*finish(*pending[:2], pending[2]), pending[0])
+                        pending = None
+                    if not saved:
+                        save(step)
+                    ckpt.wait()
+                    raise TrainingInterrupted(step, stop.signum, out)
+            if pending is not None:
+                log(*finish(*pending[:2], pending[2]), pending[0])
+    except KeyboardInterrupt:
+        writers.close()
+        if stop.signum is None:  # a plain Ctrl-C (no handler of ours was installed): keep the save
+            ckpt.wait()
+            ckpt.close()
+        # else a second signal during the interruption's save: leave at once; Orbax only renames a
+        # complete checkpoint, so the one abandoned mid-write is invisible to --resume
+        raise
     except BaseException:
         writers.close()
         ckpt.wait()
         ckpt.close()
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        if progress_out is not None:
+            progress_out.close()
     ckpt.wait()
     # Throughput over the timed steps (the first, compiling step excluded), wall clock per step.
     jax.block_until_ready(state.trainable)
@@ -388,7 +506,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         p, lo = combine(trainable, frozen)
         if is_main:
             adapter_dir = os.path.join(out, "adapter")
-            save_peft(adapter_dir, lo, lcfg, cfg, base_model_name_or_path=model_path, params=p)
+            save_peft(adapter_dir, lo, lcfg, cfg, base_model_name_or_path=model_path, params=p,
+                      overwrite=resume)
     summary = {
         "eval_before": eval_before.get("exact_match"),
         "eval_after": eval_after.get("exact_match"),
@@ -411,15 +530,124 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     return summary
 
 
-def _log_step(m: dict, dt: float, step: int, writers: _Writers, bar, tcfg, fpt, peak, seq_len: int):
+def _log_step(m: dict, dt: float, step: int, writers: _Writers, progress, tcfg, fpt, peak,
+              seq_len: int) -> dict:
     tokens_per_s = tcfg.batch_size * seq_len / dt if dt > 0 else 0.0
     record = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
               "loss_tokens": m["tokens"], "step_s": dt, "tokens_per_s": tokens_per_s,
               "mfu": tokens_per_s * fpt / peak if peak else None}
     writers.write(record, step, tb=(step % tcfg.log_every == 0 or step == 1))
-    if bar is not None:
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+    if progress is not None:
+        progress.update(step, m["loss"], m["lr"], tokens_per_s)
+    return record
+
+
+class _Progress:
+    """A tqdm bar on a terminal (or in a notebook); one plain line per `log_every` steps (and the
+    last) when stderr is a file or a pipe, where a redrawn bar would be one endless line."""
+
+    def __init__(self, total: int, initial: int, log_every: int):
+        self.total, self.log_every, self.stream = total, log_every, sys.stderr
+        self.bar = None
+        if _interactive(self.stream):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        elif step % self.log_every == 0 or step == self.total:
+            print(f"train step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, "
+                  f"{tokens_per_s:,.0f} tokens/s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _interactive(stream) -> bool:
+    """A terminal, or a Jupyter kernel's output (where tqdm.auto draws a widget)."""
+    try:
+        if stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        pass
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class _StopSignals:
+    """SIGTERM (SLURM, TPU/cloud preemption) and SIGINT (Ctrl-C) while the loop runs.
+
+    The first signal only records itself and puts the previous handlers back, so the loop can finish
+    the step in flight and checkpoint it, and a second signal acts as it would without us (Python's
+    SIGINT handler raises KeyboardInterrupt, the default SIGTERM kills). Handlers are installed in the
+    main thread only, and restored on exit.
+
+    Several processes must stop at the same step (the save is collective). When JAX's preemption
+    service runs (`jax.distributed.initialize`, `jax_enable_preemption_service`), it owns SIGTERM and
+    `reached_preemption_sync_point`, asked every step, names the same step on every process; signals
+    caught here are agreed by an all-gather every `sync_every` steps and at `last_step`, which every
+    process reaches at the same steps, so no process waits on a collective the others skip. A signal
+    before or after the loop (set-up, final evaluation, export) meets the previous handlers.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, nproc: int, sync_every: int, last_step: int):
+        self.nproc, self.sync_every, self.last_step = nproc, max(int(sync_every), 1), last_step
+        self.signum: int | None = None
+        self._previous: dict = {}
+        self._preemption_service = nproc > 1 and _preemption_service_running()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if sig == signal.SIGTERM and self._preemption_service:
+                    continue
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._restore()
+        return False
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def requested(self, step: int) -> bool:
+        """Whether to stop after `step`: on every process at the same step when there are several."""
+        if self.nproc == 1:
+            return self.signum is not None
+        from jax.experimental import multihost_utils
+
+        stop = False
+        if self._preemption_service and multihost_utils.reached_preemption_sync_point(step):
+            self.signum, stop = self.signum or signal.SIGTERM, True
+        if step % self.sync_every == 0 or step == self.last_step:
+            flags = np.asarray(multihost_utils.process_allgather(np.int32(self.signum or 0)))
+            if flags.any():
+                self.signum, stop = self.signum or int(flags[flags > 0].flat[0]), True
+        return stop
+
+
+def _preemption_service_running() -> bool:
+    try:
+        from jax._src import distributed
+    except ImportError:
+        return False
+    state = distributed.global_state
+    return state.client is not None and getattr(state, "preemption_sync_manager", None) is not None
 
 
 def _write_json(path: str, obj: dict, enabled: bool) -> None:
