@@ -44,3 +44,51 @@ def test_same_mask_under_vmap_and_sharding():
     out = NamedSharding(mesh, PartitionSpec("data", None))
     sharded = jax.jit(lambda k: dropout_keep_mask(k, 0.1, (64, 40))[0], out_shardings=out)(keys[0])
     np.testing.assert_array_equal(sharded, dropout_keep_mask(keys[0], 0.1, (64, 40))[0])
+
+
+@pytest.mark.parametrize("out_features", [24, 64])  # 64 >= 2 * 16: the joint (fused) path
+def test_lora_dense_with_dropout_equals_the_explicit_formula(out_features):
+    """`lora_dense` keeps no dropped copy of its input (the mask is drawn again in the backward
+    pass); its value and gradients equal autodiff of `x W + s * dropout(x) A B` with that mask."""
+    from lora_jax.lora.kernel import lora_dense
+
+    ks = jax.random.split(jax.random.key(11), 6)
+    x = jax.random.normal(ks[0], (3, 10, 16))
+    w = jax.random.normal(ks[1], (16, out_features))
+    a = jax.random.normal(ks[2], (16, 4))
+    b = jax.random.normal(ks[3], (4, out_features))
+    cot = jax.random.normal(ks[4], (3, 10, out_features))
+    key, rate, scale = ks[5], 0.3, 0.5
+
+    def ours(x, a, b):
+        return jnp.sum(cot * lora_dense(x, w, a, b, scale, dropout_rng=key, dropout_rate=rate))
+
+    def reference(x, a, b):
+        keep, keep_p = dropout_keep_mask(key, rate, x.shape)
+        xd = jnp.where(keep, x / keep_p, 0)
+        return jnp.sum(cot * (x @ w + scale * (xd @ a) @ b))
+
+    np.testing.assert_allclose(ours(x, a, b), reference(x, a, b), rtol=1e-5)
+    for g, r in zip(jax.grad(ours, (0, 1, 2))(x, a, b), jax.grad(reference, (0, 1, 2))(x, a, b)):
+        assert float(jnp.max(jnp.abs(r))) > 1e-2
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    traced = jax.jit(jax.grad(lambda x, r: jnp.sum(cot * lora_dense(x, w, a, b, scale, dropout_rng=key,
+                                                                     dropout_rate=r))))(x, jnp.float32(rate))
+    np.testing.assert_allclose(traced, jax.grad(reference)(x, a, b), rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_keeps_no_dropped_copy_for_the_backward_pass(capsys):
+    """The residuals of an adapted projection under dropout are its inputs (x, A, the key), not
+    a mask or a dropped copy of x per projection."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from lora_jax.lora.kernel import lora_dense
+
+    x, w, a, b = jnp.ones((64, 32)), jnp.ones((32, 96)), jnp.ones((32, 4)), jnp.ones((4, 96))
+    for fuse in (True, False):
+        print_saved_residuals(lambda x, a, b: jnp.sum(lora_dense(
+            x, w, a, b, 0.5, dropout_rng=jax.random.key(0), dropout_rate=0.1, fuse_wide=fuse)), x, a, b)
+        lines = capsys.readouterr().out.splitlines()
+        token_sized = [ln for ln in lines if "[64,32]" in ln]
+        assert len(token_sized) == 1 and "argument x" in token_sized[0], lines
+        assert not any(ln.startswith("bool") for ln in lines), lines

@@ -31,7 +31,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from lora_jax.quant import dequantize, is_quantized
 
-__all__ = ["lora_dense", "dora_column_norm", "dense", "quantized_matmul", "dropout_keep_mask"]
+__all__ = ["lora_dense", "dora_column_norm", "dense", "quantized_matmul", "dropout_keep_mask",
+           "dropout_project"]
 
 
 def _mm(x, w):
@@ -76,8 +77,9 @@ def _widens(kernel) -> bool:
 
 
 @jax.custom_vjp
-def _joint_matmul(x, xd, kernel, a, sb):
-    """`x @ W + (xd @ A) @ sB` as one matmul over a concatenated contraction: `[x | xd A] @ [W ; sB]`.
+def _joint_matmul(x, u, kernel, sb):
+    """`x @ W + u @ sB` (`u = dropout(x) @ A`) as one matmul over a concatenated contraction:
+    `[x | u] @ [W ; sB]`.
 
     Separate, the adapter's product is a second [tokens, out] array that is written, read and
     (for the backward pass) kept beside the frozen one; joined, the frozen matmul's accumulator
@@ -86,33 +88,29 @@ def _joint_matmul(x, xd, kernel, a, sb):
     form would compute the frozen weight's gradient: hence the hand-written VJP, which forms the
     kernel's gradient only when the kernel is being differentiated.
     """
-    return _joint(x, xd, kernel, a, sb)[0]
+    return _joint(x, u, kernel, sb)
 
 
-def _joint(x, xd, kernel, a, sb):
-    """(`[x | xd A] @ [W ; sB]`, `xd A`)."""
-    u = _mm(xd, a)
-    return _mm(jnp.concatenate([x, u], axis=-1), jnp.concatenate([kernel, sb], axis=0)), u
+def _joint(x, u, kernel, sb):
+    return _mm(jnp.concatenate([x, u], axis=-1), jnp.concatenate([kernel, sb], axis=0))
 
 
-def _joint_fwd(x, xd, kernel, a, sb):
+def _joint_fwd(x, u, kernel, sb):
     # symbolic_zeros=True: each argument arrives as (value, perturbed)
     kernel_trains = kernel.perturbed
-    x, xd, kernel, a, sb = (p.value for p in (x, xd, kernel, a, sb))
-    y, u = _joint(x, xd, kernel, a, sb)
-    return y, (x, xd, u, kernel, a, sb, kernel_trains)
+    x, u, kernel, sb = (p.value for p in (x, u, kernel, sb))
+    return _joint(x, u, kernel, sb), (x, u, kernel, sb, kernel_trains)
 
 
 def _joint_bwd(res, dy):
-    x, xd, u, kernel, a, sb, kernel_trains = res
+    x, u, kernel, sb, kernel_trains = res
     if isinstance(dy, SymbolicZero):
-        return None, None, None, None, None
+        return None, None, None, None
     d_joint = _mm_t(dy, jnp.concatenate([kernel, sb], axis=0))  # [..., in + r]
     n = kernel.shape[0]
-    dx, g = d_joint[..., :n], d_joint[..., n:]  # dy @ W^T, dy @ sB^T
+    dx, du = d_joint[..., :n], d_joint[..., n:]  # dy @ W^T, dy @ sB^T
     d_kernel = _over_tokens(x, dy).astype(kernel.dtype) if kernel_trains else None
-    return (dx, _mm_t(g, a), d_kernel, _over_tokens(xd, g).astype(a.dtype),
-            _over_tokens(u, dy).astype(sb.dtype))
+    return dx, du, d_kernel, _over_tokens(u, dy).astype(sb.dtype)
 
 
 _joint_matmul.defvjp(_joint_fwd, _joint_bwd, symbolic_zeros=True)
@@ -148,6 +146,39 @@ def dropout_keep_mask(key, rate, shape) -> tuple[jax.Array, jax.Array]:
     return keep, 1.0 - threshold / 65536.0
 
 
+def _dropped(x, key, rate):
+    keep, keep_p = dropout_keep_mask(key, rate, x.shape)
+    return keep, keep_p.astype(x.dtype)
+
+
+@jax.custom_vjp
+def dropout_project(x, a, key, rate):
+    """`dropout(x) @ a`, the adapter's first product under LoRA dropout, keeping only its inputs
+    for the backward pass: the mask is drawn again from `key` there, so no dropped copy of each
+    projection's input (nor its mask) is stored; autodiff would keep one per adapted projection."""
+    keep, keep_p = _dropped(x, key, rate)
+    return _mm(jnp.where(keep, x / keep_p, 0).astype(x.dtype), a)
+
+
+def _dropout_project_fwd(x, a, key, rate):
+    return dropout_project(x, a, key, rate), (x, a, key, rate)
+
+
+def _dropout_project_bwd(res, g):
+    x, a, key, rate = res
+    # The mask depends on the key alone, so XLA could draw it once for both passes and keep it,
+    # or draw every layer's at the start of the backward pass: tying the key to the incoming
+    # gradient makes it drawn here, when this projection's gradient is due.
+    key, g = jax.lax.optimization_barrier((key, g))
+    keep, keep_p = _dropped(x, key, rate)
+    xd = jnp.where(keep, x / keep_p, 0).astype(x.dtype)
+    dx = jnp.where(keep, _mm_t(g, a) / keep_p, 0).astype(x.dtype)
+    return dx, _over_tokens(xd, g).astype(a.dtype), None, jnp.zeros_like(rate)
+
+
+dropout_project.defvjp(_dropout_project_fwd, _dropout_project_bwd)
+
+
 def _row(v, ndim):
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
@@ -165,20 +196,24 @@ def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=No
     dtype = x.dtype
     if not is_quantized(kernel):
         kernel = kernel.astype(dtype)
-    xd = x
-    if dropout_rng is not None:
-        keep, keep_p = dropout_keep_mask(dropout_rng, dropout_rate, x.shape)
-        xd = jnp.where(keep, x / keep_p.astype(dtype), 0).astype(dtype)
     s = jnp.asarray(scale, jnp.float32)
     if magnitude is None:
+        if dropout_rng is not None:
+            u = dropout_project(x, a.astype(dtype), dropout_rng, jnp.asarray(dropout_rate, jnp.float32))
+        else:
+            u = _mm(x, a.astype(dtype))
         # the scale goes on B ([r, out]) rather than on the product ([tokens, out]): no
         # output-sized multiply forward or backward
         sb = (s * b.astype(jnp.float32)).astype(dtype)
         if fuse_wide and not is_quantized(kernel) and _widens(kernel):
-            y = _joint_matmul(x, xd, kernel, a.astype(dtype), sb)
+            y = _joint_matmul(x, u, kernel, sb)
         else:
-            y = _base_mm(x, kernel) + _mm(_mm(xd, a.astype(dtype)), sb)
+            y = _base_mm(x, kernel) + _mm(u, sb)
     else:
+        xd = x
+        if dropout_rng is not None:
+            keep, keep_p = _dropped(x, dropout_rng, dropout_rate)
+            xd = jnp.where(keep, x / keep_p, 0).astype(dtype)
         base = _base_mm(x, kernel)
         low_rank = _mm(_mm(xd, a.astype(dtype)), b.astype(dtype))
         w = dequantize(kernel, dtype) if is_quantized(kernel) else kernel
