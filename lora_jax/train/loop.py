@@ -358,14 +358,22 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     start_step = int(state.step)
     writers = _Writers(out, is_main, resume_step=start_step if resume else None)
 
+    # Evaluation runs in the training micro-batches (grad_accum sets them to what fits in memory),
+    # over the same rows as `eval_batches` full batches.
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    eval_rows = tcfg.batch_size // tcfg.grad_accum
+    if eval_rows % dp:
+        eval_rows = tcfg.batch_size
+    eval_steps = tcfg.eval_batches * (tcfg.batch_size // eval_rows)
+
     def evaluate(trainable) -> dict:
         from lora_jax.lora.tree import combine
 
         res: dict[str, Any] = {}
         if datasets.eval_rows:
             total = count = 0.0
-            for i, batch in enumerate(eval_batches(datasets.eval_rows, tcfg.batch_size, pidx, nproc)):
-                if i >= tcfg.eval_batches:
+            for i, batch in enumerate(eval_batches(datasets.eval_rows, eval_rows, pidx, nproc)):
+                if i >= eval_steps:
                     break
                 t, c = eval_fn(trainable, frozen, shardings.put_batch(batch))
                 total, count = total + float(t), count + float(c)
