@@ -164,7 +164,7 @@ def _print_summary(summary: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("steps", "train_loss_first", "train_loss_last", "eval_loss_before", "eval_loss_after",
-                "eval_before", "eval_after", "tokens_per_s", "mfu", "compile_s", "trainable_params",
+                "eval_before", "eval_after", "tokens_per_s", "mfu", "compile_s", "checkpoint_s", "trainable_params",
                 "device", "adapter_dir", "output_dir"):
         value = summary.get(key)
         if isinstance(value, float):

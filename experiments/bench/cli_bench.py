@@ -126,6 +126,7 @@ def run(args) -> dict:
         t = time.perf_counter()
         summary = train(run_cfg, progress=False)
         result.update(status="ok", wall_s=time.perf_counter() - t, tokens_per_s=summary["tokens_per_s"],
+                      checkpoint_s=summary.get("checkpoint_s"),
                       mfu_798=summary["mfu"], compile_s=summary["compile_s"], setup_s=summary["setup_s"],
                       loss_first=summary["train_loss_first"], loss_last=summary["train_loss_last"],
                       rows=summary["data"].get("train_rows"))

@@ -426,10 +426,16 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         if on_step is not None:
             on_step(s, record)
 
+    # seconds spent checkpointing and evaluating between timed steps: reported, not counted in
+    # tokens/s (a short run's last save would otherwise weigh on its throughput)
+    paused = {"checkpoint_s": 0.0, "eval_s": 0.0}
+
     def save(s: int) -> None:
+        t = time.perf_counter()
         ckpt.save(s, state, {"loader": loader.get_state(), "fingerprint": fingerprint,
                              "run": run.to_dict(), "model_config": cfg.to_dict(),
                              "model_path": model_path, "first_loss": first_loss})
+        paused["checkpoint_s"] += time.perf_counter() - t
 
     t_prev = time.perf_counter()
     step = start_step
@@ -464,8 +470,10 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                         pending = None
                     save(step)
                 if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+                    t = time.perf_counter()
                     res = evaluate(state.trainable)
                     writers.write({"step": step, "event": "eval", **res}, step)
+                    paused["eval_s"] += time.perf_counter() - t
                 if stop.requested(step):  # SIGTERM / SIGINT: checkpoint the step just taken, then stop
                     if pending is not None:
                         log(*finish(*pending[:2], pending[2]), pending[0])
@@ -492,10 +500,13 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     finally:
         if progress_out is not None:
             progress_out.close()
-    ckpt.wait()
-    # Throughput over the timed steps (the first, compiling step excluded), wall clock per step.
     jax.block_until_ready(state.trainable)
-    time_timed += time.perf_counter() - t_prev
+    t = time.perf_counter()
+    ckpt.wait()
+    paused["checkpoint_s"] += time.perf_counter() - t
+    # Throughput over the timed steps (the first, compiling step excluded), wall clock per step,
+    # less the time spent checkpointing and evaluating between them.
+    time_timed += time.perf_counter() - t_prev - sum(paused.values())
     tokens_per_s = tokens_timed * 1.0 / time_timed if time_timed > 0 and tokens_timed else None
     eval_after = evaluate(state.trainable)
     writers.write({"step": step, "event": "eval", **eval_after}, step)
@@ -527,6 +538,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         "tokens_per_s": tokens_per_s,
         "mfu": mfu(tokens_per_s, fpt, peak) if (peak and tokens_per_s) else None,
         "compile_s": compile_s,
+        "checkpoint_s": paused["checkpoint_s"],
         "setup_s": setup_s,
         "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.trainable))),
         "device": jax.devices()[0].device_kind,
