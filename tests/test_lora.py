@@ -349,23 +349,30 @@ def test_bad_modules_to_save(bases):
 
 
 def test_joint_matmul_equals_the_separate_products_and_their_gradients():
-    """`[x | xd A] @ [W ; sB]` with its hand-written VJP == `x W + (xd A) sB` under autodiff, for
-    every input (the kernel's gradient included, when it is asked for), on random values."""
+    """`[x | u] @ [W ; sB]` with its hand-written VJP == `x W + u sB` under autodiff (`u` the
+    adapter's first product), for every input (the kernel's gradient included, when it is asked
+    for), on random values; and chained behind `u = xd A` as `lora_dense` uses it."""
     from lora_jax.lora.kernel import _joint_matmul, _widens
 
     k = jax.random.split(jax.random.key(3), 6)
     x, xd = jax.random.normal(k[0], (2, 5, 8)), jax.random.normal(k[1], (2, 5, 8))
     w, a = jax.random.normal(k[2], (8, 24)), jax.random.normal(k[3], (8, 4))
     sb, ct = jax.random.normal(k[4], (4, 24)), jax.random.normal(k[5], (2, 5, 24))
+    u = xd @ a
     assert _widens(w) and not _widens(w.T)
-    plain = lambda x, xd, w, a, sb: x @ w + (xd @ a) @ sb
-    y, vjp = jax.vjp(_joint_matmul, x, xd, w, a, sb)
-    y_ref, vjp_ref = jax.vjp(plain, x, xd, w, a, sb)
+    plain = lambda x, u, w, sb: x @ w + u @ sb
+    y, vjp = jax.vjp(_joint_matmul, x, u, w, sb)
+    y_ref, vjp_ref = jax.vjp(plain, x, u, w, sb)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, ref in zip(vjp(ct), vjp_ref(ct)):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    # only the adapter asked for: the same adapter gradients
-    got = jax.grad(lambda a, sb: jnp.sum(_joint_matmul(x, xd, w, a, sb) * ct), argnums=(0, 1))(a, sb)
-    ref = jax.grad(lambda a, sb: jnp.sum(plain(x, xd, w, a, sb) * ct), argnums=(0, 1))(a, sb)
+    # only the adapter asked for, through its first product: the same adapter gradients
+    joint = lambda x, xd, a, sb: _joint_matmul(x, xd @ a, w, sb)
+    sep = lambda x, xd, a, sb: x @ w + (xd @ a) @ sb
+    got = jax.grad(lambda a, sb: jnp.sum(joint(x, xd, a, sb) * ct), argnums=(0, 1))(a, sb)
+    ref = jax.grad(lambda a, sb: jnp.sum(sep(x, xd, a, sb) * ct), argnums=(0, 1))(a, sb)
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    got = jax.grad(lambda x: jnp.sum(joint(x, x, a, sb) * ct))(x)
+    ref = jax.grad(lambda x: jnp.sum(sep(x, x, a, sb) * ct))(x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
