@@ -1,8 +1,11 @@
 """Attention over packed rows: every implementation equals each document run alone.
 
-The XLA reference runs everywhere; the Pallas (Triton) kernel runs in interpret mode on the CPU;
+The XLA reference runs everywhere; the Pallas kernels (Triton, and the TPU's Mosaic kernel) run
+in interpret mode on the CPU;
 cuDNN needs a GPU (its test is skipped elsewhere, and its ragged description is checked here
 against the reference mask)."""
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax.errors import ConfigError
+from lora_jax.models import attention as attn_mod
 from lora_jax.models.attention import (attention, check_attention, packed_segments, resolve_attention,
                                        segment_mask, segments_per_row)
 
@@ -29,15 +33,14 @@ def _qkv(key, t=T, b=B):
             jax.random.normal(kv, (b, t, KV, D)))
 
 
-def _alone(q, k, v, impl, interpret):
+def _alone(q, k, v, attend):
     """Each document (and the padding run) attended on its own, concatenated back into rows."""
     rows = []
     for r, docs in enumerate(DOCS):
         start, parts = 0, []
         for _, n in docs:
             sl = slice(start, start + n)
-            parts.append(attention(q[r:r + 1, sl], k[r:r + 1, sl], v[r:r + 1, sl], None,
-                                   implementation=impl, interpret=interpret))
+            parts.append(attend(q[r:r + 1, sl], k[r:r + 1, sl], v[r:r + 1, sl], None))
             start += n
         rows.append(jnp.concatenate(parts, axis=1))
     return jnp.concatenate(rows, axis=0)
@@ -46,26 +49,33 @@ def _alone(q, k, v, impl, interpret):
 _CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpret mode and fp32 "
                                "tolerances of the CPU; the GPU test below covers the kernels there")
 
+_KERNELS = {
+    "xla": lambda q, k, v, seg: attention(q, k, v, seg, implementation="xla"),
+    "pallas-triton": lambda q, k, v, seg: attention(q, k, v, seg, interpret=True),
+    "pallas-tpu": lambda q, k, v, seg: attn_mod._pallas_tpu(q, k, v, seg, 1 / D**0.5),
+}
+
 
 @_CPU_ONLY
-@pytest.mark.parametrize("impl,interpret", [("xla", False), ("pallas", True)])
-def test_packed_rows_equal_documents_alone(impl, interpret):
+@pytest.mark.parametrize("impl", sorted(_KERNELS))
+def test_packed_rows_equal_documents_alone(impl):
+    """Forward and gradients; the TPU (Mosaic) kernel runs in TPU interpret mode."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    attend = _KERNELS[impl]
     q, k, v = _qkv(jax.random.key(0))
     seg = _segment_ids()
     w = jax.random.normal(jax.random.key(1), q.shape)  # a loss that weighs every output
-
-    def packed(q, k, v):
-        return jnp.sum(w * attention(q, k, v, seg, implementation=impl, interpret=interpret))
-
-    def alone(q, k, v):
-        return jnp.sum(w * _alone(q, k, v, impl, interpret))
-
-    out_p = attention(q, k, v, seg, implementation=impl, interpret=interpret)
-    out_a = _alone(q, k, v, impl, interpret)
+    packed = lambda q, k, v: jnp.sum(w * attend(q, k, v, seg))
+    alone = lambda q, k, v: jnp.sum(w * _alone(q, k, v, attend))
+    with pltpu.force_tpu_interpret_mode() if impl == "pallas-tpu" else contextlib.nullcontext():
+        out_p, out_a = jax.jit(attend)(q, k, v, seg), jax.jit(_alone, static_argnums=3)(q, k, v, attend)
+        g_p = jax.jit(jax.grad(packed, argnums=(0, 1, 2)))(q, k, v)
+        g_a = jax.jit(jax.grad(alone, argnums=(0, 1, 2)))(q, k, v)
     assert float(jnp.max(jnp.abs(out_p))) > 0.1
     np.testing.assert_allclose(out_p, out_a, atol=2e-5, rtol=2e-5)
-    g_p = jax.grad(packed, argnums=(0, 1, 2))(q, k, v)
-    g_a = jax.grad(alone, argnums=(0, 1, 2))(q, k, v)
+    ref = attention(q, k, v, seg, implementation="xla")
+    np.testing.assert_allclose(out_p, ref, atol=2e-5, rtol=2e-5)
     for gp, ga in zip(g_p, g_a):
         assert float(jnp.max(jnp.abs(ga))) > 1e-3
         np.testing.assert_allclose(gp, ga, atol=5e-5, rtol=5e-5)

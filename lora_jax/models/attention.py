@@ -11,7 +11,8 @@ tokens of its own segment only. The implementations (`LlamaConfig.attention`):
   the kernel skips every block across documents. bf16/fp16 only.
 - `"pallas"`: JAX's Pallas flash-attention kernels, which take segment ids: Triton on GPUs
   (`jax.experimental.pallas.ops.gpu.attention.mha`; any dtype; GQA by repeating the kv heads, as
-  the kernel wants equal head counts), Mosaic on TPUs (`...ops.tpu.flash_attention`).
+  the kernel wants equal head counts), Mosaic on TPUs (`...ops.tpu.flash_attention`; tested in
+  TPU interpret mode only, not yet on a TPU).
 - `"xla"`: the reference: a dense `[batch, 1, t, t]` mask and XLA's attention, which keeps the
   `[batch, heads, t, t]` scores of every layer. For the CPU and as the test oracle only.
 - `"auto"`: cuDNN on GPUs when the dtype and head size allow it, else the Pallas kernel; the
@@ -178,21 +179,28 @@ def _repeat_kv(q, x):
     return x if x.shape[2] == q.shape[2] else jnp.repeat(x, q.shape[2] // x.shape[2], axis=2)
 
 
-def _pallas_triton(q, k, v, segment_ids, scale, interpret):
-    """JAX's Pallas (Triton) flash attention, forward and backward, with segment ids. The
-    sequence is padded to a multiple of the kernel's block (padding sits after every real token,
-    so causality keeps it out of their attention)."""
-    with warnings.catch_warnings():  # newer JAX points to tokamax; the kernel is still JAX's own
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas.ops.gpu.attention import BlockSizes, mha
-
+def _pad_to_blocks(q, k, v, segment_ids, block: int = 128):
+    """Pad the sequence to a multiple of the Pallas kernels' block. The padding sits after every
+    real token, so causality keeps it out of their attention; with segment ids it is a segment
+    of its own (-1)."""
     t = q.shape[1]
-    pad = -t % 128
+    pad = -t % block
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
         if segment_ids is not None:
             segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    return q, k, v, segment_ids
+
+
+def _pallas_triton(q, k, v, segment_ids, scale, interpret):
+    """JAX's Pallas (Triton) flash attention, forward and backward, with segment ids."""
+    with warnings.catch_warnings():  # newer JAX points to tokamax; the kernel is still JAX's own
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu.attention import BlockSizes, mha
+
+    t = q.shape[1]
+    q, k, v, segment_ids = _pad_to_blocks(q, k, v, segment_ids)
     sizes = BlockSizes(block_q=128, block_k=128, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32,
                        block_kv_dq=32)  # the kernel's defaults
     out = mha(q, _repeat_kv(q, k), _repeat_kv(q, v), segment_ids, sm_scale=scale, causal=True,
@@ -201,11 +209,14 @@ def _pallas_triton(q, k, v, segment_ids, scale, interpret):
 
 
 def _pallas_tpu(q, k, v, segment_ids, scale):
-    """The Pallas (Mosaic) TPU flash attention with segment ids; `[b, heads, t, d]` layout."""
+    """The Pallas (Mosaic) TPU flash attention with segment ids; `[b, heads, t, d]` layout. (Its
+    numerics are tested on the CPU under `pltpu.force_tpu_interpret_mode`.)"""
     from jax.experimental.pallas.ops.tpu.flash_attention import SegmentIds, flash_attention
 
+    t = q.shape[1]
+    q, k, v, segment_ids = _pad_to_blocks(q, k, v, segment_ids)
     tr = lambda x: jnp.swapaxes(x, 1, 2)
     seg = None if segment_ids is None else SegmentIds(q=segment_ids, kv=segment_ids)
     out = flash_attention(tr(q), tr(_repeat_kv(q, k)), tr(_repeat_kv(q, v)), segment_ids=seg,
                           causal=True, sm_scale=scale)
-    return tr(out)
+    return tr(out)[:, :t]
