@@ -512,6 +512,9 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float | None = 1.0
+    # a warmup longer than train.steps is cut to end within the run (true), or kept, so the rate
+    # never reaches lr, as transformers' schedulers do (false)
+    truncate_warmup: bool = False
 
     def __post_init__(self):
         w = "optim."
@@ -527,6 +530,7 @@ class OptimConfig:
         _check_number(self, "eps", w, "> 0, e.g. 1e-8", lambda v: v > 0)
         _check_number(self, "clip_norm", w, "> 0 (the global gradient-norm clip, e.g. 1.0) or null "
                       "for no clipping", lambda v: v > 0, allow_none=True)
+        _check_bool(self, "truncate_warmup", w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -643,9 +647,15 @@ class RunConfig:
         notes = []
         warmup, steps = self.optim.warmup_steps, self.train.steps
         if warmup > steps:
-            notes.append(f"optim.warmup_steps={warmup} exceeds train.steps={steps}: the warmup is cut to "
-                         f"{max(steps - 1, 0)} steps, so the schedule is not the one configured; lower "
-                         "optim.warmup_steps or raise train.steps")
+            if self.optim.truncate_warmup:
+                notes.append(f"optim.warmup_steps={warmup} exceeds train.steps={steps}: the warmup is cut "
+                             f"to {max(steps - 1, 0)} steps, so the schedule is not the one configured; "
+                             "lower optim.warmup_steps or raise train.steps")
+            else:
+                notes.append(f"optim.warmup_steps={warmup} exceeds train.steps={steps}: the run ends "
+                             f"still warming up, at {(steps - 1) / warmup:.0%} of optim.lr (as "
+                             "transformers would); lower optim.warmup_steps, raise train.steps, or set "
+                             "optim.truncate_warmup=true to end the warmup within the run")
         for note in notes:
             warnings.warn(ConfigWarning(note), stacklevel=2)
         return notes

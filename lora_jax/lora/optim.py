@@ -4,6 +4,11 @@ Freezing is "label + set_to_zero" (no optimizer state for frozen leaves); LoRA+ 
 (`b` gets `loraplus_lr_ratio` times the learning rate). The label function reads leaf paths, so the
 same optimizer works on the trainable subtree the train step differentiates, or on a whole
 `{"params", "lora"}` tree.
+
+The result equals transformers + PEFT step for step (`tests/test_train_parity.py`): optax's AdamW
+is torch's (bias-corrected moments, `eps` added to the bias-corrected root, decay decoupled and
+scaled by the learning rate, on every trainable leaf); clipping is `torch.nn.utils.clip_grad_norm_`'s
+rule; LoRA+ groups leaves as `peft.optimizers.create_loraplus_optimizer` does.
 """
 
 from __future__ import annotations
@@ -11,36 +16,57 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lora_jax.config import LoraConfig
 
-__all__ = ["lora_labels", "make_optimizer"]
+__all__ = ["lora_labels", "make_optimizer", "clip_by_global_norm"]
 
 Schedule = Callable[[int], float] | float
 
 
-def _label(path, lcfg: LoraConfig) -> str:
+def _label(path, leaf_value, lcfg: LoraConfig) -> str:
     names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
     leaf = names[-1]
     if "lora" in names[:1] or leaf in ("a", "b", "m", "scale") and "params" not in names[:1]:
         if leaf == "scale":
             return "freeze"
-        if leaf == "b" and lcfg.loraplus_lr_ratio:
+        # PEFT's LoRA+ puts lora_B and every 1-d trainable tensor (DoRA's magnitude) in group B
+        if leaf in ("b", "m") and lcfg.loraplus_lr_ratio:
             return "train_b"
         return "train"
-    return "train" if any(m in names for m in lcfg.modules_to_save) else "freeze"
+    if not any(m in names for m in lcfg.modules_to_save):
+        return "freeze"
+    # a 1-d module tensor (a norm's scale) is in LoRA+'s group B too; a scanned layer adds an axis
+    ndim = getattr(leaf_value, "ndim", 2) - ("layers" in names)
+    return "train_b" if lcfg.loraplus_lr_ratio and ndim == 1 else "train"
 
 
 def lora_labels(tree, lcfg: LoraConfig):
-    """'train' / 'train_b' (LoRA+) / 'freeze' for every leaf of a params/lora tree."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: _label(p, lcfg), tree)
+    """'train' / 'train_b' (LoRA+: `b`, DoRA's `m`, 1-d `modules_to_save` tensors) / 'freeze' for
+    every leaf of a params/lora tree."""
+    return jax.tree_util.tree_map_with_path(lambda p, v: _label(p, v, lcfg), tree)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scale the updates by `min(1, max_norm / (norm + 1e-6))`, `torch.nn.utils.clip_grad_norm_`'s
+    rule (optax's `clip_by_global_norm` omits the 1e-6)."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        coef = jnp.minimum(max_norm / (optax.tree.norm(updates) + 1e-6), 1.0)
+        return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def make_optimizer(lcfg: LoraConfig, learning_rate: Schedule, *, weight_decay: float = 0.0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    clip_norm: float | None = 1.0) -> optax.GradientTransformation:
-    """AdamW on trainable leaves, `set_to_zero` on frozen ones, optional global-norm clipping."""
+    """AdamW on trainable leaves, `set_to_zero` on frozen ones, optional global-norm clipping
+    before AdamW over the whole gradient tree given: the train step passes the trainable subtree,
+    so the norm is that of the trainable gradients, as `clip_grad_norm_` on PEFT's parameters."""
     def adamw(lr):
         return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 
@@ -51,5 +77,5 @@ def make_optimizer(lcfg: LoraConfig, learning_rate: Schedule, *, weight_decay: f
         transforms["train_b"] = adamw(lr_b)
     tx = optax.partition(transforms, lambda tree: lora_labels(tree, lcfg))
     if clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+        tx = optax.chain(clip_by_global_norm(clip_norm), tx)
     return tx

@@ -33,7 +33,16 @@ class TrainState(NamedTuple):
 
 
 def make_schedule(ocfg: OptimConfig, total_steps: int) -> Callable:
-    warmup = min(ocfg.warmup_steps, max(total_steps - 1, 0))
+    """`schedule(count)`: the learning rate of optimizer update `count` (0 for the first), as
+    transformers' LambdaLR gives it. A linear warmup from 0 over `warmup_steps` updates, then
+    `cosine` (`get_cosine_schedule_with_warmup`; with `min_lr_ratio`, `get_scheduler(
+    "cosine_with_min_lr", min_lr_rate=min_lr_ratio)`), `linear` (`get_linear_schedule_with_warmup`;
+    its floor `min_lr_ratio` as in the linear decay of `get_wsd_schedule`) or `constant`
+    (`get_constant_schedule_with_warmup`) to `total_steps`. A warmup longer than the run stays as
+    long (the rate never reaches `lr`) unless `ocfg.truncate_warmup` ends it within the run."""
+    warmup = ocfg.warmup_steps
+    if ocfg.truncate_warmup:
+        warmup = min(warmup, max(total_steps - 1, 0))
     end = ocfg.lr * ocfg.min_lr_ratio
     if ocfg.schedule == "constant":
         decay = optax.constant_schedule(ocfg.lr)
