@@ -14,6 +14,7 @@ ids = bos + prompt + completion + eos, labels masked on bos + prompt, right padd
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import time
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     args = ap.parse_args()
 
     # Before importing transformers (it reads this once): the demo must load with no network.
@@ -42,7 +44,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model_dir = os.path.join(args.demo, "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device)
     train = md.read_jsonl(os.path.join(args.demo, "data", "train.jsonl"))
     eval_ = md.read_jsonl(os.path.join(args.demo, "data", "eval.jsonl"))
     print(f"torch threads {torch.get_num_threads()}, {len(train)} train / {len(eval_)} eval records")
@@ -56,9 +58,15 @@ def main() -> None:
     model.print_trainable_parameters()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=0.0)
-    # Short linear warmup then constant: the simplest schedule a demo trainer would use.
+    # What demo_run_config() uses: 20 warmup steps from 0, cosine decay to 0, gradient clipping at 1.
     warmup = 20
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+    def lr_factor(s: int) -> float:
+        if s < warmup:
+            return s / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(args.steps - warmup, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
     encoded = [md.encode_record(tokenizer, r["prompt"], r["completion"]) for r in train]
     print(f"longest training sequence: {max(len(x) for x, _ in encoded)} tokens")
@@ -75,8 +83,9 @@ def main() -> None:
             order += perm
         idx, order = order[: args.batch], order[args.batch:]
         ids, labels = md.collate([encoded[i] for i in idx], tokenizer.pad_token_id)
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = model(input_ids=ids.to(args.device), labels=labels.to(args.device)).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

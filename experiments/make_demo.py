@@ -1,4 +1,4 @@
-"""Regenerate the built-in demo shipped in `lora_jax/demo/`: a tiny Llama base model, its tokenizer and a dataset.
+"""Regenerate the built-in demo shipped in `lora_jax/demo/`: a tiny Llama, its tokenizer and a dataset.
 
     python experiments/make_demo.py            # writes lora_jax/demo/{model,data}
     python experiments/check_demo_learnable.py # proves the base lacks the skill and LoRA learns it
@@ -13,11 +13,13 @@ What it builds, and why:
   can spell. Byte-level: every string is representable, nothing maps to `<unk>`.
 * A tiny Llama (a few hundred thousand parameters, about 1 MB in fp32) so that the demo trains in
   about a minute on a laptop CPU.
-* A brief pretraining on generic text over the same words (copy / repeat / pick-a-word formats,
-  key: value lines, word-salad sentences, a few chat-formatted turns), in varied casing between
-  examples. It teaches the base the *mechanics* the demo relies on (attend back to the prompt, copy
-  pieces, stop with `</s>`) but never pairs a lower-case phrase with its upper-case form, so the
-  base cannot do the demo skill.
+* A brief pretraining on generic text over the same words (repeat / lower-case / pick-a-word
+  formats, key: value lines, word-salad sentences, a few chat-formatted turns), in casing that
+  varies between examples. It teaches the base the *mechanics* the demo relies on (attend back to
+  the prompt, copy pieces, stop with `</s>`) and, through `lower: HELLO WORLD => hello world`, that
+  a piece and its upper-case twin spell the same word, as any pretrained model knows. It never
+  sees the other direction (lower-case in, upper-case out), so the base cannot shout (exact match
+  0 on the held-out prompts) and the LoRA has a skill to learn, not a format to recall.
 * The demo skill, "shout": `shout: hello world =>` -> ` HELLO WORLD`. The held-out prompts
   (`eval.jsonl`) are word combinations that never occur in `train.jsonl` (no shared word pair),
   and half of them hold a word that `train.jsonl` never contains. `hello world` itself is the
@@ -45,7 +47,7 @@ SEED = 0
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0, 1, 2, 3: bos/eos match LlamaConfig's defaults
 N_MERGES = 300  # lower-case BPE merges; each gets an upper-case twin (vocab = 4 + 256 bytes + ~2 x this)
-MAX_LEN = 48  # longest pretraining sequence (tokens, bos and eos included); demo records stay < 32
+MAX_LEN = 48  # longest pretraining sequence (tokens, bos and eos included); = the demo's data.seq_len
 EXAMPLE = "hello world"  # the README's example prompt: held out, and the first eval record
 N_HELDOUT_WORDS = 100  # words that never occur in train.jsonl (eval phrases use them)
 
@@ -100,7 +102,7 @@ usual young ready above ever red list though feel talk bird soon body dog family
 measure door product black short numeral class wind question happen complete ship area half rock order
 fire south problem piece told knew pass since top whole king space heard best hour better true during
 hundred five remember step early hold west ground interest reach fast verb sing listen six table travel
-less morning ten simple several vowel toward war lay against pattern slow center love person money serve
+less morning ten simple several vowel toward lay against pattern slow center love person money serve
 appear road map rain rule govern pull cold notice voice unit power town fine certain fly fall lead cry
 dark machine note wait plan figure star box noun field rest correct able pound done beauty drive stood
 contain front teach week final gave green quick develop ocean warm free minute strong special mind
@@ -115,57 +117,56 @@ exercise wall catch mount wish sky board joy winter sat written wild instrument 
 edge sign visit past soft fun bright gas weather month million bear finish happy hope flower clothe
 strange gone jump baby eight village meet root buy raise solve metal whether push seven paragraph third
 shall held hair describe cook floor either result burn hill safe cat century consider type law bit coast
-copy phrase silent tall sand soil roll temperature finger industry value fight lie beat excite natural
-view sense ear else quite broke case middle kill son lake moment scale loud spring observe child
-straight consonant nation dictionary milk speed method organ pay age section dress cloud surprise quiet
-stone tiny climb cool design poor lot experiment bottom key iron single stick flat twenty skin smile
-crease hole trade melody trip office receive row mouth exact symbol die least trouble shout except wrote
-seed tone join suggest clean break lady yard rise bad blow oil blood touch grew cent mix team wire cost
-lost brown wear garden equal sent choose fell fit flow fair bank collect save control decimal gentle
-woman captain practice separate difficult doctor please protect noon whose locate ring character insect
-caught period indicate radio spoke atom human history effect electric expect crop modern element hit
-student corner party supply bone rail imagine provide agree thus capital chair danger fruit rich thick
-soldier process operate guess necessary sharp wing create neighbor wash bat rather crowd corn compare
-poem string bell depend meat rub tube famous dollar stream fear sight thin triangle planet hurry chief
-colony clock mine tie enter major fresh search send yellow gun allow print dead spot desert suit current
-lift rose arrive master track parent shore division sheet substance favor connect post spend chord fat
-glad original share station dad bread charge proper bar offer segment slave duck instant market degree
-populate chick dear enemy reply drink occur support speech nature range steam motion path liquid log
-meant quotient teeth shell neck oxygen sugar death pretty skill women season solution magnet silver
-thank branch match suffix especially fig afraid huge sister steel discuss forward similar guide
-experience score apple bought led pitch coat mass card band rope slip win dream evening condition feed
-tool total basic smell valley nor double seat continue block chart hat sell success company subtract
-event particular deal swim term opposite wife shoe shoulder spread arrange camp invent cotton born
-determine quart nine truck noise level chance gather shop stretch throw shine property column molecule
-select wrong gray repeat require broad prepare salt nose plural anger claim continent hello friday
-monday sunday tuesday saturday thursday wednesday january february march april june july august
-september october november december kitchen pencil teacher lesson rainbow thunder storm breeze puppy
-kitten rabbit turtle monkey tiger lion zebra giraffe elephant wolf fox deer mouse owl eagle parrot
-penguin whale shark dolphin octopus crab frog snake spider butterfly bee ant honey butter cheese cookie
-candy cake pizza pasta rice soup salad sandwich banana orange lemon grape cherry peach pear plum mango
-melon potato tomato carrot onion pepper garlic bean pea coffee tea juice bottle cup plate bowl spoon
-fork knife pan oven fridge lamp couch pillow blanket mirror towel soap brush comb shirt pants jacket
-sweater scarf glove sock boot skirt belt pocket button zipper wallet purse ticket stamp envelope package
-gift birthday holiday vacation beach harbor bridge tunnel highway airport subway taxi bus bicycle motor
-rocket galaxy comet meteor orbit gravity robot computer keyboard screen phone camera video photo movie
-theater concert guitar piano violin drum trumpet flute singer dancer painter writer author poet actor
-artist pilot driver farmer baker butcher nurse dentist lawyer judge police guard sailor pirate knight
-queen prince princess castle tower palace temple church museum library gallery bakery restaurant hotel
-hospital college university factory garage barn meadow jungle canyon volcano glacier pond tide pearl
-coral pebble crystal diamond ruby emerald copper plastic rubber leather wool silk cardboard brick
-concrete sad angry calm brave shy proud lucky clever funny silly honest polite friendly lonely lazy
-tired hungry thirsty sleepy sick healthy weak wet dirty smooth rough empty cheap expensive easy ancient
-fancy sweet sour bitter salty spicy rotten tasty delicious beautiful ugly handsome cute giant narrow
-shallow dull shiny golden purple pink violet magic secret hidden broken perfect normal rare tame
-dangerous lovely wonderful terrible horrible amazing awesome fantastic excellent super crawl whisper fix
-kick lose wake bake boil fry taste forget understand hate enjoy borrow lend explore discover wrap hide
-seek rescue escape chase sweep mop dust polish weigh explain yesterday today tomorrow tonight afternoon
-decade sometimes usually rarely already almost really later maybe certainly surely probably actually
-finally suddenly slowly quickly quietly loudly happily sadly carefully easily gently softly alone apart
-away inside outside below beside around across along without within upon onto into everyone everything
-everywhere someone something somewhere anyone anything nobody nowhere myself yourself himself herself
-itself ourselves themselves another neither whatever whenever wherever however because although unless
-okay thanks sorry welcome goodbye hi hey wow oops ouch yay hooray bravo cheers
+copy phrase silent tall sand soil roll temperature finger industry value lie beat excite natural view
+sense ear else quite broke case middle son lake moment scale loud spring observe child straight
+consonant nation dictionary milk speed method organ pay age section dress cloud surprise quiet stone
+tiny climb cool design poor lot experiment bottom key iron single stick flat twenty skin smile crease
+hole trade melody trip office receive row mouth exact symbol least trouble shout except wrote seed tone
+join suggest clean break lady yard rise bad blow oil touch grew cent mix team wire cost lost brown wear
+garden equal sent choose fell fit flow fair bank collect save control decimal gentle woman captain
+practice separate difficult doctor please protect noon whose locate ring character insect caught period
+indicate radio spoke atom human history effect electric expect crop modern element hit student corner
+party supply bone rail imagine provide agree thus capital chair danger fruit rich thick process operate
+guess necessary sharp wing create neighbor wash bat rather crowd corn compare poem string bell depend
+meat rub tube famous dollar stream fear sight thin triangle planet hurry chief colony clock mine tie
+enter major fresh search send yellow allow print spot desert suit current lift rose arrive master track
+parent shore division sheet substance favor connect post spend chord fat glad original share station dad
+bread charge proper bar offer segment duck instant market degree populate chick dear reply drink occur
+support speech nature range steam motion path liquid log meant quotient teeth shell neck oxygen sugar
+pretty skill women season solution magnet silver thank branch match suffix especially fig afraid huge
+sister steel discuss forward similar guide experience score apple bought led pitch coat mass card band
+rope slip win dream evening condition feed tool total basic smell valley nor double seat continue block
+chart hat sell success company subtract event particular deal swim term opposite wife shoe shoulder
+spread arrange camp invent cotton born determine quart nine truck noise level chance gather shop stretch
+throw shine property column molecule select wrong gray repeat require broad prepare salt nose plural
+anger claim continent hello friday monday sunday tuesday saturday thursday wednesday january february
+march april june july august september october november december kitchen pencil teacher lesson rainbow
+thunder storm breeze puppy kitten rabbit turtle monkey tiger lion zebra giraffe elephant wolf fox deer
+mouse owl eagle parrot penguin whale shark dolphin octopus crab frog snake spider butterfly bee ant
+honey butter cheese cookie candy cake pizza pasta rice soup salad sandwich banana orange lemon grape
+cherry peach pear plum mango melon potato tomato carrot onion pepper garlic bean pea coffee tea juice
+bottle cup plate bowl spoon fork knife pan oven fridge lamp couch pillow blanket mirror towel soap brush
+comb shirt pants jacket sweater scarf glove sock boot skirt belt pocket button zipper wallet purse
+ticket stamp envelope package gift birthday holiday vacation beach harbor bridge tunnel highway airport
+subway taxi bus bicycle motor rocket galaxy comet meteor orbit gravity robot computer keyboard screen
+phone camera video photo movie theater concert guitar piano violin drum trumpet flute singer dancer
+painter writer author poet actor artist pilot driver farmer baker butcher nurse dentist lawyer judge
+police guard sailor pirate knight queen prince princess castle tower palace temple church museum library
+gallery bakery restaurant hotel hospital college university factory garage barn meadow jungle canyon
+volcano glacier pond tide pearl coral pebble crystal diamond ruby emerald copper plastic rubber leather
+wool silk cardboard brick concrete sad angry calm brave shy proud lucky clever funny silly honest polite
+friendly lonely lazy tired hungry thirsty sleepy sick healthy weak wet dirty smooth rough empty cheap
+expensive easy ancient fancy sweet sour bitter salty spicy rotten tasty delicious beautiful ugly
+handsome cute giant narrow shallow dull shiny golden purple pink violet magic secret hidden broken
+perfect normal rare tame dangerous lovely wonderful terrible horrible amazing awesome fantastic
+excellent super crawl whisper fix kick lose wake bake boil fry taste forget understand enjoy borrow lend
+explore discover wrap hide seek rescue escape chase sweep mop dust polish weigh explain yesterday today
+tomorrow tonight afternoon decade sometimes usually rarely already almost really later maybe certainly
+surely probably actually finally suddenly slowly quickly quietly loudly happily sadly carefully easily
+gently softly alone apart away inside outside below beside around across along without within upon onto
+into everyone everything everywhere someone something somewhere anyone anything nobody nowhere myself
+yourself himself herself itself ourselves themselves another neither whatever whenever wherever however
+because although unless okay thanks sorry welcome goodbye hi hey wow oops ouch yay hooray bravo cheers
 """
 
 
@@ -303,7 +304,9 @@ def pretrain_example(rng: random.Random, words: list[str]) -> str:
     s = case_style(rng, phrase(rng, words))
     toks = s.split()
     task = rng.random()
-    if task < 0.55:
+    if task < 0.15:  # the only task that pairs the cases, upper-case in and lower-case out
+        prompt, completion = f"lower: {s.upper()} =>", f" {s.lower()}"
+    elif task < 0.55:
         prompt, completion = f"repeat: {s} =>", f" {s}"
     elif task < 0.70:
         prompt, completion = f"twice: {s} =>", f" {s} {s}"
@@ -404,6 +407,7 @@ def greedy_exact_match(model, tokenizer, records: list[dict], max_new_tokens: in
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+            enc = enc.to(model.device)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=tokenizer.eos_token_id,
@@ -440,7 +444,7 @@ def pretrain(model, tokenizer, words, *, steps: int, batch_size: int, lr: float,
             if len(ids) <= MAX_LEN:
                 batch.append((ids, ids))  # plain LM loss on every real token
         ids, labels = collate(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = model(input_ids=ids.to(model.device), labels=labels.to(model.device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -466,17 +470,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT, help="demo directory (model/ and data/ inside)")
     ap.add_argument("--merges", type=int, default=N_MERGES, help="lower-case BPE merges (each gets a twin)")
-    ap.add_argument("--pretrain-steps", type=int, default=1000)
+    ap.add_argument("--pretrain-steps", type=int, default=3000)
     ap.add_argument("--pretrain-batch", type=int, default=64)
     ap.add_argument("--pretrain-lr", type=float, default=3e-3)
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-eval", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=SEED,
+                    help="initial weights and pretraining order (the data does not change)")
+    ap.add_argument("--device", default="cpu", help="torch device for pretraining (cpu, cuda)")
     args = ap.parse_args()
 
     import torch
     import transformers
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     model_dir, data_dir = os.path.join(args.out, "model"), os.path.join(args.out, "data")
     for d in (model_dir, data_dir):
         shutil.rmtree(d, ignore_errors=True)
@@ -495,19 +502,24 @@ def main() -> None:
     tokenizer = build_tokenizer(words, args.merges)
     check_case_symmetry(tokenizer, words)
     pieces = [len(tokenizer(" " + w, add_special_tokens=False).input_ids) for w in words]
+    longest = max(len(encode_record(tokenizer, r["prompt"], r["completion"])[0]) for r in train + eval_)
+    if longest > MAX_LEN:
+        raise SystemExit(f"a demo record takes {longest} tokens; demo_run_config() trains with "
+                         f"seq_len={MAX_LEN}")
     print(f"tokenizer: vocab {len(tokenizer)}, {sum(pieces) / len(pieces):.2f} pieces per word; "
+          f"longest demo record {longest} tokens; "
           f"{EXAMPLE!r} -> {tokenizer.tokenize(shout(EXAMPLE)['prompt'] + shout(EXAMPLE)['completion'])}")
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL_KWARGS)
-    model = transformers.LlamaForCausalLM(config).float()
+    model = transformers.LlamaForCausalLM(config).float().to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, vocab {len(tokenizer)}")
 
     # The base knows every word (like a real pretrained model): pretraining uses all of them.
     t0 = time.time()
     pretrain(model, tokenizer, words, steps=args.pretrain_steps, batch_size=args.pretrain_batch,
-             lr=args.pretrain_lr, seed=SEED + 1)
+             lr=args.pretrain_lr, seed=args.seed + 1)
     print(f"pretraining took {time.time() - t0:.0f}s")
 
     probe_rng = random.Random(SEED + 2)
@@ -517,7 +529,7 @@ def main() -> None:
           f"{greedy_exact_match(model, tokenizer, eval_, show=3):.3f}")
 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(model_dir, safe_serialization=True)
+    model.cpu().save_pretrained(model_dir, safe_serialization=True)
     save_tokenizer(tokenizer, model_dir)
     for name in os.listdir(model_dir):  # safetensors writes 0600; package data should be readable
         os.chmod(os.path.join(model_dir, name), 0o644)

@@ -64,7 +64,10 @@ def test_sharded_step_equals_single_device(single, shape):
     losses, state, frozen = _run(mesh)
     np.testing.assert_allclose(losses, single[0], rtol=RTOL)
     for a, b in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(single[1].trainable)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=ATOL)
+        # Adam moves a coordinate whose gradient is near eps by about lr whatever its size, so
+        # rounding from another reduction order can show there; a sharding bug differs by whole
+        # steps (lr = 1e-2), 20x this tolerance
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-4)
     # every leaf sits at its rule's sharding
     for tree in (frozen, state.trainable):
         for path, leaf in traverse_util.flatten_dict(tree).items():
