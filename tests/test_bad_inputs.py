@@ -187,7 +187,7 @@ for argv, expect in [
     ("--temperature -1", "--temperature: -1"), ("--temperature nan", "--temperature: nan"),
     ("--temperature inf", "--temperature: inf"), ("--temperature hot", "'hot'"),
     ("--top-k -3", "--top-k: -3"), ("--top-k 2.5", "'2.5'"), ("--top-k 5", "--top-k 5 needs sampling"),
-    ("--top-k 1000 --temperature 1", "--top-k 1000 exceeds the vocabulary (100"),
+    ("--top-k 5000 --temperature 1", "--top-k 5000 exceeds the vocabulary ("),
     ("--max-new-tokens -5", "--max-new-tokens: -5"), ("--max-new-tokens 0", "--max-new-tokens: 0"),
     ("--max-new-tokens abc", "'abc'"), ("--max-new-tokens 1000", "--max-new-tokens 1000"),
     ("--seed -1", "--seed: -1"), ("--prompt ''", "--prompt ''"),
