@@ -64,6 +64,7 @@ import numpy as np
 
 from lora_jax.config import RunConfig, _parse_value
 from lora_jax.errors import ConfigError
+from lora_jax.models.attention import check_attention, segments_per_row
 
 __all__ = ["sweep", "SweepResult", "SweepPoint", "ALLOWED_KEYS", "normalize_grid", "expand_grid",
            "parse_grid_arg", "parse_grid_args", "stack_trees", "unstack_tree", "make_sweep_step",
@@ -718,7 +719,6 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     from lora_jax.hf.load import load_pretrained
     from lora_jax.hf.peft import save_peft
     from lora_jax.lora.tree import combine
-    from lora_jax.models.attention import check_attention, segments_per_row
     from lora_jax.models.llama import Llama
     from lora_jax.train.loop import (data_config, exact_match, open_model_dir, resolve_dtype,
                                      resolve_model_path)

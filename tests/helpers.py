@@ -10,6 +10,19 @@ TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_laye
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
             rms_norm_eps=1e-5, tie_word_embeddings=False)
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli_env() -> dict:
+    """The environment for a `lora-jax` subprocess: the suite's compilation cache and this checkout."""
+    env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("LORA_JAX_TEST_CACHE",
+                                                      os.path.expanduser("~/.cache/lora_jax_test_xla"))
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 # fp32 parity bound from DESIGN.md; bf16 has 8 mantissa bits (rel. step 2^-8 = 0.0039).
 FP32_ATOL = 1e-4
 

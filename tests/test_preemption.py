@@ -23,8 +23,8 @@ from lora_jax.cli import main
 from lora_jax.demo import DEMO_MODEL, demo_run_config
 from lora_jax.errors import ConfigError
 from lora_jax.train.loop import TrainingInterrupted, _StopSignals, train
+from tests.helpers import cli_env as _env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 SETTINGS = [f"train.steps={STEPS}", "train.save_every=100", "train.batch_size=8", "train.eval_generate=0",
             "train.eval_batches=1", "train.log_every=2", "optim.warmup_steps=2"]
@@ -33,15 +33,6 @@ CLI_SETTINGS = [arg for kv in SETTINGS for arg in ("--set", kv)]
 
 def _run(out, *extra):
     return demo_run_config().with_overrides([*SETTINGS, *extra, f"train.output_dir={out}"])
-
-
-def _env():
-    env = dict(os.environ)
-    env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("LORA_JAX_TEST_CACHE",
-                                                      os.path.expanduser("~/.cache/lora_jax_test_xla"))
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _step_losses(out):

@@ -19,20 +19,12 @@ import lora_jax as lj
 from lora_jax.cli import main
 from lora_jax.config import RunConfig
 from lora_jax.demo import DEMO_MODEL, demo_run_config
+from tests.helpers import cli_env as _env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--set", "train.steps=12", "--set", "train.save_every=4", "--set", "train.batch_size=8",
          "--set", "train.eval_generate=0", "--set", "train.eval_batches=1", "--set", "train.log_every=1",
          "--no-progress"]
-
-
-def _env():
-    env = dict(os.environ)
-    env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("LORA_JAX_TEST_CACHE",
-                                                      os.path.expanduser("~/.cache/lora_jax_test_xla"))
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _train_cmd(out, *extra):

@@ -96,7 +96,6 @@ def _median_step_s(run_dir: str) -> float | None:
 def run(args) -> dict:
     import jax
 
-    import lora_jax
     from lora_jax.cli import load_run_config
     from lora_jax.train.loop import train
 
@@ -120,8 +119,7 @@ def run(args) -> dict:
               "grad_accum": run_cfg.train.grad_accum, "packed": run_cfg.data.packing,
               "doc_words": args.doc_words, "remat": run_cfg.model.remat_policy,
               "attention": run_cfg.model.attention, "dropout": run_cfg.lora.lora_dropout,
-              "gpu": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "lora_jax": lora_jax.__name__}
+              "gpu": jax.devices()[0].device_kind, "jax": jax.__version__}
     try:
         t = time.perf_counter()
         summary = train(run_cfg, progress=False)
@@ -129,7 +127,7 @@ def run(args) -> dict:
                       checkpoint_s=summary.get("checkpoint_s"),
                       mfu_798=summary["mfu"], compile_s=summary["compile_s"], setup_s=summary["setup_s"],
                       loss_first=summary["train_loss_first"], loss_last=summary["train_loss_last"],
-                      rows=summary["data"].get("train_rows"))
+                      rows=summary["data"].get("n_train_rows"))
         med = _median_step_s(out)
         if med:
             result["tokens_per_s_median_step"] = batch * seq / med

@@ -28,6 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+from jax.extend.random import threefry2x32_p
 
 from lora_jax.quant import dequantize, is_quantized
 
@@ -129,8 +130,6 @@ def dropout_keep_mask(key, rate, shape) -> tuple[jax.Array, jax.Array]:
     runs over the flat index, as JAX's partitionable Threefry does, so the mask does not depend on
     sharding or on `vmap`. Keys of other PRNG implementations take `jax.random.bernoulli`.
     """
-    from jax.extend.random import threefry2x32_p
-
     rate = jnp.asarray(rate, jnp.float32)
     data = jax.random.key_data(key)
     if data.shape != (2,) or data.dtype != jnp.uint32:

@@ -16,10 +16,13 @@ tokens of its own segment only. The implementations (`LlamaConfig.attention`):
 - `"xla"`: the reference: a dense `[batch, 1, t, t]` mask and XLA's attention, which keeps the
   `[batch, heads, t, t]` scores of every layer. For the CPU and as the test oracle only.
 - `"auto"`: cuDNN on GPUs when the dtype and head size allow it, else the Pallas kernel; the
-  Pallas kernel on TPUs; XLA on CPUs. Measured on an H200 (one layer forward + backward, 8 x 2048,
-  32 heads of 64; see the README's benchmark section): cuDNN's packed path is within a few percent
-  of its unpacked causal path and about 3x faster than the Triton kernel, which is in turn about
-  3x faster than XLA with a dense mask, so cuDNN comes first and Triton is the portable fallback.
+  Pallas kernel on TPUs; XLA on CPUs. The order is by measurement on an H200 (one layer forward +
+  backward; `experiments/bench/kernel_bench.py`, figures in
+  `experiments/bench/results/2026-11-29-h200-cli.md`): cuDNN's packed path is faster than the
+  Triton kernel, which is faster than XLA with a dense mask; Triton is the portable fallback.
+
+The kernels are imported where they are used: each exists on its own platform only (and JAX's
+Triton module warns on import in newer releases).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ import numpy as np
 from lora_jax.checkpoint import Checkpointer, CheckpointMismatch, base_fingerprint, fingerprints_match
 from lora_jax.config import RunConfig
 from lora_jax.errors import ConfigError, LoraJaxError
+from lora_jax.models.attention import check_attention, segments_per_row
 from lora_jax.sharding import make_mesh, place, rules_with
 from lora_jax.train.step import shard_state
 
@@ -286,7 +287,6 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     from lora_jax.hf.peft import save_peft
     from lora_jax.lora.targets import model_shape, plan_targets
     from lora_jax.lora.tree import init_lora, split_trainable, unmerge
-    from lora_jax.models.attention import check_attention, segments_per_row
     from lora_jax.models.llama import Llama
     from lora_jax.train.step import init_state, make_eval_step, make_schedule, make_train_step, make_tx
 
@@ -361,10 +361,10 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     # Evaluation runs in the training micro-batches (grad_accum sets them to what fits in memory),
     # over the same rows as `eval_batches` full batches.
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    eval_rows = tcfg.batch_size // tcfg.grad_accum
-    if eval_rows % dp:
-        eval_rows = tcfg.batch_size
-    eval_steps = tcfg.eval_batches * (tcfg.batch_size // eval_rows)
+    eval_batch = tcfg.batch_size // tcfg.grad_accum
+    if eval_batch % dp:
+        eval_batch = tcfg.batch_size
+    eval_steps = tcfg.eval_batches * (tcfg.batch_size // eval_batch)
 
     def evaluate(trainable) -> dict:
         from lora_jax.lora.tree import combine
@@ -372,7 +372,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         res: dict[str, Any] = {}
         if datasets.eval_rows:
             total = count = 0.0
-            for i, batch in enumerate(eval_batches(datasets.eval_rows, eval_rows, pidx, nproc)):
+            for i, batch in enumerate(eval_batches(datasets.eval_rows, eval_batch, pidx, nproc)):
                 if i >= eval_steps:
                     break
                 t, c = eval_fn(trainable, frozen, shardings.put_batch(batch))
