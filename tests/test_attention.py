@@ -89,37 +89,46 @@ def test_pallas_equals_xla_unpacked_and_unaligned_length():
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
-def _implied_mask(lengths, offsets, n):
-    """The causal block-diagonal mask that ragged (lengths, offsets) over `n` tokens stand for."""
-    count = int(np.sum(lengths >= 0))
-    assert offsets[count] == n and np.all(offsets[count + 1:] == -1) and np.all(lengths[count:] == -1)
-    assert lengths[:count].sum() == n
-    np.testing.assert_array_equal(offsets[1:count] - offsets[:count - 1], lengths[:count - 1])
-    doc = np.zeros(n, int)
+def _implied_mask(lengths, offsets, rows: int, t: int):
+    """The causal block-diagonal mask over the batch's `rows * t` tokens that cuDNN reads from
+    ragged (lengths, offsets): converted by JAX's own (private) `_fix_seqlen_offsets`, which turns
+    per-row offsets into one cumulative list in elements, as the kernel receives them."""
+    from jax._src.cudnn.fused_attention_stablehlo import _fix_seqlen_offsets
+
+    heads, dim = 2, 8
+    x = jnp.zeros((rows, t, heads, dim))
+    lens, _, offs, _ = _fix_seqlen_offsets(jnp.asarray(lengths), jnp.asarray(lengths), jnp.asarray(offsets),
+                                           jnp.asarray(offsets), x, x)
+    lens, offs = np.asarray(lens).ravel(), np.asarray(offs).ravel() // (heads * dim)
+    count = int(np.sum(lens > 0))
+    assert np.all(lens[count:] == 0) and np.all(offs[count:] == rows * t)  # the fill ends the list
+    np.testing.assert_array_equal(offs[:count] + lens[:count], offs[1:count + 1])  # contiguous
+    assert offs[0] == 0 and lens[:count].sum() == rows * t
+    doc = np.zeros(rows * t, int)
     for i in range(count):
-        doc[offsets[i]:offsets[i] + lengths[i]] = i
+        doc[offs[i]:offs[i] + lens[i]] = i
+    n = rows * t
     return (doc[:, None] == doc[None, :]) & np.tri(n, dtype=bool)
 
 
 @pytest.mark.parametrize("flatten", [False, True])
 def test_packed_segments_describe_the_reference_mask(flatten):
     """The ragged (lengths, offsets) handed to cuDNN allow exactly what the reference mask allows:
-    rebuild the mask they imply and compare, per row or over the flattened batch."""
+    rebuild the mask cuDNN would read from them (after JAX's conversion) and compare."""
     seg = _segment_ids()
     bound = segments_per_row([{"segment_ids": np.asarray(r)} for r in seg])
     assert bound == 4  # 3 segments per row, rounded up to a power of two
     lengths, offsets = (np.asarray(a) for a in packed_segments(seg, bound, flatten))
     mask = np.asarray(segment_mask(T, seg))[:, 0]
+    ref = np.zeros((B * T, B * T), bool)
+    for r in range(B):
+        ref[r * T:(r + 1) * T, r * T:(r + 1) * T] = mask[r]
     if flatten:
-        assert lengths.shape == (1, B * bound)
-        ref = np.zeros((B * T, B * T), bool)
-        for r in range(B):
-            ref[r * T:(r + 1) * T, r * T:(r + 1) * T] = mask[r]
-        np.testing.assert_array_equal(_implied_mask(lengths[0], offsets[0], B * T), ref)
+        assert lengths.shape == (1, B * bound) and offsets.shape == (1, B * bound + 1)
+        np.testing.assert_array_equal(_implied_mask(lengths, offsets, 1, B * T), ref)
     else:
         assert lengths.shape == (B, bound) and offsets.shape == (B, bound + 1)
-        for r in range(B):
-            np.testing.assert_array_equal(_implied_mask(lengths[r], offsets[r], T), mask[r])
+        np.testing.assert_array_equal(_implied_mask(lengths, offsets, B, T), ref)
 
 
 @_CPU_ONLY

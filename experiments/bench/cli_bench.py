@@ -83,14 +83,15 @@ def make_corpus(path: str, n_tokens: int, words: tuple[int, int], vocab: int, se
     os.replace(path + ".tmp", path)
 
 
-def _median_step_s(run_dir: str) -> float | None:
+def _step_times(run_dir: str) -> list[float]:
+    """`step_s` of every logged step after the first (compiling) one, in order."""
     steps = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
             if "step_s" in rec and rec["step"] > 1:
                 steps.append(rec["step_s"])
-    return statistics.median(steps) if steps else None
+    return steps
 
 
 def run(args) -> dict:
@@ -119,7 +120,8 @@ def run(args) -> dict:
               "grad_accum": run_cfg.train.grad_accum, "packed": run_cfg.data.packing,
               "doc_words": args.doc_words, "remat": run_cfg.model.remat_policy,
               "attention": run_cfg.model.attention, "dropout": run_cfg.lora.lora_dropout,
-              "gpu": jax.devices()[0].device_kind, "jax": jax.__version__}
+              "gpu": jax.devices()[0].device_kind, "jax": jax.__version__,
+              **({"cudnn_layout": "flat"} if args.cudnn_flat else {})}
     try:
         t = time.perf_counter()
         summary = train(run_cfg, progress=False)
@@ -128,9 +130,10 @@ def run(args) -> dict:
                       mfu_798=summary["mfu"], compile_s=summary["compile_s"], setup_s=summary["setup_s"],
                       loss_first=summary["train_loss_first"], loss_last=summary["train_loss_last"],
                       rows=summary["data"].get("n_train_rows"))
-        med = _median_step_s(out)
-        if med:
-            result["tokens_per_s_median_step"] = batch * seq / med
+        steps = _step_times(out)
+        if steps:  # where the loop's time goes: a slow outlier shows against the median
+            result["tokens_per_s_median_step"] = batch * seq / statistics.median(steps)
+            result["step_s"] = [round(x, 4) for x in steps]
         if result["mfu_798"]:
             result["mfu_989"] = result["mfu_798"] * 798 / 989
     except Exception as e:  # an out-of-memory step is a result, not a crash of the suite
@@ -153,8 +156,16 @@ def main(argv=None) -> int:
                    help="document lengths in words = tokens (default 200 1800)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/lora_jax_bench"))
+    p.add_argument("--cudnn-flat", action="store_true",
+                   help="packed cuDNN attention over the whole batch as one row (the kernel's other layout)")
     p.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.cudnn_flat:
+        import functools
+
+        from lora_jax.models import attention as attention_module
+
+        attention_module._cudnn_packed = functools.partial(attention_module._cudnn_packed, flatten=True)
     os.makedirs(args.work, exist_ok=True)
     if args.make_model:
         make_model(args.make_model, os.path.join(args.work, f"model-{args.make_model}"))

@@ -6,9 +6,9 @@ tokens of its own segment only. The implementations (`LlamaConfig.attention`):
 
 - `"cudnn"`: cuDNN's fused flash attention. Unpacked rows go through the public
   `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`. Packed rows use cuDNN's
-  ragged ("packed") layout, which JAX reaches only through a private module (`_cudnn_packed`): the
-  whole batch is flattened into one row and each document becomes a ragged sequence of it, so
-  the kernel skips every block across documents. bf16/fp16 only.
+  ragged ("packed") layout, which JAX reaches only through a private module (`_cudnn_packed`):
+  each document of a row is a ragged sequence of its own, so the kernel skips every block across
+  documents. bf16/fp16 only.
 - `"pallas"`: JAX's Pallas flash-attention kernels, which take segment ids: Triton on GPUs
   (`jax.experimental.pallas.ops.gpu.attention.mha`; any dtype; GQA by repeating the kv heads, as
   the kernel wants equal head counts), Mosaic on TPUs (`...ops.tpu.flash_attention`; tested in
@@ -138,9 +138,12 @@ def packed_segments(segment_ids: Array, max_segments: int, flatten: bool = False
 
     A segment starts at each row start and wherever the id changes (padding is a segment of its
     own: its queries attend among themselves, so nothing is NaN, and the loss masks them). Offsets
-    end with the row length; unused entries are -1, as cuDNN's packed layout requires.
+    are each segment's start within its row; unused entries are -1, as the docstring of JAX's
+    `dot_product_attention` asks. (JAX turns them into one cumulative list over the batch, whose
+    fill supplies the end: an explicit end entry per row would repeat the next row's start and
+    shift every later segment's offset.) Segments beyond `max_segments` in a row would be dropped:
+    the bound comes from the data.
     flatten: describe the batch as one row of `b*t` tokens (`M = b * max_segments`).
-    Segments beyond `max_segments` in a row would be dropped: the bound comes from the data.
     """
     b, t = segment_ids.shape
     starts_here = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
@@ -153,18 +156,18 @@ def packed_segments(segment_ids: Array, max_segments: int, flatten: bool = False
     idx = jnp.arange(m, dtype=jnp.int32)[None]
     lengths = jnp.where(idx < count, nxt - starts, -1)
     offsets = jnp.concatenate([jnp.where(idx < count, starts, -1), jnp.full((b, 1), -1, jnp.int32)], 1)
-    offsets = jnp.where(jnp.arange(m + 1)[None] == count, t, offsets)
     return lengths, offsets
 
 
-def _cudnn_packed(q, k, v, segment_ids, scale, max_segments, flatten=True):
+def _cudnn_packed(q, k, v, segment_ids, scale, max_segments, flatten=False):
     """cuDNN flash attention over the documents of packed rows (its ragged layout).
 
     JAX exposes the packed layout (`q_offsets`/`kv_offsets`) only in its private
     `jax._src.cudnn.fused_attention_stablehlo`; this function is the one place that calls it, and
-    a test pins it to the XLA reference. cuDNN keeps softmax statistics of `[rows * M, heads, t]`,
-    so `M` is the data's bound, not the worst case. flatten: the whole batch as one row, since
-    per-row offsets over several rows give NaN gradients (`experiments/bench/kernel_bench.py`).
+    tests pin both the description it hands over (through JAX's own conversion) and, on a GPU,
+    the result to the XLA reference. cuDNN keeps softmax statistics of `[rows * M, heads, t]`, so
+    `M` is the data's bound, not the worst case. flatten: the whole batch as one row (kept for
+    the kernel benchmark; rows stay separate by default, so a data-parallel batch stays sharded).
     """
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
