@@ -183,3 +183,21 @@ def test_gpu_kernels_equal_the_reference_on_packed_rows(impl):
     assert rel(out, ref) < 1e-2
     for g, gr in zip(jax.grad(f(impl), (0, 1, 2))(q, k, v), jax.grad(f("xla"), (0, 1, 2))(q, k, v)):
         assert rel(g.astype(jnp.float32), gr.astype(jnp.float32)) < 2e-2
+
+
+def test_auto_leaves_cudnn_when_its_packed_statistics_would_be_huge(monkeypatch):
+    """On a GPU, "auto" sends packed rows to cuDNN unless its `[rows * M, heads, t]` statistics
+    pass the limit (a long row of many documents), where the Pallas kernel takes them."""
+    from lora_jax.models import attention as attn
+
+    calls = []
+    monkeypatch.setattr(attn, "_platform", lambda: "gpu")
+    monkeypatch.setattr(attn, "_cudnn_packed", lambda q, *a, **k: calls.append("cudnn") or q)
+    monkeypatch.setattr(attn, "_pallas_triton", lambda q, *a, **k: calls.append("pallas") or q)
+    q = jnp.zeros((1, 4096, 32, 64), jnp.bfloat16)
+    seg = jnp.ones((1, 4096), jnp.int32)
+    small = attn.CUDNN_PACKED_STATS_LIMIT // (4 * 32 * 4096)  # the most segments that fit the limit
+    attn.attention(q, q, q, seg, max_segments=small)
+    attn.attention(q, q, q, seg, max_segments=2 * small)
+    attn.attention(q, q, q, seg, implementation="cudnn", max_segments=2 * small)  # asked for: kept
+    assert calls == ["cudnn", "pallas", "cudnn"]

@@ -16,7 +16,8 @@ tokens of its own segment only. The implementations (`LlamaConfig.attention`):
 - `"xla"`: the reference: a dense `[batch, 1, t, t]` mask and XLA's attention, which keeps the
   `[batch, heads, t, t]` scores of every layer. For the CPU and as the test oracle only.
 - `"auto"`: cuDNN on GPUs when the dtype and head size allow it, else the Pallas kernel; the
-  Pallas kernel on TPUs; XLA on CPUs. The order is by measurement on an H200 (one layer forward +
+  Pallas kernel on TPUs; XLA on CPUs. Packed rows so long and so full of documents that cuDNN's
+  statistics would pass `CUDNN_PACKED_STATS_LIMIT` take the Pallas kernel on GPUs too. The order is by measurement on an H200 (one layer forward +
   backward; `experiments/bench/kernel_bench.py`, figures in
   `experiments/bench/results/2026-11-29-h200-cli.md`): cuDNN's packed path is faster than the
   Triton kernel, which is faster than XLA with a dense mask; Triton is the portable fallback.
@@ -38,7 +39,7 @@ from lora_jax.config import ATTENTION_IMPLS
 from lora_jax.errors import ConfigError
 
 __all__ = ["attention", "resolve_attention", "check_attention", "segment_mask", "packed_segments",
-           "segments_per_row"]
+           "segments_per_row", "cudnn_packed_stats_bytes", "CUDNN_PACKED_STATS_LIMIT"]
 
 Array = jax.Array
 
@@ -107,6 +108,9 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None = None, *,
                               "(LlamaConfig.max_segments; training sets it from the data); set it, "
                               "or use attention='pallas'")
         impl = "pallas"
+    if (impl == "cudnn" and implementation == "auto" and segment_ids is not None
+            and cudnn_packed_stats_bytes(q.shape, max_segments) > CUDNN_PACKED_STATS_LIMIT):
+        impl = "pallas"  # a long row of many documents: the Triton kernel's residuals are O(t)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if impl == "xla":
         if segment_ids is None:
@@ -120,6 +124,19 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None = None, *,
     if (_platform() == "tpu") and not interpret:
         return _pallas_tpu(q, k, v, segment_ids, scale)
     return _pallas_triton(q, k, v, segment_ids, scale, interpret)
+
+
+CUDNN_PACKED_STATS_LIMIT = 2**30
+"""Above this many bytes of softmax statistics per call, "auto" leaves cuDNN's packed path for the
+Pallas kernel: cuDNN keeps `[rows * M, heads, t]` fp32 for the backward pass, so a row of `t`
+tokens holding `M ~ t / document length` documents costs O(t^2 / length) per layer (a 131,072-token
+row of 200-1,800-token documents asks for 17 GB per layer)."""
+
+
+def cudnn_packed_stats_bytes(q_shape, max_segments: int) -> int:
+    """Bytes of the softmax statistics cuDNN's packed layout keeps for `q [b, t, heads, d]`."""
+    b, t, n, _ = q_shape
+    return 4 * b * max_segments * n * t
 
 
 def segments_per_row(rows) -> int:
