@@ -9,9 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
+import warnings
+
+import jax
+from rich.console import Console
+from rich.table import Table
+
+from lora_jax.distributed import initialize
+from lora_jax.errors import ConfigError, ConfigWarning, LoraJaxError
+from lora_jax.export import export_checkpoint
+from lora_jax.generate import generate_cli
+from lora_jax.run_args import add_run_args, flag_overrides, load_run_config, path_arg, quote
+from lora_jax.sweep_cli import add_sweep_parser
+from lora_jax.train.loop import TrainingDiverged, TrainingInterrupted, train
 
 __all__ = ["main", "build_parser"]
 
@@ -21,13 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"lora-jax: error: {message} (see {self.prog} --help)\n")
-
-
-def _path(text: str) -> str:
-    """A path option: an empty one would silently mean the default, so it is refused."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a path")
-    return text
 
 
 def _int_at_least(minimum: int, below: int | None = None):
@@ -55,25 +62,6 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
-def add_run_args(p: argparse.ArgumentParser, output_help: str) -> None:
-    """The run-config options that `train` and `sweep` share (see `flag_overrides`)."""
-    p.add_argument("--config", type=_path, help="YAML run config (sections: model, lora, data, optim, "
-                                                "train, mesh; default: the built-in demonstration)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field, e.g. --set lora.r=8 --set optim.lr=1e-4 --set "
-                        "lora.target_modules=[q_proj,v_proj] (repeatable; values are YAML, and text "
-                        "as it is for text fields such as train.output_dir)")
-    p.add_argument("--model", type=_path, help="Hugging Face Llama directory (default: the built-in demo "
-                                               "model)")
-    p.add_argument("--data", type=_path, help="training JSONL ({text} | {prompt, completion} | {messages})")
-    p.add_argument("--eval-data", type=_path, help="held-out JSONL (default: a split of --data)")
-    p.add_argument("--quantize", choices=("nf4", "int8"),
-                   help="QLoRA: a 4-bit NF4 (or int8) frozen base; same as --set model.quantize=...")
-    p.add_argument("--output-dir", type=_path, help=output_help)
-    p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 # the flags that would change a run's configuration: --resume refuses them (see _train_args)
 _CONFIG_FLAGS = (("config", "--config"), ("overrides", "--set"), ("model", "--model"), ("data", "--data"),
                  ("eval_data", "--eval-data"), ("quantize", "--quantize"))
@@ -89,41 +77,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="multi-host: jax.distributed.initialize() (TPU pods, SLURM, or LORA_JAX_* env)")
 
 
-def load_run_config(path: str | None):
-    """The RunConfig of a YAML file, or the demonstration's when `path` is None."""
-    from lora_jax.config import RunConfig, load_yaml
-    from lora_jax.errors import ConfigError
-
-    if path is None:
-        from lora_jax.demo import demo_run_config
-
-        return demo_run_config()
-    d = load_yaml(path, "--config")
-    try:
-        return RunConfig.from_dict({} if d is None else d)
-    except ConfigError as e:
-        raise ConfigError(f"--config {path}: {e}") from None
-
-
-def _quote(text: str) -> str:
-    """`text` as a YAML single-quoted scalar: a flag's value is taken exactly (`--data null` is a
-    file named null)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
-def flag_overrides(args) -> list[str]:
-    """`--set` pairs, then the shorthand flags of `add_run_args` as KEY=VALUE pairs."""
-    pairs = list(args.overrides)
-    for flag, key in (("model", "model.path"), ("data", "data.train_file"),
-                      ("eval_data", "data.eval_file"), ("quantize", "model.quantize")):
-        if getattr(args, flag, None) is not None:
-            pairs.append(f"{key}={_quote(getattr(args, flag))}")
-    return pairs
-
-
 def _run_config(args):
-    from lora_jax.errors import ConfigError
-
+    """The RunConfig of `lora-jax train`'s arguments; --resume refuses what would change the run."""
     if args.resume:
         given = [f"{flag} {' '.join(v) if isinstance(v, list) else v}" for attr, flag in _CONFIG_FLAGS
                  if (v := getattr(args, attr, None))]
@@ -136,30 +91,22 @@ def _run_config(args):
                               "pass one of them")
     pairs = flag_overrides(args)
     if args.output_dir is not None:
-        pairs.append(f"train.output_dir={_quote(args.output_dir)}")
+        pairs.append(f"train.output_dir={quote(args.output_dir)}")
     return load_run_config(args.config).with_overrides(pairs)
 
 
 def cmd_train(args) -> int:
-    from lora_jax.distributed import initialize
-    from lora_jax.train.loop import train
-
     run = _run_config(args)  # bad input fails here, before anything starts
     if not args.resume:  # a resumed run was warned when it started
         run.warn_unusual()
     initialize(auto=args.distributed)
     summary = train(run, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    import jax
-
     if jax.process_index() == 0:
         _print_summary(summary)
     return 0
 
 
 def _print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="lora-jax train: summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -176,8 +123,6 @@ def _print_summary(summary: dict) -> None:
 def _check_export_dirs(args) -> None:
     """An export directory may not be, or hold, the run it exports (replacing it would delete the
     run), nor be the other export's directory."""
-    from lora_jax.errors import ConfigError
-
     run = os.path.realpath(args.checkpoint)
     outs = [(flag, d) for flag, d in (("--peft", args.peft), ("--merged", args.merged)) if d]
     for flag, d in outs:
@@ -190,8 +135,6 @@ def _check_export_dirs(args) -> None:
 
 
 def cmd_export(args) -> int:
-    from lora_jax.export import export_checkpoint
-
     _check_export_dirs(args)
     written = export_checkpoint(args.checkpoint, step=args.step, peft_dir=args.peft, merged_dir=args.merged,
                                 dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
@@ -200,8 +143,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lora_jax.generate import generate_cli
-
     for text in generate_cli(model=args.model, adapter=args.adapter, checkpoint=args.checkpoint,
                              prompts=args.prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, seed=args.seed):
@@ -218,11 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export a run's checkpoint as a PEFT adapter or a merged HF model")
-    p.add_argument("--checkpoint", required=True, type=_path, metavar="RUN_DIR",
+    p.add_argument("--checkpoint", required=True, type=path_arg, metavar="RUN_DIR",
                    help="a `lora-jax train` output dir")
     p.add_argument("--step", type=_int_at_least(0), help="checkpoint step (default: latest)")
-    p.add_argument("--peft", type=_path, metavar="OUT_DIR", help="write a PEFT adapter here")
-    p.add_argument("--merged", type=_path, metavar="OUT_DIR",
+    p.add_argument("--peft", type=path_arg, metavar="OUT_DIR", help="write a PEFT adapter here")
+    p.add_argument("--merged", type=path_arg, metavar="OUT_DIR",
                    help="write the merged model here (transformers format)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="export dtype")
     p.add_argument("--max-shard-size", default="5GB", help="merged export shard size (default 5GB)")
@@ -231,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text with a base model and optional adapter")
-    p.add_argument("--model", type=_path, help="HF Llama directory (default: the built-in demo model)")
-    p.add_argument("--adapter", type=_path, help="PEFT adapter directory")
-    p.add_argument("--checkpoint", type=_path, metavar="RUN_DIR",
+    p.add_argument("--model", type=path_arg, help="HF Llama directory (default: the built-in demo model)")
+    p.add_argument("--adapter", type=path_arg, help="PEFT adapter directory")
+    p.add_argument("--checkpoint", type=path_arg, metavar="RUN_DIR",
                    help="use the latest checkpoint of a run instead (its base model too)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable, not empty)")
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=48,
@@ -245,12 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0, 2**63), default=0, help="sampling seed (default 0)")
     p.set_defaults(func=cmd_generate)
 
-    try:
-        from lora_jax.sweep_cli import add_sweep_parser
-    except ImportError:
-        pass
-    else:
-        add_sweep_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -264,8 +200,6 @@ def _quiet_startup() -> None:
 
 def _show_config_warning(show):
     """A `warnings.showwarning` printing a ConfigWarning as one `lora-jax: warning:` line."""
-    from lora_jax.errors import ConfigWarning
-
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, ConfigWarning):
             print(f"lora-jax: warning: {message}", file=sys.stderr)
@@ -283,17 +217,11 @@ def _one_line(error) -> str:
 def main(argv=None) -> int:
     """Run `lora-jax ARGV`; returns the exit status (0 ok, 1 diverged, 2 bad input, 128 + signal:
     stopped by SIGTERM (143) or SIGINT (130) after saving a checkpoint)."""
-    import logging
-    import warnings
-
     _quiet_startup()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0), or a usage error already printed as one line (2)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
-
-    from lora_jax.errors import ConfigWarning, LoraJaxError
-    from lora_jax.train.loop import TrainingDiverged, TrainingInterrupted
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", ConfigWarning)

@@ -14,11 +14,28 @@ and both sides of a comparison divide by exactly the same FLOP count:
   non-causally (PaLM convention), so causal masking never changes the denominator.
 
 Recomputation from gradient checkpointing is not counted: MFU measures useful model FLOPs.
+
+Projection names and shapes are the layout's (`lora_jax/models/layout.py`, pure Python too). Loaded
+by file path (no package), this module loads the layout file the same way.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import importlib.util
+import os
+import sys
+from typing import Any, Iterable
+
+if __package__:
+    from lora_jax.models.layout import LLAMA_LAYOUT, config_value
+else:  # loaded by file path (experiments/bench/peft_bench.py): no package, so no JAX either
+    _NAME = "lora_jax_models_layout"
+    if _NAME not in sys.modules:  # registered before it runs: dataclasses look their module up
+        _spec = importlib.util.spec_from_file_location(
+            _NAME, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "layout.py"))
+        sys.modules[_NAME] = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(sys.modules[_NAME])
+    LLAMA_LAYOUT, config_value = sys.modules[_NAME].LLAMA_LAYOUT, sys.modules[_NAME].config_value
 
 __all__ = [
     "ALL_TARGETS",
@@ -34,29 +51,14 @@ __all__ = [
 PEAK_H100_MEASURED = 798e12  # achievable dense bf16 matmul FLOP/s, as measured (see PERF doc)
 PEAK_H100_DATASHEET = 989e12  # NVIDIA datasheet dense bf16 peak, H100 SXM
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = LLAMA_LAYOUT.names
 
-
-def _get(cfg: Any, name: str) -> Any:
-    """Read a field from a config object or a plain dict of HF kwargs."""
-    return cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
+_get = config_value  # a field of a config object or of a plain dict of HF kwargs
 
 
 def projection_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each per-layer projection, keyed by its HF module name."""
-    d, mlp = _get(cfg, "hidden_size"), _get(cfg, "intermediate_size")
-    nh = _get(cfg, "num_attention_heads")
-    nkv = _get(cfg, "num_key_value_heads") or nh
-    hd = _get(cfg, "head_dim") or d // nh
-    return {
-        "q_proj": (d, nh * hd),
-        "k_proj": (d, nkv * hd),
-        "v_proj": (d, nkv * hd),
-        "o_proj": (nh * hd, d),
-        "gate_proj": (d, mlp),
-        "up_proj": (d, mlp),
-        "down_proj": (mlp, d),
-    }
+    return LLAMA_LAYOUT.shapes(cfg)
 
 
 def matmul_params(cfg: Any) -> int:

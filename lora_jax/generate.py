@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.config import LlamaConfig, LoraConfig
-from lora_jax.errors import ConfigError
+from lora_jax.config import LlamaConfig, LoraConfig, ModelConfig
+from lora_jax.errors import CheckpointFormatError, ConfigError
+from lora_jax.hf.peft import load_peft
 from lora_jax.lora.intercept import lora_interception
 from lora_jax.models.llama import Llama, init_kv_cache
+from lora_jax.session import load_model, load_run, open_model_dir, resolve_model_path
 
 __all__ = ["generate", "generate_text", "check_settings"]
 
@@ -168,8 +170,6 @@ _FLAGS = {"max_new_tokens": "--max-new-tokens ", "temperature": "--temperature "
 
 def _run_model_path(run_dir: str) -> str:
     """The base model a training run used (from its run.json), without loading anything."""
-    from lora_jax.errors import CheckpointFormatError
-
     run_json = os.path.join(run_dir, "run.json")
     if not os.path.isfile(run_json):
         raise CheckpointFormatError(f"--checkpoint {run_dir} is not a lora-jax run directory (no run.json); "
@@ -189,9 +189,6 @@ def generate_cli(*, model: str | None, adapter: str | None, checkpoint: str | No
     Every setting is checked before weights load: the prompts (not empty), the sampling settings,
     the model directory, and that each prompt plus max_new_tokens fits the model's context
     (max_position_embeddings)."""
-    from lora_jax.hf.load import load_pretrained
-    from lora_jax.train.loop import open_model_dir, resolve_dtype, resolve_model_path
-
     if adapter and checkpoint:
         raise ConfigError(f"pass --adapter or --checkpoint, not both (got --adapter {adapter} and "
                           f"--checkpoint {checkpoint})")
@@ -219,14 +216,10 @@ def generate_cli(*, model: str | None, adapter: str | None, checkpoint: str | No
                               f"(max_position_embeddings); {fix}")
     lora = lcfg = None
     if checkpoint:
-        from lora_jax.export import load_run
-
         cfg, params, lora, lcfg, _, _, model_path = load_run(checkpoint)
     else:
-        cfg, params = load_pretrained(model_path, dtype=resolve_dtype("auto"))
+        cfg, params = load_model(ModelConfig(), model_path)  # the default model options
         if adapter:
-            from lora_jax.hf.peft import load_peft
-
             lora, lcfg = load_peft(adapter, params)
     outs = generate(cfg, params, ids, lora=lora, lcfg=lcfg, max_new_tokens=max_new_tokens,
                     temperature=temperature, top_k=top_k, seed=seed, eos_token_id=tokenizer.eos_token_id,

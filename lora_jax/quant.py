@@ -42,14 +42,17 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from lora_jax.errors import ConfigError
+from lora_jax.models.layout import projection_names
 
 __all__ = ["QUANT_KINDS", "NF4_CODE_BOOK", "QuantizedKernel", "QuantSpec", "quantize", "dequantize",
            "quantize_like", "quantize_params", "is_quantized", "check_kind", "nf4_code_book_derived",
            "dynamic_map", "is_projection_kernel"]
 
 QUANT_KINDS = ("nf4", "int8")
+_PROJECTIONS = projection_names()  # every family's projections (lora_jax.models.layout)
 BLOCK = 64  # weights per absmax scale
 DQ_BLOCK = 256  # scales per second-level scale
 
@@ -299,10 +302,10 @@ def _quantize_stacked(w, kind, block, dq_block, dtype):
 
 
 def is_projection_kernel(path) -> bool:
-    from lora_jax.hf.names import PROJECTIONS
-
+    """Whether `path` (keys or jax key entries) ends at the kernel of a projection of some family's
+    layout: what QLoRA quantises."""
     path = tuple(str(getattr(p, "key", p)) for p in path)
-    return len(path) >= 2 and path[-1] == "kernel" and path[-2] in PROJECTIONS
+    return len(path) >= 2 and path[-1] == "kernel" and path[-2] in _PROJECTIONS
 
 
 def quantize_params(params, kind: str = "nf4", *, block: int = BLOCK, dq_block: int = DQ_BLOCK,
@@ -311,8 +314,6 @@ def quantize_params(params, kind: str = "nf4", *, block: int = BLOCK, dq_block: 
     leaf at a time, one layer at a time); embeddings, norms and the LM head are returned as they are.
     donate=True deletes each full-precision kernel as soon as it is quantised, so peak memory is the
     model plus one layer's temporaries, not two models."""
-    from flax import traverse_util
-
     check_kind(kind)
     flat = traverse_util.flatten_dict(params)
     out = {}

@@ -1,7 +1,8 @@
 """Device meshes and the one table from logical axis names to mesh axes.
 
 Every parameter's logical axes follow from its path (the tree mirrors HF names, so this is a table,
-not code paths); an adapter's `a` takes its kernel's input axis, `b` its output axis, rank replicated.
+not code paths): a kernel's axes are its family's layout's (`lora_jax.models.layout`); an adapter's
+`a` takes its kernel's input axis, `b` its output axis, rank replicated.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax.errors import ConfigError
+from lora_jax.models.layout import LAYOUTS
 
 __all__ = ["make_mesh", "DEFAULT_RULES", "logical_axes", "param_sharding", "tree_shardings",
            "batch_sharding", "MESH_AXES", "rules_with", "place", "spec_for"]
@@ -32,16 +34,19 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "sweep": None,
 }
 
-_KERNEL_AXES = {
-    "q_proj": ("embed", "heads"),
-    "k_proj": ("embed", "kv_heads"),
-    "v_proj": ("embed", "kv_heads"),
-    "o_proj": ("heads", "embed"),
-    "gate_proj": ("embed", "mlp"),
-    "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"),
-    "lm_head": ("embed", "vocab"),
-}
+# (parent, module) -> logical axes of its [in, out] kernel, for every family; parent None: any parent
+_KERNEL_AXES = {key: axes for layout in LAYOUTS.values() for key, axes in layout.kernel_axes().items()}
+_EMBEDDINGS = {layout.embed: layout.embed_axes for layout in LAYOUTS.values()}
+
+
+def _module_axes(path: tuple[str, ...]) -> tuple[str, str] | None:
+    """The kernel axes of the innermost module on `path` that a layout names."""
+    for i in range(len(path) - 2, -1, -1):
+        parent = path[i - 1] if i else None
+        axes = _KERNEL_AXES.get((parent, path[i])) or _KERNEL_AXES.get((None, path[i]))
+        if axes is not None:
+            return axes
+    return None
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
@@ -66,19 +71,20 @@ def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
     path = tuple(str(p) for p in path)
     leaf = path[-1]
     stacked = "layers" in path
-    module = next((p for p in reversed(path[:-1]) if p in _KERNEL_AXES), None)
-    if "embed_tokens" in path and leaf == "embedding":
-        axes: tuple = ("vocab", "embed")
+    module = _module_axes(path)
+    embedding = next((_EMBEDDINGS[p] for p in path[:-1] if p in _EMBEDDINGS), None)
+    if embedding is not None and leaf == "embedding":
+        axes: tuple = embedding
     elif module is not None and leaf == "kernel":
-        axes = _KERNEL_AXES[module]
+        axes = module
     elif module is not None and leaf == "bias":
-        axes = (_KERNEL_AXES[module][1],)
+        axes = (module[1],)
     elif module is not None and leaf == "a":
-        axes = (_KERNEL_AXES[module][0], "rank")
+        axes = (module[0], "rank")
     elif module is not None and leaf == "b":
-        axes = ("rank", _KERNEL_AXES[module][1])
+        axes = ("rank", module[1])
     elif module is not None and leaf == "m":
-        axes = (_KERNEL_AXES[module][1],)
+        axes = (module[1],)
     else:
         axes = ("norm",) * (ndim - int(stacked))
     if stacked:

@@ -61,10 +61,19 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lora_jax.config import RunConfig, _parse_value
+from lora_jax.data import DataLoader
 from lora_jax.errors import ConfigError
-from lora_jax.models.attention import check_attention, segments_per_row
+from lora_jax.evaluate import eval_loss as _eval_loss, exact_match
+from lora_jax.hf.peft import save_peft
+from lora_jax.lora.tree import combine, init_lora, split_trainable
+from lora_jax.models.attention import check_attention
+from lora_jax.models.llama import Llama
+from lora_jax.session import fit_to_data, load_model, open_inputs
+from lora_jax.sharding import DEFAULT_RULES, tree_shardings
+from lora_jax.train.step import TrainState, eval_step as single_eval, make_schedule, make_tx, train_step
 
 __all__ = ["sweep", "SweepResult", "SweepPoint", "ALLOWED_KEYS", "normalize_grid", "expand_grid",
            "parse_grid_arg", "parse_grid_args", "stack_trees", "unstack_tree", "make_sweep_step",
@@ -264,8 +273,6 @@ def init_stacked(params, lcfgs: Sequence, seed: int):
     Returns (trainable, frozen_lora, shapes, base): base is the frozen part of `params` (shared by
     all K, not copied); shapes = {"trainable": ..., "frozen_lora": ...} for `unstack_tree`.
     """
-    from lora_jax.lora.tree import init_lora, split_trainable
-
     made: dict = {}
     trainables, frozen_loras = [], []
     for lc in lcfgs:
@@ -361,8 +368,6 @@ def make_sweep_step(model, cfg, lcfg, ocfg, total_steps: int, *, grad_accum: int
     Per adapter this is a single run's `lora_jax.train.step.train_step`, with `make_schedule` and
     `make_tx` built from the adapter's own (traced) lr and weight decay.
     """
-    from lora_jax.train.step import make_schedule, make_tx, train_step
-
     traces = [0]
 
     def one(state, frozen_lora, hyper, frozen_params, batch):
@@ -385,8 +390,6 @@ def make_sweep_eval_step(model, cfg, lcfg, *, chunk_tokens: int = 8192, use_segm
                          adapters_per_pass: int | None = None,
                          jit_kwargs: dict | None = None) -> _Counted:
     """`eval(trainable, frozen_params, frozen_lora, batch) -> (loss sums [K], token counts [K])`."""
-    from lora_jax.train.step import eval_step as single_eval
-
     traces = [0]
 
     def one(trainable, frozen_lora, frozen_params, batch):
@@ -428,8 +431,6 @@ class SweepResult:
     def adapter(self, k: int):
         """(lora, lcfg) of configuration k alone: the adapter tree at its own rank (no padding),
         the same layout a single `lora-jax train` run of that configuration produces."""
-        from lora_jax.lora.tree import combine
-
         host_trainable, host_frozen = self._host_adapters
         trainable = unstack_tree(host_trainable, k, self.shapes["trainable"])
         frozen_lora = unstack_tree(host_frozen, k, self.shapes["frozen_lora"])
@@ -438,8 +439,6 @@ class SweepResult:
 
     def params(self, k: int):
         """The base parameters of configuration k (its own copy of `modules_to_save`, if any)."""
-        from lora_jax.lora.tree import combine
-
         trainable = unstack_tree(self._host_adapters[0], k, self.shapes["trainable"])
         params, _ = combine({"params": jax.tree.map(jnp.asarray, trainable["params"])},
                             {"params": self.base_params})
@@ -681,10 +680,6 @@ def _write_outputs(out: str, result: SweepResult, grid: dict, run: RunConfig, pl
 def _sweep_shardings(mesh, k: int):
     """(state sharding fn, base rules, replicated) for a sweep over `mesh`: the K axis over the
     mesh's data x fsdp axes, everything else as training places it minus data/fsdp."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from lora_jax.sharding import DEFAULT_RULES
-
     axes = tuple(a for a in _SWEEP_MESH_AXES if mesh.shape.get(a, 1) > 1)
     size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     if k % size:
@@ -715,15 +710,6 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     adapters_per_pass: configurations per pass of the one compiled step (`resolve_adapters_per_pass`;
         "auto": all at once on a GPU / TPU or with a mesh, one at a time on a CPU).
     """
-    from lora_jax.data import DataLoader, build_datasets, eval_batches
-    from lora_jax.hf.load import load_pretrained
-    from lora_jax.hf.peft import save_peft
-    from lora_jax.lora.tree import combine
-    from lora_jax.models.llama import Llama
-    from lora_jax.train.loop import (data_config, exact_match, open_model_dir, resolve_dtype,
-                                     resolve_model_path)
-    from lora_jax.train.step import TrainState, make_schedule, make_tx
-
     t_start = time.perf_counter()
     grid = normalize_grid(grid) if isinstance(grid, Mapping) else _normalize_points(grid)
     _check_sweepable(run)
@@ -733,21 +719,15 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     out = os.path.abspath(output_dir) if output_dir is not None else None
     if out is not None:
         _prepare_sweep_dir(out, overwrite)
-    tcfg, dcfg = run.train, data_config(run)
-    model_path = resolve_model_path(run.model.path)
 
-    # ---- everything that validates input, before anything is written
+    # ---- everything that validates input, before anything is written (as `train()` does)
     check_attention(run.model.attention)
-    tokenizer = open_model_dir(model_path)
-    datasets = build_datasets(dcfg, tokenizer)
+    inputs = open_inputs(run)  # the model directory, its tokenizer, the data
+    tcfg, dcfg = run.train, inputs.data
+    model_path, tokenizer, datasets = inputs.model_path, inputs.tokenizer, inputs.datasets
     loader = DataLoader(datasets.train_rows, tcfg.batch_size, dcfg.seed)
-    cfg, params = load_pretrained(model_path, dtype=resolve_dtype(run.model.dtype),
-                                  scan_layers=run.model.scan_layers,
-                                  remat_policy=run.model.remat_policy, quantize=run.model.quantize,
-                                  fuse_wide_adapters=run.model.fuse_wide_adapters,
-                                  attention=run.model.attention)
-    if dcfg.packing:  # the bound that cuDNN's packed attention sizes its buffers by
-        cfg = cfg.replace(max_segments=segments_per_row(datasets.train_rows + datasets.eval_rows))
+    cfg, params = load_model(run.model, model_path)
+    cfg = fit_to_data(cfg, inputs)
     shardings = _sweep_shardings(mesh, K) if mesh is not None else None
 
     # ---- K adapters, each initialised as its single run would be, padded and stacked
@@ -772,8 +752,6 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     jit_kwargs = eval_kwargs = None
     replicated = None
     if shardings is not None:
-        from lora_jax.sharding import tree_shardings
-
         stacked, rules, replicated = shardings
         state_sh = jax.tree.map(stacked, state)
         fl_sh = jax.tree.map(stacked, frozen_lora)
@@ -806,14 +784,8 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
         `train()` computes it (token-weighted); None without held-out rows."""
         if not datasets.eval_rows or not tcfg.eval_batches:
             return None
-        total = np.zeros(K)
-        count = np.zeros(K)
-        for i, batch in enumerate(eval_batches(datasets.eval_rows, tcfg.batch_size)):
-            if i >= tcfg.eval_batches:
-                break
-            t, c = eval_fn(tr, base, frozen_lora, put(batch))
-            total, count = total + np.asarray(t, np.float64), count + np.asarray(c, np.float64)
-        return total / np.maximum(count, 1.0)
+        return _eval_loss(lambda batch: eval_fn(tr, base, frozen_lora, put(batch)), datasets.eval_rows,
+                          tcfg.batch_size, tcfg.eval_batches, shape=(K,))
 
     if out is not None:
         if os.path.isdir(out) and overwrite:

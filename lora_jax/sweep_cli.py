@@ -1,4 +1,5 @@
-"""`lora-jax sweep`: argument parsing for `lora_jax.sweep.sweep` (registered by `lora_jax.cli`).
+"""`lora-jax sweep`: argument parsing for `lora_jax.sweep.sweep` (registered by `lora_jax.cli`;
+the run options it shares with `train` come from `lora_jax.run_args`).
 
     lora-jax sweep                                   # r in {4, 16} x alpha in {8, 32} on the demo
     lora-jax sweep --grid lora.r=4,8,16,32 --grid lora.lora_alpha=8,16,32 --grid optim.lr=1e-4,3e-4
@@ -26,6 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+from rich.console import Console
+
+from lora_jax.config import RunConfig, _field_types, _parse_value, _sections, load_yaml
+from lora_jax.errors import ConfigError
+from lora_jax.run_args import add_run_args, flag_overrides, load_run_config
+from lora_jax.sweep import (ALLOWED_KEYS, _combos, expand_grid, normalize_grid, parse_grid_args,
+                            ranking_table, sweep)
 
 __all__ = ["add_sweep_parser", "cmd_sweep", "build_sweep", "DEMO_GRID", "DEMO_SWEEP_STEPS",
            "DEFAULT_OUTPUT_DIR"]
@@ -37,9 +47,6 @@ _FILE_KEYS = ("grid", "set", "output_dir", "model", "lora", "data", "optim", "tr
 
 
 def add_sweep_parser(sub) -> argparse.ArgumentParser:
-    from lora_jax.cli import add_run_args
-    from lora_jax.sweep import ALLOWED_KEYS
-
     p = sub.add_parser(
         "sweep", help="train a grid of LoRA configurations in one compiled program (no arguments: "
                       "r x alpha on the built-in demonstration)",
@@ -61,9 +68,6 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
 
 
 def _read_sweep_file(path: str) -> dict:
-    from lora_jax.config import load_yaml
-    from lora_jax.errors import ConfigError
-
     spec = load_yaml(path, "--sweep")
     spec = {} if spec is None else spec
     if not isinstance(spec, dict):
@@ -79,8 +83,6 @@ def _read_sweep_file(path: str) -> dict:
 
 
 def _sets(value, where: str) -> list[str]:
-    from lora_jax.errors import ConfigError
-
     if value is None:
         return []
     if isinstance(value, dict):
@@ -92,11 +94,6 @@ def _sets(value, where: str) -> list[str]:
 
 def build_sweep(args):
     """(run, grid, output_dir) from parsed arguments; ConfigError on bad input."""
-    from lora_jax.cli import flag_overrides, load_run_config
-    from lora_jax.config import RunConfig, _field_types, _parse_value, _sections
-    from lora_jax.errors import ConfigError
-    from lora_jax.sweep import _combos, expand_grid, normalize_grid, parse_grid_args
-
     cli_grid = parse_grid_args(args.grid)  # malformed / unknown keys fail before anything loads
     spec = _read_sweep_file(args.sweep) if args.sweep else {}
     run = load_run_config(args.config)  # --config, else the demonstration
@@ -140,8 +137,6 @@ def build_sweep(args):
 
 def _per_pass(text: str):
     """--adapters-per-pass: "auto", "all" (None) or a positive integer."""
-    from lora_jax.errors import ConfigError
-
     if text in ("auto", "all"):
         return None if text == "all" else text
     try:
@@ -154,10 +149,6 @@ def _per_pass(text: str):
 
 
 def cmd_sweep(args) -> int:
-    from rich.console import Console
-
-    from lora_jax.sweep import ranking_table, sweep
-
     per_pass = _per_pass(args.adapters_per_pass)
     run, grid, out = build_sweep(args)
     run.warn_unusual()
@@ -173,8 +164,6 @@ def cmd_sweep(args) -> int:
     console.print(f"results: {os.path.join(result.output_dir, 'results.csv')}, results.json, "
                   "loss_curves.png, heatmap.png, adapters/<name>/")
     if all(r["diverged"] for r in result.rows):
-        import sys
-
         print("lora-jax: every configuration diverged (non-finite loss); lower optim.lr or raise "
               "optim.warmup_steps", file=sys.stderr)
         return 1

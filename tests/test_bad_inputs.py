@@ -481,7 +481,7 @@ def test_set_parses_yaml_lists_maps_and_floats():
 
 
 def test_yaml_config_reads_1e_minus_4(tmp_path):
-    from lora_jax.cli import load_run_config
+    from lora_jax.run_args import load_run_config
 
     (tmp_path / "c.yaml").write_text("optim: {lr: 1e-4, eps: 1e-8}\nlora: {lora_alpha: 1e1}\n")
     run = load_run_config(str(tmp_path / "c.yaml"))

@@ -463,7 +463,7 @@ def test_cli_train_and_export_with_quantized_base(tmp_path):
         assert json.load(f)["run"]["model"]["quantize"] == "nf4"
     # export re-loads the base quantised (the fingerprint must match) and merges from it
     written = export_checkpoint(str(out), merged_dir=str(tmp_path / "merged"), peft_dir=str(tmp_path / "peft"))
-    from lora_jax.export import load_run
+    from lora_jax.session import load_run
 
     cfg, params, lora, lcfg, *_ = load_run(str(out))
     assert quant.is_quantized(params["layers"]["mlp"]["up_proj"]["kernel"])

@@ -127,7 +127,7 @@ def test_two_processes_match_one(tmp_path):
     import subprocess
     import sys
 
-    from lora_jax.export import load_run
+    from lora_jax.session import load_run
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = ["--no-progress", "--set", "train.steps=4", "--set", "train.save_every=2", "--set",

@@ -32,7 +32,7 @@ def _train_cmd(out, *extra):
 
 
 def _final_trainable(run_dir):
-    from lora_jax.export import load_run
+    from lora_jax.session import load_run
 
     _, params, lora, _, _, step, _ = load_run(str(run_dir))
     return step, lora
@@ -246,7 +246,7 @@ def test_export_from_a_run_needs_nothing_retyped(tmp_path, capsys):
     import torch
     import transformers
 
-    from lora_jax.export import load_run
+    from lora_jax.session import load_run
 
     run = tmp_path / "run"
     assert main(["train", "--output-dir", str(run), *QUICK, "--set", "train.steps=4",

@@ -21,11 +21,16 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from safetensors import SafetensorError, safe_open
 
-from lora_jax.config import LlamaConfig
 from lora_jax.errors import CheckpointFormatError, ConfigError
-from lora_jax.hf.names import IGNORED_SUFFIXES, PROJECTIONS, Entry, flax_path, hf_entries
+from lora_jax.hf.names import IGNORED_SUFFIXES, Entry, flax_path, hf_entries
+from lora_jax.models.layout import get_path
+from lora_jax.models.llama_config import LlamaConfig
+from lora_jax.quant import QuantizedKernel, check_kind, is_projection_kernel
+from lora_jax.quant import quantize as quantize_kernel  # `quantize` is load_pretrained's argument
+from lora_jax.sharding import DEFAULT_RULES, param_sharding, tree_shardings
 
 __all__ = ["load_pretrained", "weight_files", "np_dtype"]
 
@@ -143,8 +148,6 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
     place: `(path, host array) -> array`, replacing the default placement; with `quantize`, it is
         called with the kernel's path for each array of a quantised kernel (assembled on the host).
     """
-    from lora_jax.quant import check_kind
-
     check_kind(quantize)
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -193,7 +196,7 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
                 if e.transpose:
                     tensor = tensor.T
                 tensor = tensor.astype(target)
-                if quantizer is not None and e.path[-1] == "kernel" and e.path[-2] in PROJECTIONS:
+                if quantizer is not None and is_projection_kernel(e.path):
                     quantizer.add(leaf, e.layer if cfg.scan_layers else None, tensor)
                     del tensor
                     remaining[leaf] -= 1
@@ -216,8 +219,6 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
 def _placer(mesh, rules):
     if mesh is None:
         return lambda path, array: jax.device_put(array)
-    from lora_jax.sharding import DEFAULT_RULES, param_sharding
-
     rules = rules or DEFAULT_RULES
     return lambda path, array: jax.device_put(array, param_sharding(path, array, mesh, rules=rules))
 
@@ -231,8 +232,6 @@ class _Quantizer:
     """
 
     def __init__(self, kind: str, cfg: LlamaConfig, mesh, rules, place):
-        from lora_jax.sharding import DEFAULT_RULES
-
         self.kind, self.cfg, self.mesh, self.place = kind, cfg, mesh, place
         self.rules = tuple(sorted((rules or DEFAULT_RULES).items()))
         self.buffers: dict[tuple[str, ...], Any] = {}
@@ -254,8 +253,6 @@ class _Quantizer:
         self.buffers[leaf] = set_layer(self.buffers[leaf], x, layer)
 
     def _add_host(self, leaf, layer, q):
-        from lora_jax.quant import QuantizedKernel
-
         if layer is None:
             self.buffers[leaf] = q
             return
@@ -280,22 +277,16 @@ def _programs(kind: str, module_path: tuple[str, ...], shape: tuple[int, ...], d
     """(sharding of one [in, out] tensor, jitted quantiser, jitted zeros of the stacked leaf, jitted
     "quantise into layer i" with the leaf donated), with shardings from the logical-axis rules of the
     kernel's path (`layers`: the stack depth of a scanned leaf, None for a leaf that is one tensor)."""
-    from lora_jax.quant import quantize
-
-    quant = functools.partial(quantize, kind=kind, dtype=dtype)
+    quant = functools.partial(quantize_kernel, kind=kind, dtype=dtype)
     abstract = jax.eval_shape(quant, jax.ShapeDtypeStruct(shape, dtype))
     lead = () if layers is None else (layers,)
     x_sh = slice_sh = leaf_sh = None
     if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from lora_jax.sharding import tree_shardings
-
         path = (("layers",) if layers is not None else ()) + module_path
         full = jax.tree.map(lambda s: jax.ShapeDtypeStruct(lead + s.shape, s.dtype), abstract)
         kernel = jax.ShapeDtypeStruct(lead + shape, dtype)
-        leaf_sh = _get_path(tree_shardings(_nest({path: full}), mesh, dict(rules)), path)
-        x_sh = _get_path(tree_shardings(_nest({path: kernel}), mesh, dict(rules)), path)
+        leaf_sh = get_path(tree_shardings(_nest({path: full}), mesh, dict(rules)), path)
+        x_sh = get_path(tree_shardings(_nest({path: kernel}), mesh, dict(rules)), path)
         slice_sh = leaf_sh
         if layers is not None:  # a layer slice shards like the stacked leaf without its layer axis
             drop = lambda s: NamedSharding(mesh, PartitionSpec(*s.spec[1:]))
@@ -305,12 +296,6 @@ def _programs(kind: str, module_path: tuple[str, ...], shape: tuple[int, ...], d
     set_layer = jax.jit(lambda buf, x, i: _set_layer(buf, quant(x), i), donate_argnums=(0,),
                         out_shardings=leaf_sh)
     return x_sh, jax.jit(quant, out_shardings=slice_sh), zeros, set_layer
-
-
-def _get_path(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
 
 
 def _set_layer(buffers, q, layer):

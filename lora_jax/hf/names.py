@@ -1,21 +1,28 @@
-"""The one table between Hugging Face tensor names and Flax parameter paths.
+"""The one table between Hugging Face tensor names and Flax parameter paths, built from the family's
+layout (`lora_jax.models.layout`).
 
 Flax kernels are `[in, out]`, torch weights `[out, in]`: `transpose` says which entries flip.
-Layer entries carry `{i}`; with scanned layers they land in the stacked `layers/...` leaf at index i,
-otherwise in `layers_{i}/...`.
+Layer entries carry their layer; with scanned layers they land in the stacked `layers/...` leaf at
+index i, otherwise in `layers_{i}/...`.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from lora_jax.config import LlamaConfig
+from lora_jax.models.layout import LLAMA_LAYOUT, Layout
+from lora_jax.models.llama_config import LlamaConfig
 
-__all__ = ["Entry", "hf_entries", "PROJECTIONS", "ATTENTION_PROJECTIONS", "MLP_PROJECTIONS"]
+__all__ = ["Entry", "hf_entries", "flax_path", "projection_parent", "PROJECTIONS", "ATTENTION_PROJECTIONS",
+           "MLP_PROJECTIONS", "IGNORED_SUFFIXES"]
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# Views of the layout, kept for callers that import them from here.
+PROJECTIONS = LLAMA_LAYOUT.names
+ATTENTION_PROJECTIONS = tuple(p.name for p in LLAMA_LAYOUT.projections if p.parent == "self_attn")
+MLP_PROJECTIONS = tuple(p.name for p in LLAMA_LAYOUT.projections if p.parent == "mlp")
+
+# Keys some checkpoints carry that hold nothing the model needs (recomputed buffers).
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 class Entry(NamedTuple):
@@ -26,54 +33,37 @@ class Entry(NamedTuple):
     hf_shape: tuple[int, ...]
 
 
-def _projection_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of each projection, torch layout."""
-    d, h = cfg.hidden_size, cfg.head_dim
-    return {
-        "q_proj": (cfg.num_attention_heads * h, d),
-        "k_proj": (cfg.num_key_value_heads * h, d),
-        "v_proj": (cfg.num_key_value_heads * h, d),
-        "o_proj": (d, cfg.num_attention_heads * h),
-        "gate_proj": (cfg.intermediate_size, d),
-        "up_proj": (cfg.intermediate_size, d),
-        "down_proj": (d, cfg.intermediate_size),
-    }
-
-
 def projection_parent(name: str) -> str:
-    return "self_attn" if name in ATTENTION_PROJECTIONS else "mlp"
+    return LLAMA_LAYOUT.parent(name)
 
 
-def hf_entries(cfg: LlamaConfig) -> list[Entry]:
-    """Every tensor a HF `LlamaForCausalLM` checkpoint of this config holds, in checkpoint order."""
-    d = cfg.hidden_size
-    entries = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"), None, False,
-                     (cfg.vocab_size, d))]
-    shapes = _projection_shapes(cfg)
+def hf_entries(cfg: LlamaConfig, layout: Layout = LLAMA_LAYOUT) -> list[Entry]:
+    """Every tensor a HF checkpoint of this config holds (`LlamaForCausalLM` for the Llama layout),
+    in checkpoint order."""
+    dims = layout.dims(cfg)
+    d, vocab = dims["embed"], dims["vocab"]
+    base = layout.hf_base
+    entries = [Entry(f"{base}.{layout.embed}.weight", (layout.embed, "embedding"), None, False, (vocab, d))]
+    shapes = layout.shapes(cfg)
     for i in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{i}"
-        for name in PROJECTIONS:
-            parent = projection_parent(name)
-            out_in = shapes[name]
-            entries.append(Entry(f"{prefix}.{parent}.{name}.weight", (parent, name, "kernel"), i, True, out_in))
-            has_bias = cfg.attention_bias if parent == "self_attn" else cfg.mlp_bias
-            if has_bias:
-                entries.append(Entry(f"{prefix}.{parent}.{name}.bias", (parent, name, "bias"), i, False,
-                                     (out_in[0],)))
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        prefix = f"{layout.hf_layers}.{i}"
+        for p in layout.projections:
+            fan_in, fan_out = shapes[p.name]
+            entries.append(Entry(f"{prefix}.{p.parent}.{p.name}.weight", (p.parent, p.name, "kernel"), i, True,
+                                 (fan_out, fan_in)))
+            if p.has_bias(cfg):
+                entries.append(Entry(f"{prefix}.{p.parent}.{p.name}.bias", (p.parent, p.name, "bias"), i, False,
+                                     (fan_out,)))
+        for norm in layout.layer_norms:
             entries.append(Entry(f"{prefix}.{norm}.weight", (norm, "scale"), i, False, (d,)))
-    entries.append(Entry("model.norm.weight", ("norm", "scale"), None, False, (d,)))
+    entries.append(Entry(f"{base}.{layout.final_norm}.weight", (layout.final_norm, "scale"), None, False, (d,)))
     if not cfg.tie_word_embeddings:
-        entries.append(Entry("lm_head.weight", ("lm_head", "kernel"), None, True, (cfg.vocab_size, d)))
+        entries.append(Entry(f"{layout.lm_head}.weight", (layout.lm_head, "kernel"), None, True, (vocab, d)))
     return entries
 
 
-def flax_path(entry: Entry, scan_layers: bool) -> tuple[str, ...]:
+def flax_path(entry: Entry, scan_layers: bool, layout: Layout = LLAMA_LAYOUT) -> tuple[str, ...]:
     """Where an entry lives in the Flax tree (the stacked leaf for scanned layers)."""
     if entry.layer is None:
         return entry.path
-    return (("layers",) if scan_layers else (f"layers_{entry.layer}",)) + entry.path
-
-
-# Keys some checkpoints carry that hold nothing the model needs (recomputed buffers).
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+    return layout.layer_path(entry.layer, scan_layers) + entry.path

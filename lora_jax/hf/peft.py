@@ -22,6 +22,10 @@ adapter (`init_lora_weights: true`) relative to that residual base: save the res
 (or merge with `save_pretrained(..., lora=, lcfg=)`). PEFT adapters saved as PiSSA/OLoRA/CorDA/
 LoftQ/LoRA-GA are relative to a base PEFT rewrites at load time, so `load_peft` refuses them; convert
 them with PEFT (`save_pretrained(..., path_initial_model_for_weight_conversion=...)`) first.
+
+This module moves tensors; `adapter_config.json` is read and written by `lora_jax.hf.peft_config`
+(`read_peft_config` is importable from here too). Module names and shapes come from the layout
+(`lora_jax.models.layout`); the adapter tree is built by `lora_jax.lora.tree.build_tree`.
 """
 
 from __future__ import annotations
@@ -41,192 +45,42 @@ from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from lora_jax.config import LlamaConfig, LoraConfig
 from lora_jax.errors import CheckpointFormatError, ConfigError
 from lora_jax.hf.load import np_dtype
-from lora_jax.hf.names import PROJECTIONS, Entry, flax_path, hf_entries, projection_parent
+from lora_jax.hf.names import Entry, flax_path, hf_entries
+from lora_jax.hf.peft_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_config_dict, read_peft_config
 from lora_jax.hf.save import atomic_dir, check_export_target
+from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.targets import Target, model_shape, plan_targets, shape_from_config
+from lora_jax.lora.tree import adapter_paths, build_tree
+from lora_jax.models.layout import LLAMA_LAYOUT, Layout, get_path
+from lora_jax.models.llama_config import LlamaConfig
 
 __all__ = ["save_peft", "load_peft", "apply_modules_to_save", "read_peft_config",
            "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
 _DTYPES = ("float32", "bfloat16", "float16")
-
-# init_lora_weights values whose saved adapter is relative to a base PEFT rewrites when it loads.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-# Initialisations that only affect the starting point: once trained, the adapter is plain LoRA.
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
-
-# PEFT options lora_jax does not implement: (field, value that means "off", what it is).
-_UNSUPPORTED = (
-    ("fan_in_fan_out", False, "the transposed Conv1D layout (GPT-2); Llama projections are nn.Linear"),
-    ("lora_bias", False, "a trainable bias on lora_B"),
-    ("target_parameters", None, "LoRA on bare nn.Parameters (MoE experts)"),
-    ("layer_replication", None, "layer replication"),
-    ("trainable_token_indices", None, "trainable token embeddings"),
-    ("alora_invocation_tokens", None, "activated LoRA (aLoRA)"),
-    ("use_qalora", False, "QALoRA"),
-    ("megatron_config", None, "Megatron parallel layers"),
-    ("velora_config", None, "the VeLoRA variant"),
-    ("monteclora_config", None, "the MonteCLoRA variant"),
-    ("use_bdlora", None, "block-diagonal LoRA (BD-LoRA)"),
-    ("arrow_config", None, "Arrow routing"),
-    ("kasa_config", None, "the KaSA variant"),
-)
-
 _LORA_KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\."
-    rf"(?P<name>{'|'.join(PROJECTIONS)})\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
-
-
-# ------------------------------------------------------------------------------------------ config
-def _peft_config_dict(lcfg: LoraConfig, base_model_name_or_path: str | None) -> dict:
-    """adapter_config.json as PEFT's LoraConfig reads it (only fields PEFT >= 0.17 knows; PEFT fills
-    the rest with its defaults)."""
-    targets = lcfg.target_modules
-    layers = lcfg.layers_to_transform
-    if isinstance(targets, str):
-        # lora_jax's planner, like PEFT's matcher, ignores layers_to_transform for a regex target
-        # (PEFT refuses the pair outright), so dropping it keeps the same adapted set.
-        layers = None
-    excl = lcfg.exclude_modules
-    init = lcfg.init_lora_weights
-    if init == "pissa":  # exported relative to the residual base: plain LoRA (module docstring)
-        init = True
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "auto_mapping": None,
-        "r": lcfg.r,
-        "lora_alpha": lcfg.lora_alpha,
-        "lora_dropout": lcfg.lora_dropout,
-        "target_modules": targets if isinstance(targets, str) else list(targets),
-        "exclude_modules": excl if excl is None or isinstance(excl, str) else list(excl),
-        "layers_to_transform": None if layers is None else list(layers),
-        "layers_pattern": None,
-        "rank_pattern": dict(lcfg.rank_pattern),
-        "alpha_pattern": dict(lcfg.alpha_pattern),
-        "use_rslora": lcfg.use_rslora,
-        "use_dora": lcfg.use_dora,
-        "init_lora_weights": init,
-        "modules_to_save": list(lcfg.modules_to_save) or None,
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "lora_bias": False,
-        "target_parameters": None,
-        "layer_replication": None,
-        "trainable_token_indices": None,
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
-        "loftq_config": {},
-        "eva_config": None,
-        "corda_config": None,
-        "use_qalora": False,
-        "qalora_group_size": 16,
-    }
-
-
-def read_peft_config(adapter_dir: str) -> LoraConfig:
-    """The `LoraConfig` of a PEFT adapter directory; refuses what lora_jax does not implement."""
-    adapter_dir = os.fspath(adapter_dir)
-    if not os.path.isdir(adapter_dir):
-        raise CheckpointFormatError(f"adapter directory {adapter_dir!r} does not exist; pass a PEFT "
-                                    f"adapter directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
-    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    if not os.path.isfile(path):
-        raise CheckpointFormatError(f"no {ADAPTER_CONFIG} in {adapter_dir}; pass a directory written by "
-                                    "peft's save_pretrained or lora_jax.save_peft")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"{path} is not valid JSON ({e}); export the adapter again") from None
-    if not isinstance(d, dict):
-        raise CheckpointFormatError(f"{path} holds a {type(d).__name__}, not a PEFT config object")
-
-    peft_type = d.get("peft_type")
-    if peft_type != "LORA":
-        raise CheckpointFormatError(f"{path}: peft_type={peft_type!r} is not supported; lora_jax loads "
-                                    "LoRA adapters (peft_type 'LORA', DoRA included) only")
-    task = d.get("task_type")
-    if task not in (None, "CAUSAL_LM"):
-        raise CheckpointFormatError(f"{path}: task_type={task!r} is not supported; lora_jax runs "
-                                    "LlamaForCausalLM, so the adapter must be task_type 'CAUSAL_LM'")
-    for field, off, what in _UNSUPPORTED:
-        value = d.get(field, off)
-        if value not in (off, None, False, [], {}):
-            raise CheckpointFormatError(f"{path}: {field}={value!r} ({what}) is not supported by lora_jax; "
-                                        f"only adapters with {field}={off!r} can be loaded")
-    bias = d.get("bias", "none")
-    if bias != "none":
-        raise CheckpointFormatError(f"{path}: bias={bias!r} is not supported; lora_jax trains no biases, "
-                                    "so only adapters saved with bias='none' can be loaded")
-    pattern = d.get("layers_pattern")
-    if pattern not in (None, "layers", ["layers"], []):
-        raise CheckpointFormatError(f"{path}: layers_pattern={pattern!r} is not supported; a Llama's "
-                                    "layer list is 'layers' (use null or 'layers')")
-    init = d.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise CheckpointFormatError(
-            f"{path}: init_lora_weights={init!r} means the adapter is relative to a base that PEFT "
-            "rewrites when it loads (W minus the initial adapter), which lora_jax does not do. Convert it "
-            "to plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...), "
-            "or, if you load it onto the saved residual base, set init_lora_weights to true")
-    if init not in _PLAIN_INITS:
-        raise CheckpointFormatError(f"{path}: init_lora_weights={init!r} is not supported; lora_jax "
-                                    f"loads adapters initialised with one of {list(_PLAIN_INITS)}")
-    if init in ("eva", "orthogonal"):  # only the starting point differed; the trained adapter is plain
-        init = True
-
-    targets = d.get("target_modules")
-    if targets is None:  # PEFT's default for model_type llama
-        targets = ["q_proj", "v_proj"]
-    if not isinstance(targets, str):
-        if not isinstance(targets, (list, tuple)):
-            raise CheckpointFormatError(f"{path}: target_modules={targets!r} must be a list or a regex")
-        embeds = [t for t in targets if t.split(".")[-1] in ("embed_tokens", "lm_head")]
-        if embeds:
-            raise CheckpointFormatError(f"{path}: target_modules names {embeds}; LoRA on embeddings or "
-                                        "lm_head is not supported (use modules_to_save for them)")
-    try:
-        return LoraConfig(
-            r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
-            target_modules=targets, exclude_modules=d.get("exclude_modules"),
-            layers_to_transform=d.get("layers_to_transform"),
-            rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
-            use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
-            init_lora_weights=init, modules_to_save=d.get("modules_to_save") or ())
-    except ConfigError as e:
-        raise CheckpointFormatError(f"{path}: {e}") from None
+    rf"^{re.escape(PREFIX + LLAMA_LAYOUT.hf_layers)}\.(?P<layer>\d+)\.(?P<parent>{'|'.join(LLAMA_LAYOUT.parents)})\."
+    rf"(?P<name>{'|'.join(LLAMA_LAYOUT.names)})\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 
 # ------------------------------------------------------------------------------------ base entries
-def _config_from_params(params) -> LlamaConfig:
+def _config_from_params(params, layout: Layout = LLAMA_LAYOUT) -> LlamaConfig:
     """A LlamaConfig with the tensor names and shapes of `params` (for the HF key table only: head
     counts are recovered up to a common factor, which changes no shape)."""
-    scan = "layers" in params
-    layer0 = params["layers"] if scan else params["layers_0"]
-    lead = (lambda s: s[1:]) if scan else (lambda s: s)
-    shape = model_shape(params)
-    vocab, hidden = params["embed_tokens"]["embedding"].shape
-    q_out = shape.io["q_proj"][1]
-    kv_out = shape.io["k_proj"][1]
-    head_dim = math.gcd(q_out, kv_out)
+    shape = model_shape(params, layout)
+    layer0 = params[layout.layers] if shape.scan_layers else params[f"{layout.layers}_0"]
+    sizes = {axis: n for p in layout.projections for axis, n in zip(p.axes, shape.io[p.name])}
+    biases = {p.bias: "bias" in layer0[p.parent][p.name] for p in layout.projections if isinstance(p.bias, str)}
+    vocab, hidden = params[layout.embed]["embedding"].shape
+    head_dim = math.gcd(sizes["heads"], sizes["kv_heads"])
     return LlamaConfig(
-        vocab_size=int(vocab), hidden_size=int(hidden),
-        intermediate_size=int(lead(layer0["mlp"]["gate_proj"]["kernel"].shape)[1]),
-        num_hidden_layers=shape.num_layers, num_attention_heads=q_out // head_dim,
-        num_key_value_heads=kv_out // head_dim, head_dim=head_dim,
-        tie_word_embeddings="lm_head" not in params,
-        attention_bias="bias" in layer0["self_attn"]["q_proj"],
-        mlp_bias="bias" in layer0["mlp"]["gate_proj"], scan_layers=scan)
+        vocab_size=int(vocab), hidden_size=int(hidden), intermediate_size=sizes["mlp"],
+        num_hidden_layers=shape.num_layers, num_attention_heads=sizes["heads"] // head_dim,
+        num_key_value_heads=sizes["kv_heads"] // head_dim, head_dim=head_dim,
+        tie_word_embeddings=layout.lm_head not in params, scan_layers=shape.scan_layers, **biases)
 
 
 def _module_of(hf_key: str) -> str:
@@ -244,12 +98,6 @@ def _saved_entries(cfg: LlamaConfig, modules) -> list[Entry]:
     return entries
 
 
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 def _short(keys, n: int = 8) -> str:
     keys = list(keys)
     more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
@@ -261,13 +109,12 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x), np.float32)
 
 
-def _adapter_tensors(lora, lcfg: LoraConfig, targets: list[Target], target_dtype) -> dict[str, np.ndarray]:
+def _adapter_tensors(lora, lcfg: LoraConfig, targets: list[Target], target_dtype,
+                     layout: Layout = LLAMA_LAYOUT) -> dict[str, np.ndarray]:
     """PEFT tensors of the real (layer, projection) entries, checked against `lcfg` first."""
-    from lora_jax.lora.tree import adapter_paths
-
-    scan = "layers" in lora
+    scan = layout.layers in lora
     have = set(adapter_paths(lora))
-    want = {(("layers",) if scan else (f"layers_{t.layer}",)) + (t.parent, t.name) for t in targets}
+    want = {layout.module_path(t.layer, t.name, scan) for t in targets}
     if have != want:
         parts = []
         if want - have:
@@ -281,9 +128,9 @@ def _adapter_tensors(lora, lcfg: LoraConfig, targets: list[Target], target_dtype
     out: dict[str, np.ndarray] = {}
     by_path: dict[tuple, list[Target]] = defaultdict(list)
     for t in targets:
-        by_path[(("layers",) if scan else (f"layers_{t.layer}",)) + (t.parent, t.name)].append(t)
+        by_path[layout.module_path(t.layer, t.name, scan)].append(t)
     for path, ts in by_path.items():
-        mod = _get(lora, path)
+        mod = get_path(lora, path)
         where = "/".join(path)
         if lcfg.use_dora != ("m" in mod):
             raise ConfigError(f"adapter {where} {'lacks' if lcfg.use_dora else 'has'} a DoRA magnitude 'm' "
@@ -341,16 +188,16 @@ def save_peft(out_dir: str, lora, lcfg: LoraConfig, cfg: LlamaConfig, base_model
         if params is None:
             raise ConfigError(f"lcfg.modules_to_save={list(lcfg.modules_to_save)}: pass params= (the trained "
                               "parameters) so save_peft can write those modules' weights")
-        scan = "layers" in params
+        scan = LLAMA_LAYOUT.layers in params
         for e in _saved_entries(cfg, lcfg.modules_to_save):
-            leaf = _get(params, flax_path(e, scan))
+            leaf = get_path(params, flax_path(e, scan))
             t = np.asarray(jax.device_get(leaf[e.layer] if (scan and e.layer is not None) else leaf))
             t = t.T if e.transpose else t
             if t.shape != e.hf_shape:
                 raise ConfigError(f"params tensor for {e.hf_key} has shape {list(t.shape)} but cfg implies "
                                   f"{list(e.hf_shape)}; pass the params and LlamaConfig of one model")
             tensors[PREFIX + e.hf_key] = np.ascontiguousarray(t.astype(target))
-    config = _peft_config_dict(lcfg, None if base_model_name_or_path is None else os.fspath(base_model_name_or_path))
+    config = peft_config_dict(lcfg, None if base_model_name_or_path is None else os.fspath(base_model_name_or_path))
     with atomic_dir(out_dir, "peft", overwrite) as tmp:
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
@@ -465,7 +312,7 @@ def load_peft(adapter_dir: str, params, *, dtype: Any = jnp.float32, return_para
     `CheckpointFormatError`s naming the key or option.
     """
     lcfg, shape, targets, tensors, module_tensors = _read_checked(adapter_dir, params)
-    lora = _build_tree(lcfg, shape, targets, tensors, dtype)
+    lora = _tree_from_tensors(lcfg, shape, targets, tensors, dtype)
     if return_params:
         return lora, lcfg, _apply_modules(params, module_tensors)
     if module_tensors:
@@ -483,7 +330,8 @@ def apply_modules_to_save(params, adapter_dir: str):
     return _apply_modules(params, module_tensors)
 
 
-def _build_tree(lcfg: LoraConfig, shape, targets: list[Target], tensors, dtype) -> dict:
+def _tree_from_tensors(lcfg: LoraConfig, shape, targets: list[Target], tensors, dtype) -> dict:
+    """The adapter tree of validated PEFT tensors (transposed to Flax's `[in, r]` / `[r, out]`)."""
     def leaves_of(t: Target) -> dict[str, np.ndarray]:
         key = PREFIX + t.hf_name
         out = {"a": tensors[f"{key}.lora_A.weight"].astype(np.float32).T,
@@ -492,43 +340,13 @@ def _build_tree(lcfg: LoraConfig, shape, targets: list[Target], tensors, dtype) 
             out["m"] = tensors[f"{key}.lora_magnitude_vector"].astype(np.float32)
         return out
 
-    def put(name, v):
-        return jnp.asarray(v, jnp.float32) if name == "scale" else jnp.asarray(v).astype(dtype)
-
-    lora: dict = {}
-    if shape.scan_layers:
-        by_name: dict[str, list[Target]] = defaultdict(list)
-        for t in targets:
-            by_name[t.name].append(t)
-        for name, ts in by_name.items():
-            (fan_in, fan_out), L = shape.io[name], shape.num_layers
-            r_max = max(t.r for t in ts)
-            arrs = {"a": np.zeros((L, fan_in, r_max), np.float32), "b": np.zeros((L, r_max, fan_out), np.float32),
-                    "scale": np.zeros((L,), np.float32)}
-            if lcfg.use_dora:
-                arrs["m"] = np.zeros((L, fan_out), np.float32)
-            for t in ts:
-                one = leaves_of(t)
-                arrs["a"][t.layer, :, :t.r] = one["a"]
-                arrs["b"][t.layer, :t.r, :] = one["b"]
-                arrs["scale"][t.layer] = t.scale
-                if lcfg.use_dora:
-                    arrs["m"][t.layer] = one["m"]
-            lora.setdefault("layers", {}).setdefault(projection_parent(name), {})[name] = {
-                k: put(k, v) for k, v in arrs.items()}
-    else:
-        for t in targets:
-            one = leaves_of(t)
-            one["scale"] = np.asarray(t.scale, np.float32)
-            lora.setdefault(f"layers_{t.layer}", {}).setdefault(t.parent, {})[t.name] = {
-                k: put(k, v) for k, v in one.items()}
-    return lora
+    return build_tree([(t, leaves_of(t)) for t in targets], shape, dtype)
 
 
 def _apply_modules(params, module_tensors: dict[Entry, np.ndarray]):
     if not module_tensors:
         return params
-    scan = "layers" in params
+    scan = LLAMA_LAYOUT.layers in params
     flat = traverse_util.flatten_dict(params)
     by_leaf: dict[tuple, list[tuple[Entry, np.ndarray]]] = defaultdict(list)
     for e, t in module_tensors.items():

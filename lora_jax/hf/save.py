@@ -26,10 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from lora_jax.config import LlamaConfig
 from lora_jax.errors import ConfigError
 from lora_jax.hf.load import np_dtype
 from lora_jax.hf.names import flax_path, hf_entries
+from lora_jax.lora.tree import adapter_paths
+from lora_jax.models.layout import get_path
+from lora_jax.models.llama_config import LlamaConfig
 from lora_jax.quant import dequantize, is_quantized
 
 __all__ = ["save_pretrained", "parse_size", "atomic_dir", "check_export_target", "is_previous_export",
@@ -207,18 +209,11 @@ class atomic_dir:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _get(tree, path):
-    node = tree
-    for p in path:
-        node = node[p]
-    return node
-
-
 def hf_tensors(params, cfg: LlamaConfig, dtype: str, entries=None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF key, torch-layout numpy tensor), one at a time, fetched from device as needed."""
     target = np_dtype(dtype)
     for e in hf_entries(cfg) if entries is None else entries:
-        leaf = _get(params, flax_path(e, cfg.scan_layers))
+        leaf = get_path(params, flax_path(e, cfg.scan_layers))
         if e.layer is not None and cfg.scan_layers:
             leaf = leaf[e.layer]
         if is_quantized(leaf):
@@ -311,8 +306,6 @@ def save_pretrained(out_dir: str, params, cfg: LlamaConfig, lora=None, lcfg=None
 
 def _adapters_by_kernel(params, lora, cfg: LlamaConfig) -> dict[tuple[str, ...], dict]:
     """Kernel path -> adapter leaves, checked against the model before anything is written."""
-    from lora_jax.lora.tree import adapter_paths
-
     kernels = {flax_path(e, cfg.scan_layers) for e in hf_entries(cfg)}
     out = {}
     for path in adapter_paths(lora):
@@ -321,8 +314,8 @@ def _adapters_by_kernel(params, lora, cfg: LlamaConfig) -> dict[tuple[str, ...],
             raise ConfigError(f"the adapter tree has an entry at {'/'.join(path)}, which is not a kernel of "
                               f"this model ({'scanned' if cfg.scan_layers else 'unscanned'} layers); pass the "
                               "adapters made for these params")
-        mod = _get(lora, path)
-        w = _get(params, kpath)
+        mod = get_path(lora, path)
+        w = get_path(params, kpath)
         if mod["a"].shape[:-1] != w.shape[:-1] or mod["b"].shape[-1] != w.shape[-1]:
             raise ConfigError(f"adapter {'/'.join(path)} has a {list(mod['a'].shape)}, b {list(mod['b'].shape)}, "
                               f"which do not fit the kernel {list(w.shape)}")
@@ -359,6 +352,6 @@ def _merged_tensors(params, adapters: dict, cfg: LlamaConfig, dtype: str):
             continue
         pick = (lambda x: x[e.layer]) if (e.layer is not None and cfg.scan_layers) else (lambda x: x)
         m = pick(mod["m"]) if "m" in mod else None
-        t = _merge_slice(pick(_get(params, path)), pick(mod["a"]), pick(mod["b"]), pick(mod["scale"]), m,
+        t = _merge_slice(pick(get_path(params, path)), pick(mod["a"]), pick(mod["b"]), pick(mod["scale"]), m,
                          out_dtype=target)
         yield e.hf_key, np.ascontiguousarray(np.asarray(jax.device_get(t)))

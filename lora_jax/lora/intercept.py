@@ -19,7 +19,7 @@ import contextlib
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lora_jax.config import LoraConfig
+from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.kernel import dense, lora_dense
 from lora_jax.quant import is_quantized
 

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_jax.config import LoraConfig
+from lora_jax.lora.config import LoraConfig
+from lora_jax.lora.tree import is_adapter_leaf, is_trainable
 
 __all__ = ["lora_labels", "make_optimizer", "clip_by_global_norm"]
 
@@ -27,17 +28,12 @@ Schedule = Callable[[int], float] | float
 
 
 def _label(path, leaf_value, lcfg: LoraConfig) -> str:
-    names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
-    leaf = names[-1]
-    if "lora" in names[:1] or leaf in ("a", "b", "m", "scale") and "params" not in names[:1]:
-        if leaf == "scale":
-            return "freeze"
-        # PEFT's LoRA+ puts lora_B and every 1-d trainable tensor (DoRA's magnitude) in group B
-        if leaf in ("b", "m") and lcfg.loraplus_lr_ratio:
-            return "train_b"
-        return "train"
-    if not any(m in names for m in lcfg.modules_to_save):
+    names = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+    if not is_trainable(names, lcfg):
         return "freeze"
+    if is_adapter_leaf(names):
+        # PEFT's LoRA+ puts lora_B and every 1-d trainable tensor (DoRA's magnitude) in group B
+        return "train_b" if lcfg.loraplus_lr_ratio and names[-1] in ("b", "m") else "train"
     # a 1-d module tensor (a norm's scale) is in LoRA+'s group B too; a scanned layer adds an axis
     ndim = getattr(leaf_value, "ndim", 2) - ("layers" in names)
     return "train_b" if lcfg.loraplus_lr_ratio and ndim == 1 else "train"

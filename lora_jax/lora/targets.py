@@ -11,9 +11,9 @@ import math
 import re
 from typing import NamedTuple
 
-from lora_jax.config import LoraConfig
 from lora_jax.errors import ConfigError
-from lora_jax.hf.names import PROJECTIONS, _projection_shapes, projection_parent
+from lora_jax.lora.config import LoraConfig
+from lora_jax.models.layout import LLAMA_LAYOUT, Layout
 
 __all__ = ["Target", "ModelShape", "plan_targets", "model_shape", "shape_from_config", "hf_module_name"]
 
@@ -24,6 +24,7 @@ class ModelShape(NamedTuple):
     num_layers: int
     scan_layers: bool
     io: dict  # projection name -> (in, out)
+    layout: Layout = LLAMA_LAYOUT  # the family's projections, in targeting order
 
 
 class Target(NamedTuple):
@@ -41,33 +42,33 @@ class Target(NamedTuple):
         return hf_module_name(self.layer, self.name)
 
 
-def hf_module_name(layer: int, name: str) -> str:
-    return f"model.layers.{layer}.{projection_parent(name)}.{name}"
+def hf_module_name(layer: int, name: str, layout: Layout = LLAMA_LAYOUT) -> str:
+    return layout.hf_module(layer, name)
 
 
-def model_shape(params) -> ModelShape:
-    """Layer count, scanning and projection shapes, read off a Llama parameter tree."""
-    if "layers" in params:
-        layer0 = params["layers"]
-        num_layers = int(layer0["self_attn"]["q_proj"]["kernel"].shape[0])
+def model_shape(params, layout: Layout = LLAMA_LAYOUT) -> ModelShape:
+    """Layer count, scanning and projection shapes, read off a parameter tree of `layout`'s family."""
+    stack, first = layout.layers, layout.projections[0]
+    if stack in params:
+        layer0 = params[stack]
+        num_layers = int(layer0[first.parent][first.name]["kernel"].shape[0])
         scan = True
     else:
-        keys = [k for k in params if k.startswith("layers_")]
+        keys = [k for k in params if k.startswith(f"{stack}_")]
         if not keys:
-            raise ConfigError("the parameter tree has no 'layers' or 'layers_<i>' entries; pass the "
+            raise ConfigError(f"the parameter tree has no '{stack}' or '{stack}_<i>' entries; pass the "
                               "params of lora_jax.Llama (from load_pretrained or Llama.init)")
-        num_layers, scan, layer0 = len(keys), False, params["layers_0"]
+        num_layers, scan, layer0 = len(keys), False, params[f"{stack}_0"]
     io = {}
-    for name in PROJECTIONS:
-        shape = layer0[projection_parent(name)][name]["kernel"].shape
-        io[name] = (int(shape[-2]), int(shape[-1]))
-    return ModelShape(num_layers, scan, io)
+    for p in layout.projections:
+        shape = layer0[p.parent][p.name]["kernel"].shape
+        io[p.name] = (int(shape[-2]), int(shape[-1]))
+    return ModelShape(num_layers, scan, io, layout)
 
 
-def shape_from_config(cfg) -> ModelShape:
-    """The `ModelShape` a `LlamaConfig` implies, so targets can be planned without parameters."""
-    io = {name: (fan_in, fan_out) for name, (fan_out, fan_in) in _projection_shapes(cfg).items()}
-    return ModelShape(cfg.num_hidden_layers, cfg.scan_layers, io)
+def shape_from_config(cfg, layout: Layout = LLAMA_LAYOUT) -> ModelShape:
+    """The `ModelShape` a model config implies, so targets can be planned without parameters."""
+    return ModelShape(cfg.num_hidden_layers, cfg.scan_layers, layout.shapes(cfg), layout)
 
 
 def _target_match(lcfg: LoraConfig, key: str) -> bool:
@@ -103,28 +104,30 @@ def plan_targets(shape: ModelShape, lcfg: LoraConfig) -> list[Target]:
         if bad:
             raise ConfigError(f"layers_to_transform={list(lcfg.layers_to_transform)} includes {bad}, but "
                               f"the model has layers 0..{shape.num_layers - 1}")
-    names = [hf_module_name(i, n) for i in range(shape.num_layers) for n in PROJECTIONS]
+    layout = shape.layout
+    projections = layout.names
+    names = [layout.hf_module(i, n) for i in range(shape.num_layers) for n in projections]
     for pattern, _ in lcfg.rank_pattern + lcfg.alpha_pattern:
         if not any(re.match(rf"(.*\.)?({pattern})$", k) for k in names):
             raise ConfigError(f"pattern key {pattern!r} matches no module; module names look like "
-                              f"{names[0]!r} (projections: {', '.join(PROJECTIONS)})")
+                              f"{names[0]!r} (projections: {', '.join(projections)})")
     targets = []
     for i in range(shape.num_layers):
-        for name in PROJECTIONS:
-            key = hf_module_name(i, name)
+        for name in projections:
+            key = layout.hf_module(i, name)
             if not _target_match(lcfg, key):
                 continue
             r = _pattern_value(lcfg.rank_pattern, key, lcfg.r)
             alpha = _pattern_value(lcfg.alpha_pattern, key, lcfg.lora_alpha)
             scale = alpha / math.sqrt(r) if lcfg.use_rslora else alpha / r
             fan_in, fan_out = shape.io[name]
-            targets.append(Target(i, name, projection_parent(name), r, float(alpha), scale, fan_in, fan_out))
+            targets.append(Target(i, name, layout.parent(name), r, float(alpha), scale, fan_in, fan_out))
     if not targets:
         raise ConfigError(
             f"target_modules={_show(lcfg.target_modules)} matches no module"
             + (f" (with layers_to_transform={list(lcfg.layers_to_transform)})"
                if lcfg.layers_to_transform is not None else "")
-            + f"; the adaptable modules are {', '.join(PROJECTIONS)} "
+            + f"; the adaptable modules are {', '.join(projections)} "
               f"(full names like {names[0]!r}), or use 'all-linear'")
     return targets
 

@@ -24,24 +24,45 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lora_jax.config import LoraConfig
 from lora_jax.errors import ConfigError
-from lora_jax.lora.targets import Target, model_shape, plan_targets
+from lora_jax.lora.config import LoraConfig
+from lora_jax.lora.targets import ModelShape, Target, model_shape, plan_targets
+from lora_jax.models.layout import get_path
 from lora_jax.quant import is_quantized, quantize_like
 
 __all__ = ["init_lora", "merge", "unmerge", "split_trainable", "combine", "Split", "targets_of",
-           "count_parameters", "print_trainable_parameters", "dora_weight_norms", "adapter_paths"]
+           "count_parameters", "print_trainable_parameters", "dora_weight_norms", "adapter_paths",
+           "build_tree", "is_trainable", "is_adapter_leaf", "TRAINABLE_LEAVES"]
 
-TRAINABLE_LEAVES = ("a", "b", "m")
+TRAINABLE_LEAVES = ("a", "b", "m")  # of an adapter module; its "scale" is a constant
+_ADAPTER_LEAVES = TRAINABLE_LEAVES + ("scale",)
+
+_node = get_path  # the name tests/test_lora.py reads it by
+
+
+def is_adapter_leaf(names: tuple[str, ...]) -> bool:
+    """Whether a leaf path (keys from the root) is an adapter's: under "lora" in a `{"params",
+    "lora"}` tree, or an adapter leaf name outside "params" (a bare adapter tree)."""
+    names = tuple(names)
+    return names[:1] == ("lora",) or (names[-1] in _ADAPTER_LEAVES and names[:1] != ("params",))
+
+
+def is_trainable(names: tuple[str, ...], lcfg: LoraConfig) -> bool:
+    """The one rule for which leaves train, read by `split_trainable` and the optimizer labels: an
+    adapter's a, b and m, and every leaf of a `modules_to_save` module; the rest is frozen."""
+    names = tuple(names)
+    if is_adapter_leaf(names):
+        return names[-1] in TRAINABLE_LEAVES
+    return _is_saved_module(names, lcfg)
 
 
 def targets_of(params, lcfg: LoraConfig) -> list[Target]:
     return plan_targets(model_shape(params), lcfg)
 
 
-def _kernel(params, layer: int, t: Target, scan: bool):
-    mod = params["layers" if scan else f"layers_{layer}"][t.parent][t.name]["kernel"]
-    return mod[layer] if scan else mod
+def _kernel(params, t: Target, shape: ModelShape):
+    mod = get_path(params, shape.layout.module_path(t.layer, t.name, shape.scan_layers))["kernel"]
+    return mod[t.layer] if shape.scan_layers else mod
 
 
 def _col_norm(w_io):
@@ -80,27 +101,37 @@ def init_lora(params, lcfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> di
     """
     shape = model_shape(params)
     targets = plan_targets(shape, lcfg)
-    by_module: dict[str, dict[int, Target]] = defaultdict(dict)
-    for t in targets:
-        by_module[t.name][t.layer] = t
-    lora: dict = {}
     needs_kernel = lcfg.use_dora or lcfg.init_lora_weights == "pissa"  # else only shapes matter
+    per_target = []
     for idx, t in enumerate(targets):
-        w = _kernel(params, t.layer, t, shape.scan_layers) if needs_kernel else None
+        w = _kernel(params, t, shape) if needs_kernel else None
         leaves = _init_one(t, w, jax.random.fold_in(key, idx), lcfg.init_lora_weights)
-        leaves["scale"] = np.float32(t.scale)
         if lcfg.use_dora:
             delta = t.scale * leaves["a"] @ leaves["b"]
             leaves["m"] = _col_norm(w.astype(jnp.float32) + delta)
-        by_module[t.name][t.layer] = leaves
+        per_target.append((t, leaves))
+    return build_tree(per_target, shape, dtype)
+
+
+def build_tree(per_target, shape: ModelShape, dtype=jnp.float32) -> dict:
+    """The adapter tree from `(Target, leaves)` pairs, leaves being each target's own `a` [in, r],
+    `b` [r, out] and DoRA's `m` [out] (`scale` comes from the target): one entry per layer, or with
+    scanned layers one stacked entry per projection (`_stack_layers`). Scales are fp32, the rest
+    `dtype`. `init_lora` and PEFT import (`lora_jax.hf.peft`) both build their trees here."""
+    layout = shape.layout
+    by_module: dict[str, dict[int, dict]] = defaultdict(dict)
+    for t, leaves in per_target:
+        by_module[t.name][t.layer] = {**leaves, "scale": np.float32(t.scale)}
+    lora: dict = {}
     for name, per_layer in by_module.items():
-        parent = targets[[t.name for t in targets].index(name)].parent
+        parent = layout.parent(name)
         if shape.scan_layers:
             entry = _stack_layers(per_layer, shape.num_layers, dtype)
-            lora.setdefault("layers", {}).setdefault(parent, {})[name] = entry
+            lora.setdefault(layout.layers, {}).setdefault(parent, {})[name] = entry
         else:
             for layer, leaves in per_layer.items():
-                lora.setdefault(f"layers_{layer}", {}).setdefault(parent, {})[name] = {
+                (stack,) = layout.layer_path(layer, scan=False)
+                lora.setdefault(stack, {}).setdefault(parent, {})[name] = {
                     k: jnp.asarray(v, jnp.float32 if k == "scale" else dtype) for k, v in leaves.items()}
     return lora
 
@@ -135,12 +166,6 @@ def adapter_paths(lora) -> list[tuple[str, ...]]:
     return sorted({p[:-1] for p in traverse_util.flatten_dict(lora) if p[-1] == "a"})
 
 
-def _node(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 def _delta(mod: dict) -> jax.Array:
     """scale * A @ B in fp32, `[..., in, out]` (only merge uses this; training never forms it)."""
     a, b = mod["a"].astype(jnp.float32), mod["b"].astype(jnp.float32)
@@ -152,9 +177,9 @@ def dora_weight_norms(params, lora, lcfg: LoraConfig | None = None) -> dict:
     """Column norms of W + s*B*A for each DoRA module: what `unmerge` needs to invert a DoRA merge."""
     norms = {}
     for path in adapter_paths(lora):
-        mod = _node(lora, path)
+        mod = get_path(lora, path)
         if "m" in mod:
-            w = _node(params, path)["kernel"].astype(jnp.float32)
+            w = get_path(params, path)["kernel"].astype(jnp.float32)
             norms[path] = _col_norm(w + _delta(mod))
     return norms
 
@@ -165,7 +190,7 @@ def merge(params, lora, lcfg: LoraConfig | None = None) -> dict:
     A quantised kernel (`lora_jax.quant`) is dequantised in fp32 and merged into a plain kernel."""
     flat = traverse_util.flatten_dict(params)
     for path in adapter_paths(lora):
-        mod = _node(lora, path)
+        mod = get_path(lora, path)
         w = flat[path + ("kernel",)]
         merged = w.astype(jnp.float32) + _delta(mod)
         if "m" in mod:
@@ -183,7 +208,7 @@ def unmerge(params, lora, lcfg: LoraConfig | None = None, *, dora_norms: dict | 
     residual is requantised with its settings (PiSSA on a QLoRA base)."""
     flat = traverse_util.flatten_dict(params)
     for path in adapter_paths(lora):
-        mod = _node(lora, path)
+        mod = get_path(lora, path)
         w = flat[path + ("kernel",)]
         w32 = w.astype(jnp.float32)
         if "m" in mod:
@@ -207,6 +232,7 @@ class Split(NamedTuple):
 
 
 def _is_saved_module(path: tuple[str, ...], lcfg: LoraConfig) -> bool:
+    """Whether a base leaf belongs to a `modules_to_save` module (PEFT: the name occurs in its path)."""
     return any(m in path for m in lcfg.modules_to_save)
 
 
@@ -225,9 +251,9 @@ def split_trainable(params, lora, lcfg: LoraConfig) -> Split:
             raise ConfigError(f"modules_to_save={list(lcfg.modules_to_save)} includes the quantised kernel "
                               f"{'/'.join(path)}; a quantised base is frozen. Drop it from modules_to_save or "
                               "load the model without quantize")
-        (train if _is_saved_module(path, lcfg) else frozen)[("params",) + path] = v
+        (train if is_trainable(("params",) + path, lcfg) else frozen)[("params",) + path] = v
     for path, v in traverse_util.flatten_dict(lora).items():
-        (train if path[-1] in TRAINABLE_LEAVES else frozen)[("lora",) + path] = v
+        (train if is_trainable(("lora",) + path, lcfg) else frozen)[("lora",) + path] = v
     unflat = lambda d: traverse_util.unflatten_dict(d) if d else {}
     t, f = unflat(train), unflat(frozen)
     for tree in (t, f):

@@ -2,6 +2,9 @@
 
 The model knows nothing of LoRA: adapters enter only through method interception of the plain
 `nn.Dense` projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`).
+Their names, parents, shapes and sharding axes are written once, in `lora_jax.models.layout.LLAMA_LAYOUT`,
+which targeting, the HF key table, sharding, quantisation and FLOPs read (tests/test_layout.py checks
+this module's tree against it).
 
 Parameter tree (Flax kernels are `[in, out]`; HF weights are `[out, in]`):
 

@@ -1,5 +1,9 @@
 """The training loop: set-up, progress, metrics, evaluation, checkpoints, export, summary.
 
+`train()` reads as its pieces: `_set_up` (checked input through `lora_jax.session`, the output
+directory, the compiled steps), `_make_evaluate` (eval loss and exact match, `lora_jax.evaluate`),
+`_StepLoop` (the steps, checkpoints, signals, timing), `_export_adapter`, then the summary.
+
 Everything that can refuse bad input (configs, data, model, output directory) runs before anything
 is written, so a refused run leaves no trace. Output directory layout:
 
@@ -29,20 +33,28 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lora_jax.checkpoint import Checkpointer, CheckpointMismatch, base_fingerprint, fingerprints_match
 from lora_jax.config import RunConfig
+from lora_jax.data import DataLoader
 from lora_jax.errors import ConfigError, LoraJaxError
-from lora_jax.models.attention import check_attention, segments_per_row
+from lora_jax.evaluate import eval_loss, exact_match
+from lora_jax.flops import PEAK_H100_MEASURED, flops_per_token, mfu
+from lora_jax.hf.peft import save_peft
+from lora_jax.lora.targets import model_shape, plan_targets
+from lora_jax.lora.tree import combine, init_lora, split_trainable, unmerge
+from lora_jax.models.attention import check_attention
+from lora_jax.models.llama import Llama
+from lora_jax.session import fit_to_data, load_model, open_inputs
 from lora_jax.sharding import make_mesh, place, rules_with
-from lora_jax.train.step import shard_state
+from lora_jax.train.step import init_state, make_eval_step, make_schedule, make_train_step, make_tx, shard_state
 
-__all__ = ["train", "TrainingDiverged", "TrainingInterrupted", "prepare_output_dir", "resolve_model_path",
-           "exact_match"]
+__all__ = ["train", "TrainingDiverged", "TrainingInterrupted", "prepare_output_dir"]
 
 
 class TrainingDiverged(LoraJaxError):
@@ -68,56 +80,6 @@ class TrainingInterrupted(LoraJaxError):
 
     def __reduce__(self):
         return type(self), (self.step, self.signum, self.output_dir)
-
-
-def open_model_dir(model_path: str):
-    """Check a model directory (a Llama config.json, safetensors weights) before anything is
-    written, one clear error each; returns its tokenizer."""
-    import transformers
-
-    from lora_jax.config import LlamaConfig
-    from lora_jax.hf.load import weight_files
-
-    if not os.path.isdir(model_path):
-        raise ConfigError(f"model directory {model_path} does not exist; pass --model DIR (a Hugging Face "
-                          "Llama directory: config.json, *.safetensors, tokenizer files)")
-    LlamaConfig.from_hf(model_path)
-    weight_files(model_path)
-    needed = ("tokenizer.json (or tokenizer.model, or vocab.json + merges.txt) and tokenizer_config.json; "
-              "copy them from the base model's repository")
-    if not any(os.path.isfile(os.path.join(model_path, name)) for name in _TOKENIZER_FILES):
-        raise ConfigError(f"model directory {model_path} has no tokenizer files: it needs {needed}")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError, TypeError) as e:  # transformers' text runs to several lines
-        raise ConfigError(f"cannot load the tokenizer in {model_path} ({type(e).__name__}); the model "
-                          f"directory needs {needed}") from None
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def data_config(run: RunConfig):
-    """`run.data`, with the demonstration's training file when neither a model nor data is given."""
-    if run.data.train_file is None and run.model.path is None:
-        from lora_jax.demo import DEMO_TRAIN
-
-        return run.data.replace(train_file=DEMO_TRAIN)
-    return run.data
-
-
-def resolve_model_path(path: str | None) -> str:
-    if path is None:
-        from lora_jax.demo import DEMO_MODEL
-
-        return DEMO_MODEL
-    return os.fspath(path)
-
-
-def resolve_dtype(dtype: str) -> str:
-    if dtype == "auto":
-        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    return dtype
 
 
 def prepare_output_dir(out: str, run: RunConfig, resume: bool, overwrite: bool) -> RunConfig:
@@ -191,32 +153,7 @@ def _mismatch_message(e: CheckpointMismatch, ckpt: Checkpointer, out: str, lcfg)
 
 def _peak_flops() -> float | None:
     kind = jax.devices()[0].device_kind.lower()
-    from lora_jax.flops import PEAK_H100_MEASURED
-
     return PEAK_H100_MEASURED if ("h100" in kind or "h200" in kind) else None
-
-
-def exact_match(records, cfg, params, lora, lcfg, tokenizer, max_new_tokens: int, limit: int) -> float | None:
-    """Fraction of held-out prompts whose greedy completion equals the reference (stripped).
-    None when the data defines no prompt (text records)."""
-    from lora_jax.data.tokenize import special_prefix
-    from lora_jax.generate import generate
-
-    prompts, answers = [], []
-    for rec in records[:limit]:
-        if "prompt" in rec:
-            prompts.append(special_prefix(tokenizer) + tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"])
-            answers.append(rec["completion"])
-        elif "messages" in rec and rec["messages"][-1]["role"] == "assistant":
-            prompts.append(list(tokenizer.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True,
-                                                              tokenize=True, return_dict=False)))
-            answers.append(rec["messages"][-1]["content"])
-    if not prompts:
-        return None
-    outs = generate(cfg, params, prompts, lora=lora, lcfg=lcfg, max_new_tokens=max_new_tokens,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
-    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-    return float(np.mean([t.strip() == a.strip() for t, a in zip(texts, answers)]))
 
 
 class _Writers:
@@ -233,6 +170,7 @@ class _Writers:
         self.jsonl = open(path, "a") if enabled else None
         self.tb = None
         if enabled:
+            # imported on first use: a slow import (protobuf), needed on process 0 only
             from tensorboardX import SummaryWriter
 
             purge = None if resume_step is None else resume_step + 1
@@ -281,38 +219,78 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) training; returns the summary (also written to `summary.json`)."""
-    from lora_jax.data import DataLoader, build_datasets, eval_batches
-    from lora_jax.flops import flops_per_token, mfu
-    from lora_jax.hf.load import load_pretrained
-    from lora_jax.hf.peft import save_peft
-    from lora_jax.lora.targets import model_shape, plan_targets
-    from lora_jax.lora.tree import init_lora, split_trainable, unmerge
-    from lora_jax.models.llama import Llama
-    from lora_jax.train.step import init_state, make_eval_step, make_schedule, make_train_step, make_tx
-
     out = _output_dir(run.train.output_dir)
     run = prepare_output_dir(out, run, resume, overwrite)
-    tcfg, ocfg, lcfg, dcfg = run.train, run.optim, run.lora, data_config(run)
-    model_path = resolve_model_path(run.model.path)
-
-    # ---- everything that validates input, before anything is written
     t_setup = time.perf_counter()
-    tokenizer = open_model_dir(model_path)
-    datasets = build_datasets(dcfg, tokenizer)
-    dtype = resolve_dtype(run.model.dtype)
+    s = _set_up(run, out, resume, overwrite)
+    evaluate = _make_evaluate(s)
+    eval_before = evaluate(s.state.trainable) if s.start_step == 0 else _saved_eval_before(out)
+    if s.start_step == 0:
+        s.writers.write({"step": 0, "event": "eval", **eval_before}, 0)
+        _write_json(os.path.join(out, "eval_before.json"), eval_before, s.is_main)
+    fpt = flops_per_token(s.cfg, s.data.seq_len, run.lora.r, sorted({t.name for t in s.targets}))
+    peak = _peak_flops()
+    tcfg = run.train
+    progress_out = _Progress(tcfg.steps, s.start_step, tcfg.log_every) if progress and s.is_main else None
+    first_loss = _saved_first_loss(out) if s.start_step else None
+    setup_s = time.perf_counter() - t_setup
+    loop = _StepLoop(s, evaluate, progress_out, on_step, first_loss, fpt, peak)
+    loop.run()
+    tokens_per_s = loop.settle()
+    eval_after = evaluate(loop.state.trainable)
+    s.writers.write({"step": loop.step, "event": "eval", **eval_after}, loop.step)
+    s.writers.close()
+    s.ckpt.close()
+    adapter_dir = _export_adapter(s, loop.state.trainable, resume)
+    summary = _summary(s, loop, eval_before, eval_after, tokens_per_s, setup_s, adapter_dir)
+    _write_json(os.path.join(out, "summary.json"), summary, s.is_main)
+    return summary
+
+
+class _Setup(NamedTuple):
+    """What the loop runs on: checked input, the loaded model, the state to start from, the open
+    output directory and the compiled steps (`_set_up`)."""
+
+    out: str
+    run: RunConfig
+    data: Any  # DataConfig: `session.data_config(run)`
+    model_path: str
+    tokenizer: Any
+    datasets: Any
+    mesh: Any
+    cfg: Any  # LlamaConfig
+    targets: list
+    fingerprint: Any
+    loader: DataLoader
+    state: Any  # TrainState: fresh, or restored when resuming
+    frozen: Any
+    shardings: Any  # StepShardings
+    ckpt: Checkpointer
+    step_fn: Callable
+    eval_fn: Callable
+    writers: _Writers
+    start_step: int
+    process_index: int
+    process_count: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+
+def _set_up(run: RunConfig, out: str, resume: bool, overwrite: bool) -> _Setup:
+    """Everything that validates input (configs, data, model) runs before anything is written;
+    then the output directory is opened (`_open_output`), run.json written, the steps compiled."""
+    tcfg, ocfg, lcfg = run.train, run.optim, run.lora
+    inputs = open_inputs(run)
     check_attention(run.model.attention)
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     rules = rules_with(run.mesh.rules)
     if tcfg.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must divide by the data-parallel size "
                           f"{mesh.shape['data'] * mesh.shape['fsdp']} (mesh.data x mesh.fsdp)")
-    cfg, params = load_pretrained(model_path, dtype=dtype, mesh=mesh, rules=rules,
-                                  scan_layers=run.model.scan_layers, remat_policy=run.model.remat_policy,
-                                  quantize=run.model.quantize,
-                                  fuse_wide_adapters=run.model.fuse_wide_adapters,
-                                  attention=run.model.attention)
-    if dcfg.packing:  # the bound that cuDNN's packed attention sizes its buffers by
-        cfg = cfg.replace(max_segments=segments_per_row(datasets.train_rows + datasets.eval_rows))
+    cfg, params = load_model(run.model, inputs.model_path, mesh=mesh, rules=rules)
+    cfg = fit_to_data(cfg, inputs)
     lora = place(init_lora(params, lcfg, jax.random.key(tcfg.seed)), mesh, rules)
     if lcfg.init_lora_weights == "pissa":
         params = unmerge(params, lora, lcfg)
@@ -320,19 +298,44 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     split = split_trainable(params, lora, lcfg)
     fingerprint = base_fingerprint(params)
     nproc, pidx = jax.process_count(), jax.process_index()
-    loader = DataLoader(datasets.train_rows, tcfg.batch_size, dcfg.seed, pidx, nproc)
+    loader = DataLoader(inputs.datasets.train_rows, tcfg.batch_size, inputs.data.seed, pidx, nproc)
     schedule = make_schedule(ocfg, tcfg.steps)
     tx = make_tx(lcfg, ocfg, schedule)
     state, frozen, shardings = shard_state(init_state(split.trainable, tx, tcfg.seed), split.frozen, mesh, rules)
+    state, ckpt = _open_output(out, run, state, loader, fingerprint, inputs.model_path, resume, overwrite)
+    if pidx == 0:
+        run_record = {"run": run.to_dict(), "model_config": cfg.to_dict(), "model_path": inputs.model_path,
+                      "fingerprint": fingerprint, "data_stats": inputs.datasets.stats}
+        with open(os.path.join(out, "run.json"), "w") as f:
+            json.dump(run_record, f, indent=2)
+
+    model = Llama(cfg)
+    step_fn = make_train_step(model, cfg, lcfg, tx, schedule, grad_accum=tcfg.grad_accum,
+                              chunk_tokens=run.model.loss_chunk_tokens, use_segments=inputs.data.packing,
+                              jit_kwargs=shardings.step_jit_kwargs())
+    eval_fn = make_eval_step(model, cfg, lcfg, chunk_tokens=run.model.loss_chunk_tokens,
+                             use_segments=inputs.data.packing)
+    start_step = int(state.step)
+    writers = _Writers(out, pidx == 0, resume_step=start_step if resume else None)
+    return _Setup(out, run, inputs.data, inputs.model_path, inputs.tokenizer, inputs.datasets, mesh, cfg,
+                  targets, fingerprint, loader, state, frozen, shardings, ckpt, step_fn, eval_fn, writers,
+                  start_step, pidx, nproc)
+
+
+def _open_output(out: str, run: RunConfig, state, loader: DataLoader, fingerprint, model_path: str,
+                 resume: bool, overwrite: bool):
+    """`(state, Checkpointer)`: resuming, the latest checkpoint's state (and the loader's place),
+    refused when it does not fit this run or its base; else a fresh state in a new (or, with
+    `overwrite`, emptied) output directory."""
     ckpt_dir = os.path.join(out, "checkpoints")
     if resume:
-        ckpt = Checkpointer(ckpt_dir, tcfg.keep_checkpoints)
+        ckpt = Checkpointer(ckpt_dir, run.train.keep_checkpoints)
         if ckpt.latest_step() is None:
             raise ConfigError(f"--resume: {out} has no complete checkpoint yet; start again with --overwrite")
         try:
             state, meta = ckpt.restore(None, state)
         except CheckpointMismatch as e:
-            raise ConfigError(_mismatch_message(e, ckpt, out, lcfg)) from None
+            raise ConfigError(_mismatch_message(e, ckpt, out, run.lora)) from None
         if not fingerprints_match(meta["fingerprint"], fingerprint):
             raise ConfigError(f"--resume: the base weights at {model_path} differ from the ones this run "
                               "started from (fingerprint mismatch); point --model at the original base")
@@ -341,213 +344,213 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         if os.path.isdir(out) and overwrite:
             shutil.rmtree(out)
         os.makedirs(out, exist_ok=True)
-        ckpt = Checkpointer(ckpt_dir, tcfg.keep_checkpoints)
-    is_main = pidx == 0
-    run_record = {"run": run.to_dict(), "model_config": cfg.to_dict(), "model_path": model_path,
-                  "fingerprint": fingerprint, "data_stats": datasets.stats}
-    if is_main:
-        with open(os.path.join(out, "run.json"), "w") as f:
-            json.dump(run_record, f, indent=2)
+        ckpt = Checkpointer(ckpt_dir, run.train.keep_checkpoints)
+    return state, ckpt
 
-    model = Llama(cfg)
-    step_fn = make_train_step(model, cfg, lcfg, tx, schedule, grad_accum=tcfg.grad_accum,
-                              chunk_tokens=run.model.loss_chunk_tokens, use_segments=dcfg.packing,
-                              jit_kwargs=shardings.step_jit_kwargs())
-    eval_fn = make_eval_step(model, cfg, lcfg, chunk_tokens=run.model.loss_chunk_tokens,
-                             use_segments=dcfg.packing)
-    start_step = int(state.step)
-    writers = _Writers(out, is_main, resume_step=start_step if resume else None)
 
-    # Evaluation runs in the training micro-batches (grad_accum sets them to what fits in memory),
-    # over the same rows as `eval_batches` full batches.
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+def _make_evaluate(s: _Setup) -> Callable[[Any], dict]:
+    """`evaluate(trainable) -> {"eval_loss", "exact_match"}` on the held-out data (each only when
+    the data has it). Evaluation runs in the training micro-batches (grad_accum sets them to what
+    fits in memory), over the same rows as `train.eval_batches` full batches."""
+    tcfg = s.run.train
+    dp = s.mesh.shape["data"] * s.mesh.shape["fsdp"]
     eval_batch = tcfg.batch_size // tcfg.grad_accum
     if eval_batch % dp:
         eval_batch = tcfg.batch_size
     eval_steps = tcfg.eval_batches * (tcfg.batch_size // eval_batch)
 
     def evaluate(trainable) -> dict:
-        from lora_jax.lora.tree import combine
-
         res: dict[str, Any] = {}
-        if datasets.eval_rows:
-            total = count = 0.0
-            for i, batch in enumerate(eval_batches(datasets.eval_rows, eval_batch, pidx, nproc)):
-                if i >= eval_steps:
-                    break
-                t, c = eval_fn(trainable, frozen, shardings.put_batch(batch))
-                total, count = total + float(t), count + float(c)
-            res["eval_loss"] = total / max(count, 1.0)
-        if tcfg.eval_generate and datasets.eval_records:
-            p, lo = combine(trainable, frozen)
-            res["exact_match"] = exact_match(datasets.eval_records, cfg, p, lo, lcfg, tokenizer,
+        if s.datasets.eval_rows:
+            res["eval_loss"] = float(eval_loss(
+                lambda batch: s.eval_fn(trainable, s.frozen, s.shardings.put_batch(batch)),
+                s.datasets.eval_rows, eval_batch, eval_steps, process_index=s.process_index,
+                process_count=s.process_count))
+        if tcfg.eval_generate and s.datasets.eval_records:
+            p, lo = combine(trainable, s.frozen)
+            res["exact_match"] = exact_match(s.datasets.eval_records, s.cfg, p, lo, s.run.lora, s.tokenizer,
                                              tcfg.max_new_tokens, tcfg.eval_generate)
         return res
 
-    summary_path = os.path.join(out, "summary.json")
-    eval_before = evaluate(state.trainable) if start_step == 0 else _saved_eval_before(out)
-    if start_step == 0:
-        writers.write({"step": 0, "event": "eval", **eval_before}, 0)
-        _write_json(os.path.join(out, "eval_before.json"), eval_before, is_main)
+    return evaluate
 
-    seq_len = dcfg.seq_len
-    fpt = flops_per_token(cfg, seq_len, lcfg.r, sorted({t.name for t in targets}))
-    peak = _peak_flops()
-    progress_out = _Progress(tcfg.steps, start_step, tcfg.log_every) if progress and is_main else None
-    losses: list[float] = []
-    first_loss = _saved_first_loss(out) if start_step else None
-    compile_s = None
-    tokens_timed, time_timed = 0.0, 0.0
-    setup_s = time.perf_counter() - t_setup
-    pending = None  # metrics of the step in flight: read one step late so the device never idles
 
-    last_done = [time.perf_counter()]
+class _StepLoop:
+    """The steps from `start_step` to `train.steps`: metrics read one step late (so the device
+    never idles), logged, checkpointed every `save_every` steps and at the end, evaluated every
+    `eval_every`; a stop signal checkpoints the step just taken and raises TrainingInterrupted.
 
-    def finish(step: int, metrics, t0: float):
+    Timing: the first (compiling) step is `compile_s`; tokens/s counts the later steps' wall
+    clock, less the seconds spent checkpointing and evaluating between them (`paused`, reported,
+    so a short run's last save does not weigh on its throughput)."""
+
+    def __init__(self, s: _Setup, evaluate: Callable, progress_out, on_step, first_loss, fpt, peak):
+        self.s, self.tcfg, self.evaluate = s, s.run.train, evaluate
+        self.progress_out, self.on_step, self.fpt, self.peak = progress_out, on_step, fpt, peak
+        self.state, self.step = s.state, s.start_step
+        self.losses: list[float] = []
+        self.first_loss = first_loss
+        self.compile_s = None
+        self.tokens_timed, self.time_timed = 0.0, 0.0
+        self.pending = None  # (step, metrics, t0) of the step in flight
+        self.last_done = time.perf_counter()
+        self.paused = {"checkpoint_s": 0.0, "eval_s": 0.0}
+        self.t_prev = self.last_done
+
+    def run(self) -> None:
+        s = self.s
+        self.t_prev = time.perf_counter()
+        stop = _StopSignals(s.process_count, sync_every=self.tcfg.log_every, last_step=self.tcfg.steps)
+        try:
+            with stop:
+                while self.step < self.tcfg.steps:
+                    saved = self._step_once()
+                    if stop.requested(self.step):  # SIGTERM / SIGINT: checkpoint the step just taken, then stop
+                        self._flush()
+                        if not saved:
+                            self._save(self.step)
+                        s.ckpt.wait()
+                        raise TrainingInterrupted(self.step, stop.signum, s.out)
+                self._flush()
+        except KeyboardInterrupt:
+            s.writers.close()
+            if stop.signum is None:  # a plain Ctrl-C (no handler of ours was installed): keep the save
+                s.ckpt.wait()
+                s.ckpt.close()
+            # else a second signal during the interruption's save: leave at once; Orbax only renames a
+            # complete checkpoint, so the one abandoned mid-write is invisible to --resume
+            raise
+        except BaseException:
+            s.writers.close()
+            s.ckpt.wait()
+            s.ckpt.close()
+            raise
+        finally:
+            if self.progress_out is not None:
+                self.progress_out.close()
+
+    def _step_once(self) -> bool:
+        """One step, then the checkpoint and evaluation due after it; returns whether it saved."""
+        s, tcfg = self.s, self.tcfg
+        batch = next(s.loader)
+        t0 = time.perf_counter()
+        self.state, metrics = s.step_fn(self.state, s.frozen, s.shardings.put_batch(batch))
+        self.step += 1
+        step = self.step
+        self._flush()
+        self.pending = (step, metrics, t0)
+        if step == s.start_step + 1:
+            jax.block_until_ready(self.state.step)
+            self.compile_s = time.perf_counter() - t0
+            self.pending = None
+            m, _ = self._finish(step, metrics, t0)
+            self._log(m, self.compile_s, step)
+            self.t_prev = time.perf_counter()
+        else:
+            now = time.perf_counter()
+            self.tokens_timed += float(np.sum(batch["loss_mask"] >= 0))  # all slots processed
+            self.time_timed += now - self.t_prev
+            self.t_prev = now
+        saved = step % tcfg.save_every == 0 or step == tcfg.steps
+        if saved:
+            self._flush()  # never checkpoint a state whose loss we have not checked
+            self._save(step)
+        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+            t = time.perf_counter()
+            res = self.evaluate(self.state.trainable)
+            s.writers.write({"step": step, "event": "eval", **res}, step)
+            self.paused["eval_s"] += time.perf_counter() - t
+        return saved
+
+    def _flush(self) -> None:
+        """Fetch and log the metrics of the step in flight, if any."""
+        if self.pending is not None:
+            step, metrics, t0 = self.pending
+            self.pending = None
+            self._log(*self._finish(step, metrics, t0), step)
+
+    def _finish(self, step: int, metrics, t0: float):
         """Fetch a step's metrics (blocking); dt is the time since the previous step finished."""
-        nonlocal first_loss
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
-        dt, last_done[0] = now - max(last_done[0], t0), now
+        dt, self.last_done = now - max(self.last_done, t0), now
         if not math.isfinite(m["loss"]):
-            steps_saved = ckpt.all_steps()
-            where = (f"The last good checkpoint is step {max(steps_saved)} in {ckpt_dir}" if steps_saved
+            steps_saved = self.s.ckpt.all_steps()
+            where = (f"The last good checkpoint is step {max(steps_saved)} in "
+                     f"{os.path.join(self.s.out, 'checkpoints')}" if steps_saved
                      else f"No checkpoint was written yet (the first was due at step "
-                          f"{min(tcfg.save_every, tcfg.steps)})")
+                          f"{min(self.tcfg.save_every, self.tcfg.steps)})")
             raise TrainingDiverged(f"loss became {m['loss']} at step {step}; stopped. {where}. Lower "
                                    "optim.lr or raise optim.warmup_steps")
-        if first_loss is None:
-            first_loss = m["loss"]
-        losses.append(m["loss"])
+        if self.first_loss is None:
+            self.first_loss = m["loss"]
+        self.losses.append(m["loss"])
         return m, dt
 
-    def log(m: dict, dt: float, s: int) -> None:
-        record = _log_step(m, dt, s, writers, progress_out, tcfg, fpt, peak, seq_len)
-        if on_step is not None:
-            on_step(s, record)
+    def _log(self, m: dict, dt: float, step: int) -> None:
+        record = _log_step(m, dt, step, self.s.writers, self.progress_out, self.tcfg, self.fpt, self.peak,
+                           self.s.data.seq_len)
+        if self.on_step is not None:
+            self.on_step(step, record)
 
-    # seconds spent checkpointing and evaluating between timed steps: reported, not counted in
-    # tokens/s (a short run's last save would otherwise weigh on its throughput)
-    paused = {"checkpoint_s": 0.0, "eval_s": 0.0}
+    def _save(self, step: int) -> None:
+        s, t = self.s, time.perf_counter()
+        s.ckpt.save(step, self.state, {"loader": s.loader.get_state(), "fingerprint": s.fingerprint,
+                                       "run": s.run.to_dict(), "model_config": s.cfg.to_dict(),
+                                       "model_path": s.model_path, "first_loss": self.first_loss})
+        self.paused["checkpoint_s"] += time.perf_counter() - t
 
-    def save(s: int) -> None:
+    def settle(self) -> float | None:
+        """After the loop: wait for the last checkpoint; tokens/s over the timed steps (the first,
+        compiling step excluded), wall clock per step, less checkpointing and evaluation."""
+        jax.block_until_ready(self.state.trainable)
         t = time.perf_counter()
-        ckpt.save(s, state, {"loader": loader.get_state(), "fingerprint": fingerprint,
-                             "run": run.to_dict(), "model_config": cfg.to_dict(),
-                             "model_path": model_path, "first_loss": first_loss})
-        paused["checkpoint_s"] += time.perf_counter() - t
+        self.s.ckpt.wait()
+        self.paused["checkpoint_s"] += time.perf_counter() - t
+        self.time_timed += time.perf_counter() - self.t_prev - sum(self.paused.values())
+        if self.time_timed > 0 and self.tokens_timed:
+            return self.tokens_timed * 1.0 / self.time_timed
+        return None
 
-    t_prev = time.perf_counter()
-    step = start_step
-    stop = _StopSignals(nproc, sync_every=tcfg.log_every, last_step=tcfg.steps)
-    try:
-        with stop:
-            while step < tcfg.steps:
-                batch = next(loader)
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, frozen, shardings.put_batch(batch))
-                step += 1
-                if pending is not None:
-                    p_step, p_metrics, p_t0 = pending
-                    log(*finish(p_step, p_metrics, p_t0), p_step)
-                pending = (step, metrics, t0)
-                if step == start_step + 1:
-                    jax.block_until_ready(state.step)
-                    compile_s = time.perf_counter() - t0
-                    pending = None
-                    m, _ = finish(step, metrics, t0)
-                    log(m, compile_s, step)
-                    t_prev = time.perf_counter()
-                else:
-                    now = time.perf_counter()
-                    tokens_timed += float(np.sum(batch["loss_mask"] >= 0))  # all slots processed
-                    time_timed += now - t_prev
-                    t_prev = now
-                saved = step % tcfg.save_every == 0 or step == tcfg.steps
-                if saved:
-                    if pending is not None:  # never checkpoint a state whose loss we have not checked
-                        log(*finish(*pending[:2], pending[2]), pending[0])
-                        pending = None
-                    save(step)
-                if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-                    t = time.perf_counter()
-                    res = evaluate(state.trainable)
-                    writers.write({"step": step, "event": "eval", **res}, step)
-                    paused["eval_s"] += time.perf_counter() - t
-                if stop.requested(step):  # SIGTERM / SIGINT: checkpoint the step just taken, then stop
-                    if pending is not None:
-                        log(*finish(*pending[:2], pending[2]), pending[0])
-                        pending = None
-                    if not saved:
-                        save(step)
-                    ckpt.wait()
-                    raise TrainingInterrupted(step, stop.signum, out)
-            if pending is not None:
-                log(*finish(*pending[:2], pending[2]), pending[0])
-    except KeyboardInterrupt:
-        writers.close()
-        if stop.signum is None:  # a plain Ctrl-C (no handler of ours was installed): keep the save
-            ckpt.wait()
-            ckpt.close()
-        # else a second signal during the interruption's save: leave at once; Orbax only renames a
-        # complete checkpoint, so the one abandoned mid-write is invisible to --resume
-        raise
-    except BaseException:
-        writers.close()
-        ckpt.wait()
-        ckpt.close()
-        raise
-    finally:
-        if progress_out is not None:
-            progress_out.close()
-    jax.block_until_ready(state.trainable)
-    t = time.perf_counter()
-    ckpt.wait()
-    paused["checkpoint_s"] += time.perf_counter() - t
-    # Throughput over the timed steps (the first, compiling step excluded), wall clock per step,
-    # less the time spent checkpointing and evaluating between them.
-    time_timed += time.perf_counter() - t_prev - sum(paused.values())
-    tokens_per_s = tokens_timed * 1.0 / time_timed if time_timed > 0 and tokens_timed else None
-    eval_after = evaluate(state.trainable)
-    writers.write({"step": step, "event": "eval", **eval_after}, step)
-    writers.close()
-    ckpt.close()
 
-    adapter_dir = None
-    if tcfg.export_peft:
-        from lora_jax.lora.tree import combine
+def _export_adapter(s: _Setup, trainable, resume: bool) -> str | None:
+    """The PEFT adapter in `<out>/adapter` (when `train.export_peft`); its path on process 0."""
+    if not s.run.train.export_peft:
+        return None
+    if s.process_count > 1:  # every process takes part in the gather; process 0 writes
+        trainable = multihost_utils.process_allgather(trainable, tiled=True)
+    p, lo = combine(trainable, s.frozen)
+    if not s.is_main:
+        return None
+    adapter_dir = os.path.join(s.out, "adapter")
+    save_peft(adapter_dir, lo, s.run.lora, s.cfg, base_model_name_or_path=s.model_path, params=p,
+              overwrite=resume)
+    return adapter_dir
 
-        trainable = state.trainable
-        if nproc > 1:  # every process takes part in the gather; process 0 writes
-            from jax.experimental import multihost_utils
 
-            trainable = multihost_utils.process_allgather(trainable, tiled=True)
-        p, lo = combine(trainable, frozen)
-        if is_main:
-            adapter_dir = os.path.join(out, "adapter")
-            save_peft(adapter_dir, lo, lcfg, cfg, base_model_name_or_path=model_path, params=p,
-                      overwrite=resume)
-    summary = {
+def _summary(s: _Setup, loop: _StepLoop, eval_before: dict, eval_after: dict, tokens_per_s: float | None,
+             setup_s: float, adapter_dir: str | None) -> dict:
+    """summary.json: the evaluations before and after, the losses, throughput and timings."""
+    fpt, peak = loop.fpt, loop.peak
+    return {
         "eval_before": eval_before.get("exact_match"),
         "eval_after": eval_after.get("exact_match"),
         "eval_loss_before": eval_before.get("eval_loss"),
         "eval_loss_after": eval_after.get("eval_loss"),
-        "train_loss_first": first_loss,
-        "train_loss_last": losses[-1] if losses else None,
-        "steps": step,
+        "train_loss_first": loop.first_loss,
+        "train_loss_last": loop.losses[-1] if loop.losses else None,
+        "steps": loop.step,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu(tokens_per_s, fpt, peak) if (peak and tokens_per_s) else None,
-        "compile_s": compile_s,
-        "checkpoint_s": paused["checkpoint_s"],
+        "compile_s": loop.compile_s,
+        "checkpoint_s": loop.paused["checkpoint_s"],
         "setup_s": setup_s,
-        "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.trainable))),
+        "trainable_params": int(sum(x.size for x in jax.tree.leaves(loop.state.trainable))),
         "device": jax.devices()[0].device_kind,
         "adapter_dir": adapter_dir,
-        "output_dir": out,
-        "data": datasets.stats,
+        "output_dir": s.out,
+        "data": s.datasets.stats,
     }
-    _write_json(summary_path, summary, is_main)
-    return summary
 
 
 def _log_step(m: dict, dt: float, step: int, writers: _Writers, progress, tcfg, fpt, peak,
@@ -570,6 +573,7 @@ class _Progress:
         self.total, self.log_every, self.stream = total, log_every, sys.stderr
         self.bar = None
         if _interactive(self.stream):
+            # imported on first use: tqdm.auto looks for a notebook (IPython) when imported
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
@@ -649,8 +653,6 @@ class _StopSignals:
         """Whether to stop after `step`: on every process at the same step when there are several."""
         if self.nproc == 1:
             return self.signum is not None
-        from jax.experimental import multihost_utils
-
         stop = False
         if self._preemption_service and multihost_utils.reached_preemption_sync_point(step):
             self.signum, stop = self.signum or signal.SIGTERM, True
@@ -662,7 +664,7 @@ class _StopSignals:
 
 
 def _preemption_service_running() -> bool:
-    try:
+    try:  # a private module of JAX, which a release may move: imported where it is optional
         from jax._src import distributed
     except ImportError:
         return False

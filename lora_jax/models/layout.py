@@ -1,0 +1,148 @@
+"""Each model family's layout, written once: its projections (name, parent module, logical axes of the
+`[in, out]` kernel, bias switch), the sizes of those axes for a config, and where its modules sit in
+the Flax tree and in Hugging Face checkpoints.
+
+Targeting (`lora.targets`), the HF key table (`hf.names`), sharding, quantisation and the FLOP model
+read a `Layout` and spell no projection name themselves, so a new family is its model file plus one
+`Layout`, added to `LAYOUTS`.
+
+A projection's shape is its axes' sizes: q_proj's axes `("embed", "heads")` are both how it shards
+and, through `Layout.dims`, its `[hidden_size, heads * head_dim]` shape, so the two cannot disagree.
+
+Pure Python, importing nothing from jax or lora_jax: `config.py` (below every model) reads it, and
+`flops.py` loads it by file path in processes without JAX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+__all__ = ["Projection", "Layout", "LLAMA_LAYOUT", "LAYOUTS", "config_value", "get_path",
+           "projection_names"]
+
+
+def config_value(cfg: Any, name: str, default: Any = None) -> Any:
+    """A field of a config object (lora_jax's or transformers') or of a dict of config.json kwargs;
+    `default` where it is absent or None."""
+    value = cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
+    return default if value is None else value
+
+
+def get_path(tree, path):
+    """The node of a nested dict at `path` (a tuple of keys): the one tree-path getter."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One per-layer linear map. `name` is its HF module name and its Flax `nn.Dense` name; `parent`
+    the module holding it; `axes` the logical axes of its `[in, out]` kernel (sharding and shape);
+    `bias` the config field that switches its bias on, or a constant."""
+
+    name: str
+    parent: str
+    axes: tuple[str, str]
+    bias: str | bool = False
+
+    def has_bias(self, cfg: Any) -> bool:
+        return bool(config_value(cfg, self.bias, False)) if isinstance(self.bias, str) else bool(self.bias)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A family's module layout. Flax names mirror HF names: layer i is `model.layers.{i}` in a
+    checkpoint, `layers` (scanned, stacked) or `layers_{i}` (unrolled) in the Flax tree."""
+
+    family: str  # HF model_type
+    projections: tuple[Projection, ...]  # in checkpoint (and targeting) order
+    dims: Callable[[Any], Mapping[str, int]]  # config -> size of each logical axis
+    layer_norms: tuple[str, ...]  # per-layer norms, checkpoint order
+    hf_base: str = "model"  # HF prefix of the decoder's modules (model.embed_tokens, model.norm)
+    layers: str = "layers"
+    embed: str = "embed_tokens"
+    final_norm: str = "norm"
+    lm_head: str = "lm_head"
+    lm_head_axes: tuple[str, str] = ("embed", "vocab")
+    embed_axes: tuple[str, str] = ("vocab", "embed")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.projections)
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.parent for p in self.projections))
+
+    def projection(self, name: str) -> Projection:
+        for p in self.projections:
+            if p.name == name:
+                return p
+        raise KeyError(f"{name!r} is not a projection of {self.family}; they are {', '.join(self.names)}")
+
+    def parent(self, name: str) -> str:
+        return self.projection(name).parent
+
+    def shape(self, name: str, cfg: Any) -> tuple[int, int]:
+        """`[in, out]` of one projection's Flax kernel (torch's `nn.Linear.weight` is `[out, in]`)."""
+        dims = self.dims(cfg)
+        fan_in, fan_out = self.projection(name).axes
+        return int(dims[fan_in]), int(dims[fan_out])
+
+    def shapes(self, cfg: Any) -> dict[str, tuple[int, int]]:
+        return {p.name: self.shape(p.name, cfg) for p in self.projections}
+
+    @property
+    def hf_layers(self) -> str:
+        return f"{self.hf_base}.{self.layers}"
+
+    def hf_module(self, layer: int, name: str) -> str:
+        """The HF module name PEFT matches targets against, e.g. `model.layers.3.self_attn.q_proj`."""
+        return f"{self.hf_layers}.{layer}.{self.parent(name)}.{name}"
+
+    def layer_path(self, layer: int, scan: bool) -> tuple[str, ...]:
+        """Where layer `layer` lives in the Flax tree (scanned: the stack, indexed at `layer`)."""
+        return (self.layers,) if scan else (f"{self.layers}_{layer}",)
+
+    def module_path(self, layer: int, name: str, scan: bool) -> tuple[str, ...]:
+        return self.layer_path(layer, scan) + (self.parent(name), name)
+
+    def kernel_axes(self) -> dict[tuple[str | None, str], tuple[str, str]]:
+        """(parent, module) -> logical axes of its `[in, out]` kernel; parent None: a top-level module."""
+        out: dict[tuple[str | None, str], tuple[str, str]] = {(p.parent, p.name): p.axes for p in self.projections}
+        out[(None, self.lm_head)] = self.lm_head_axes
+        return out
+
+
+def _llama_dims(cfg: Any) -> dict[str, int]:
+    d = config_value(cfg, "hidden_size")
+    heads = config_value(cfg, "num_attention_heads")
+    kv_heads = config_value(cfg, "num_key_value_heads", heads)
+    head_dim = config_value(cfg, "head_dim", d // heads)
+    return {"embed": d, "heads": heads * head_dim, "kv_heads": kv_heads * head_dim,
+            "mlp": config_value(cfg, "intermediate_size"), "vocab": config_value(cfg, "vocab_size")}
+
+
+LLAMA_LAYOUT = Layout(
+    family="llama",
+    projections=(
+        Projection("q_proj", "self_attn", ("embed", "heads"), "attention_bias"),
+        Projection("k_proj", "self_attn", ("embed", "kv_heads"), "attention_bias"),
+        Projection("v_proj", "self_attn", ("embed", "kv_heads"), "attention_bias"),
+        Projection("o_proj", "self_attn", ("heads", "embed"), "attention_bias"),
+        Projection("gate_proj", "mlp", ("embed", "mlp"), "mlp_bias"),
+        Projection("up_proj", "mlp", ("embed", "mlp"), "mlp_bias"),
+        Projection("down_proj", "mlp", ("mlp", "embed"), "mlp_bias"),
+    ),
+    dims=_llama_dims,
+    layer_norms=("input_layernorm", "post_attention_layernorm"),
+)
+
+LAYOUTS: dict[str, Layout] = {LLAMA_LAYOUT.family: LLAMA_LAYOUT}
+
+
+def projection_names() -> frozenset[str]:
+    """Every projection name of every family (what quantisation treats as a projection kernel)."""
+    return frozenset(n for layout in LAYOUTS.values() for n in layout.names)
