@@ -17,10 +17,10 @@ tokens of its own segment only. The implementations (`LlamaConfig.attention`):
   `[batch, heads, t, t]` scores of every layer. For the CPU and as the test oracle only.
 - `"auto"`: cuDNN on GPUs when the dtype and head size allow it, else the Pallas kernel; the
   Pallas kernel on TPUs; XLA on CPUs. Packed rows so long and so full of documents that cuDNN's
-  statistics would pass `CUDNN_PACKED_STATS_LIMIT` take the Pallas kernel on GPUs too. The order is by measurement on an H200 (one layer forward +
-  backward; `experiments/bench/kernel_bench.py`, figures in
-  `experiments/bench/results/2026-11-29-h200-cli.md`): cuDNN's packed path is faster than the
-  Triton kernel, which is faster than XLA with a dense mask; Triton is the portable fallback.
+  statistics would pass `CUDNN_PACKED_STATS_LIMIT` take the Pallas kernel on GPUs too. The order
+  is by measurement (one layer forward + backward, `experiments/bench/kernel_bench.py`; figures in
+  docs/performance.md): cuDNN's packed path is faster than the Triton kernel, which is faster than
+  XLA with a dense mask; Triton is the portable fallback.
 
 The kernels are imported where they are used: each exists on its own platform only (and JAX's
 Triton module warns on import in newer releases).
@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.config import ATTENTION_IMPLS
 from lora_jax.errors import ConfigError
+from lora_jax.models.llama_config import ATTENTION_IMPLS
 
 __all__ = ["attention", "resolve_attention", "check_attention", "segment_mask", "packed_segments",
            "segments_per_row", "cudnn_packed_stats_bytes", "CUDNN_PACKED_STATS_LIMIT"]
