@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.config import LlamaConfig, LoraConfig, ModelConfig
 from lora_jax.errors import CheckpointFormatError, ConfigError
 from lora_jax.hf.peft import load_peft
+from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.intercept import lora_interception
 from lora_jax.models.llama import Llama, init_kv_cache
+from lora_jax.models.llama_config import LlamaConfig
+from lora_jax.run_config import ModelConfig
 from lora_jax.session import load_model, load_run, open_model_dir, resolve_model_path
 
 __all__ = ["generate", "generate_text", "check_settings"]

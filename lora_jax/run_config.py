@@ -8,29 +8,25 @@ YAML flow list (`[gate_proj, up_proj]`) or one bare name, a mapping field a flow
 its text as it is (`train.output_dir=1e5` is the directory "1e5"); anything else is one
 `ConfigError` line naming the key, the value and what the field takes. The ranges (`lr > 0`, ...)
 are checked by each section's `__post_init__`, so a YAML file and `--set` are held to the same rules.
+The text parsing itself (YAML, annotations) lives in `lora_jax.overrides`.
 """
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
-import functools
 import numbers
-import os
-import re
-import types
-import typing
-from typing import Annotated, Any, Literal, Mapping, get_args, get_origin
+from typing import Annotated, Any, Literal, Mapping, get_args
 
+from lora_jax.data.config import DataConfig
 from lora_jax.errors import ConfigError
+from lora_jax.lora.config import LoraConfig
 from lora_jax.models.llama_config import (_DTYPES, ATTENTION_IMPLS, REMAT_POLICIES, AttentionImpl, RematPolicy,
                                           _check_bool, _check_int, _check_number, _check_str)
-
-if typing.TYPE_CHECKING:
-    from lora_jax.lora.config import LoraConfig
+from lora_jax.overrides import describe, field_hints, load_yaml, parse_annotated, short, suggest
+# the parser's earlier names, for callers not yet moved to `lora_jax.overrides`
 
 __all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "MeshConfig", "RunConfig", "load_yaml",
-           "parse_field_value"]
+           "parse_field_value", "field_description", "section_classes"]
 
 Schedule = Literal["cosine", "linear", "constant"]
 _SCHEDULES = get_args(Schedule)
@@ -190,14 +186,14 @@ class RunConfig:
     """Everything a run needs, one section per concern; `--set section.field=value` edits it."""
 
     model: ModelConfig = ModelConfig()
-    lora: "LoraConfig" = None  # type: ignore[assignment]
-    data: Any = None
+    lora: LoraConfig = None  # type: ignore[assignment]
+    data: DataConfig = None  # type: ignore[assignment]
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
-        sections = _sections()
+        sections = section_classes()
         if self.lora is None:
             object.__setattr__(self, "lora", sections["lora"](r=16, lora_alpha=32, target_modules="all-linear"))
         if self.data is None:
@@ -239,10 +235,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
-        sections = _sections()
+        sections = section_classes()
         if not isinstance(d, Mapping):
             raise ConfigError(f"a run config is a mapping of sections {sorted(sections)}, not a "
-                              f"{type(d).__name__} ({_short(d)})")
+                              f"{type(d).__name__} ({short(d)})")
         unknown = sorted(set(map(str, d)) - set(sections))
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; sections are {sorted(sections)}")
@@ -252,13 +248,13 @@ class RunConfig:
             if values is None:
                 values = {}
             if not isinstance(values, Mapping):
-                raise ConfigError(f"config section {name}: {_short(values)} must be a mapping of fields, "
-                                  f"e.g. {name}: {{{next(iter(_field_types(klass)))}: ...}}")
+                raise ConfigError(f"config section {name}: {short(values)} must be a mapping of fields, "
+                                  f"e.g. {name}: {{{next(iter(field_hints(klass)))}: ...}}")
             values = {str(k): v for k, v in values.items()}
             fields = {f.name for f in dataclasses.fields(klass)}
             bad = sorted(set(values) - fields)
             if bad:
-                raise ConfigError(f"unknown key(s) {[f'{name}.{b}' for b in bad]}{_suggest(bad[0], fields, name)}")
+                raise ConfigError(f"unknown key(s) {[f'{name}.{b}' for b in bad]}{suggest(bad[0], fields, name)}")
             try:
                 out[name] = klass(**values)
             except TypeError as e:  # e.g. a string where a number belongs
@@ -269,7 +265,7 @@ class RunConfig:
         """Apply `section.field=value` strings, each value parsed and checked by its field's
         annotation (`parse_field_value`: 1e-4, true, [q_proj, v_proj], {mlp: fsdp}, text as it is)."""
         d = self.to_dict()
-        sections = _sections()
+        sections = section_classes()
         for pair in pairs:
             if "=" not in pair:
                 raise ConfigError(f"--set {pair!r} is not key=value; e.g. --set lora.r=8")
@@ -277,106 +273,27 @@ class RunConfig:
             section, _, field = key.strip().partition(".")
             if section not in d or not field:
                 raise ConfigError(f"--set key {key!r} is unknown; keys look like lora.r, optim.lr, "
-                                  f"train.steps{_suggest(key, _all_keys(d), None)}")
+                                  f"train.steps{suggest(key, _all_keys(d), None)}")
             if field not in d[section]:
                 raise ConfigError(f"--set key {key!r} is unknown"
-                                  f"{_suggest(key, _all_keys(d), None)}")
+                                  f"{suggest(key, _all_keys(d), None)}")
             d[section][field] = parse_field_value(sections[section], field, raw, key=f"{section}.{field}")
         return RunConfig.from_dict(d)
 
 
-def _sections() -> dict:
-    """Section name -> its config class. Imported here, not at the top: `lora_jax.data` loads the
-    tokenizer stack, and `lora_jax.lora`'s package imports modules that import `lora_jax.config`
-    (which imports this module), so a top-level import would be a cycle."""
-    from lora_jax.data.config import DataConfig
-    from lora_jax.lora.config import LoraConfig
-
+def section_classes() -> dict[str, type]:
+    """Section name -> its config class (`{"model": ModelConfig, "lora": LoraConfig, ...}`): the
+    class a `section.field` key names (a sweep grid or sweep file), for `parse_field_value`."""
     return {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
             "train": TrainConfig, "mesh": MeshConfig}
 
 
-def _field_types(klass) -> dict[str, str]:
-    """Field name -> the `kind` of `_parse_value`: "str" or "str | None" for a text field (a str
-    or Literal of strs: its value is taken as it is), else "Any" (YAML). Kept for callers of
-    `_parse_value`; `parse_field_value` reads the full annotation."""
-    out = {}
-    for name, hint in _hints(klass).items():
-        options = _options(hint)
-        if options and all(_is_text(o) for o in options if o is not type(None)):
-            out[name] = "str | None" if type(None) in options else "str"
-        else:
-            out[name] = "Any"
-    return out
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-_NULLS = ("", "~", "null", "Null", "NULL")
-
-
-def _yaml_loader():
-    """yaml.SafeLoader that also reads `1e-4` (no dot; YAML 1.1 makes it a string) as a float, in
-    plain (unquoted) scalars only, as YAML 1.2 does."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789."))
-    return Loader
-
-
-def _parse_value(raw: str, key: str | None = None, kind: str = "Any"):
-    """A `--set` / `--grid` value: YAML (1e-4, true, null, [q_proj, v_proj], {mlp: fsdp}), with
-    YAML 1.1's gap filled (`1e-4`, without a dot, is a float, also inside lists and maps). For a
-    string field (`kind` "str" / "str | None") the text is taken as it is (`train.output_dir=1e5` is
-    the directory "1e5"), null aside; quote it to use YAML."""
-    text = raw.strip()
-    if kind in ("str", "str | None") and not _quoted(text):
-        return None if kind == "str | None" and text in _NULLS else text
-    return _yaml_value(text, f"--set {key}={raw}" if key else repr(raw))
-
-
-def _quoted(text: str) -> bool:
-    return text[:1] in ("'", '"')
-
-
-def _yaml_value(text: str, where: str):
-    """`text` read as YAML; a plain scalar YAML refuses (`a: b: c`) is the text itself, a flow
-    collection or quoted scalar it refuses is a ConfigError naming `where`."""
-    import yaml
-
-    try:
-        return yaml.load(text, Loader=_yaml_loader())
-    except yaml.YAMLError as e:
-        if text[:1] in "[{'\"":
-            raise ConfigError(f"{where} is not valid YAML ({_yaml_problem(e)}); e.g. [q_proj, v_proj] "
-                              "or {mlp: fsdp}") from None
-        return text
-
-
-# ---------------------------------------------------------------- values typed by the annotation
-_NAME = re.compile(r"[\w.]+")  # a bare module name (or dotted suffix), not a regex
-_REJECT = object()
 
 
 def parse_field_value(section: type, name: str, text: str, key: str | None = None):
     """The value of field `name` of the config class `section`, written as `text` (a `--set` or
-    sweep-grid value), parsed and checked by the field's annotation:
-
-    - `tuple[X, ...]`: a YAML flow list (`[gate_proj, up_proj]`) or one bare X (`q_proj`, `3`);
-      returned as a list. A bare text that is not a plain name (`.*proj`) is not a list of one:
-      where the field also takes a regex (`lora.target_modules`) it is that regex.
-    - `Mapping[K, V]`: a YAML flow mapping (`{embed: tensor}`); null is `{}`.
-    - `bool`, `int`, `float`: YAML (`true`, `8`, `1e-4`; an int is a float, a float never an int).
-    - `str` and `Literal` of strs: the text as it is (`1e5` is the text "1e5"); quote it to use
-      YAML; a Literal must be one of its choices. `X | None`: null (`null`, `~`, nothing) is None.
+    sweep-grid value), parsed and checked by the field's annotation (`lora_jax.overrides.parse_annotated`
+    says how each kind of field is read):
 
         >>> parse_field_value(LoraConfig, "target_modules", "[gate_proj, up_proj]")
         ['gate_proj', 'up_proj']
@@ -384,169 +301,26 @@ def parse_field_value(section: type, name: str, text: str, key: str | None = Non
     A value of the wrong type is one ConfigError line: `key=value; use <what the field takes>`
     (`key` defaults to "section.name"). Ranges (`r > 0`) are the section's `__post_init__`'s to check.
     """
-    hints = _hints(section)
+    hints = field_hints(section)
     key = key or f"{_section_name(section)}.{name}"
     if name not in hints:
         raise ConfigError(f"{key} is not a field of {section.__name__}; fields: {sorted(hints)}")
-    hint = hints[name]
-    text = text.strip()
-    options = _options(hint)
-    if options and all(_is_text(o) for o in options if o is not type(None)) and not _quoted(text):
-        value = None if type(None) in options and text in _NULLS else text
-    else:
-        value = _yaml_value(text, f"{key}={text}")
-    out = _accept(value, hint)
-    if out is _REJECT:
-        raise ConfigError(f"{key}={_short(value, 100)}; use {_describe(hint)}")
-    return out
+    return parse_annotated(hints[name], text, key)
 
 
-@functools.lru_cache(maxsize=None)
-def _hints(section: type) -> dict[str, Any]:
-    """Field name -> its resolved annotation, `Annotated` descriptions kept."""
-    hints = typing.get_type_hints(section, include_extras=True)
-    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+def field_description(section: type, name: str) -> str:
+    """What field `name` of the config class `section` takes, in words ("an integer", "'nf4',
+    'int8' or null", ...), as `parse_field_value`'s errors say it."""
+    hints = field_hints(section)
+    if name not in hints:
+        raise ConfigError(f"{_section_name(section)}.{name} is not a field of {section.__name__}; "
+                          f"fields: {sorted(hints)}")
+    return describe(hints[name])
 
 
 def _section_name(section: type) -> str:
-    return next((n for n, k in _sections().items() if k is section), section.__name__)
-
-
-def _strip(hint):
-    """`Annotated[X, "description"]` -> X."""
-    return get_args(hint)[0] if get_origin(hint) is Annotated else hint
-
-
-def _options(hint) -> tuple:
-    """The alternatives of a union (`X | Y | None`), else the annotation alone."""
-    hint = _strip(hint)
-    if get_origin(hint) in (typing.Union, types.UnionType):
-        return tuple(_strip(o) for o in get_args(hint))
-    return (hint,)
-
-
-def _is_text(hint) -> bool:
-    """A str, or a Literal of strs: a text field, whose value is taken as it is."""
-    hint = _strip(hint)
-    return hint is str or (get_origin(hint) is Literal and all(isinstance(a, str) for a in get_args(hint)))
-
-
-def _accept(value, hint):
-    """`value` (from YAML) as the annotation `hint` takes it (a list for a tuple, a dict for a
-    mapping), or `_REJECT`."""
-    hint = _strip(hint)
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return value
-    if hint is type(None):
-        return value if value is None else _REJECT
-    if hint is bool:
-        return value if isinstance(value, bool) else _REJECT
-    if hint is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _REJECT
-    if hint is float:
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else _REJECT
-    if hint is str:
-        return value if isinstance(value, str) else _REJECT
-    if origin is Literal:  # `type(...) is`: True == 1, and 1 is no choice of Literal[True]
-        return value if any(type(value) is type(a) and value == a for a in args) else _REJECT
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            out = _accept(value, option)
-            if out is not _REJECT:
-                return out
-        return _REJECT
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        item = args[0]
-        if isinstance(value, (list, tuple)):
-            items = [_accept(v, item) for v in value]
-            return _REJECT if any(v is _REJECT for v in items) else items
-        if value is None or isinstance(value, Mapping) or (isinstance(value, str) and not _NAME.fullmatch(value)):
-            return _REJECT
-        one = _accept(value, item)  # one bare name or index: a list of one
-        return _REJECT if one is _REJECT else [one]
-    if origin in (collections.abc.Mapping, dict):
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            return _REJECT
-        out = {}
-        for k, v in value.items():
-            k, v = _accept(k, args[0]), _accept(v, args[1])
-            if k is _REJECT or v is _REJECT:
-                return _REJECT
-            out[k] = v
-        return out
-    raise TypeError(f"parse_field_value cannot read a field annotated {hint!r}; give it a type it "
-                    "knows (bool, int, float, str, Literal, X | None, tuple[X, ...], Mapping[K, V])")
-
-
-def _describe(hint) -> str:
-    """What an annotation takes, in words: "an integer", "'nf4', 'int8' or null", ..."""
-    return _join(_atoms(hint))
-
-
-def _atoms(hint) -> list[str]:
-    if get_origin(hint) is Annotated:
-        return [str(hint.__metadata__[0])]
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return [atom for option in args for atom in _atoms(option)]
-    if origin is Literal:
-        return [str(a).lower() if isinstance(a, bool) else repr(a) for a in args]
-    if origin is tuple:
-        return [f"a list of {_describe(args[0])}, e.g. [a, b]"]
-    if origin in (collections.abc.Mapping, dict):
-        return [f"a mapping of {_describe(args[0])} to {_describe(args[1])}, e.g. {{a: b}}"]
-    if hint is bool:
-        return ["true", "false"]
-    return [{type(None): "null", int: "an integer", float: "a number", str: "text"}.get(hint, repr(hint))]
-
-
-def _join(words: list[str]) -> str:
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
-
-
-
-def _yaml_problem(e) -> str:
-    """One line from a YAML error: "line L, column C: problem (context)"."""
-    def at(mark):
-        return f"line {mark.line + 1}, column {mark.column + 1}"
-
-    mark, cmark = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
-    problem = getattr(e, "problem", None) or " ".join(str(e).split())
-    context = getattr(e, "context", None)
-    out = (f"{at(mark)}: " if mark is not None else "") + problem
-    if context:
-        out += f" ({context}" + (f" started at {at(cmark)}" if cmark is not None else "") + ")"
-    return out
-
-
-def load_yaml(path: str, flag: str):
-    """The contents of a YAML file given as `flag` (--config, --sweep); ConfigError, one line, on a
-    missing file, undecodable bytes or invalid YAML (with the line and column)."""
-    import yaml
-
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag} {path} is a directory; pass a YAML file")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{flag} {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_yaml_loader())
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{flag} {path} is not a UTF-8 text file (byte {e.start}); pass a YAML file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{flag} {path}: invalid YAML at {_yaml_problem(e)}") from None
+    return next((n for n, k in section_classes().items() if k is section), section.__name__)
 
 
 def _all_keys(d: dict) -> list[str]:
     return [f"{s}.{k}" for s, fields in d.items() for k in fields]
-
-
-def _suggest(key: str, options, section: str | None) -> str:
-    import difflib
-
-    opts = [f"{section}.{o}" if section else o for o in options]
-    close = difflib.get_close_matches(key if not section else f"{section}.{key}", opts, n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(close)}?" if close else ""

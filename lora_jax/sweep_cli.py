@@ -25,16 +25,17 @@ Sweep file (YAML):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 from rich.console import Console
 
-from lora_jax.config import RunConfig, _field_types, _parse_value, _sections, load_yaml
 from lora_jax.errors import ConfigError
 from lora_jax.run_args import add_run_args, flag_overrides, load_run_config
-from lora_jax.sweep import (ALLOWED_KEYS, _combos, expand_grid, normalize_grid, parse_grid_args,
+from lora_jax.run_config import RunConfig, load_yaml, parse_field_value, section_classes
+from lora_jax.sweep import (ALLOWED_KEYS, check_grid, expand_grid, normalize_grid, parse_grid_args,
                             ranking_table, sweep)
 
 __all__ = ["add_sweep_parser", "cmd_sweep", "build_sweep", "DEMO_GRID", "DEMO_SWEEP_STEPS",
@@ -92,6 +93,16 @@ def _sets(value, where: str) -> list[str]:
     raise ConfigError(f"{where} set: must be a list of KEY=VALUE strings or a mapping, not {value!r}")
 
 
+def _file_value(section: str, key, value):
+    """A field of a sweep file's run-config section: text is parsed by the field's annotation, as
+    --set parses it (`[q_proj, v_proj]`, `1e-4`); other YAML values, and keys that are no field
+    (`RunConfig.from_dict` names them), are kept as they are."""
+    klass = section_classes()[section]
+    if not isinstance(value, str) or key not in {f.name for f in dataclasses.fields(klass)}:
+        return value
+    return parse_field_value(klass, key, value, key=f"{section}.{key}")
+
+
 def build_sweep(args):
     """(run, grid, output_dir) from parsed arguments; ConfigError on bad input."""
     cli_grid = parse_grid_args(args.grid)  # malformed / unknown keys fail before anything loads
@@ -105,11 +116,9 @@ def build_sweep(args):
         for name, values in sections.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"--sweep {args.sweep}: section {name}: must be a mapping of fields")
-            # YAML reads 1e-4 as a string; parse such values as --set does
-            kinds = _field_types(_sections()[name])
-            d[name].update({k: _parse_value(v, kind=kinds.get(k, "Any")) if isinstance(v, str) else v
-                            for k, v in values.items()})
         try:
+            for name, values in sections.items():
+                d[name].update({k: _file_value(name, k, v) for k, v in values.items()})
             run = RunConfig.from_dict(d)
         except ConfigError as e:
             raise ConfigError(f"--sweep {args.sweep}: {e}") from None
@@ -124,7 +133,7 @@ def build_sweep(args):
             raise ConfigError("--grid cannot extend a sweep file whose grid: is a list of "
                               "configurations; put the values in the file")
         grid = file_grid
-        _combos(grid)
+        check_grid(grid)
     elif file_grid is not None or cli_grid:
         grid = dict(normalize_grid(file_grid)) if file_grid is not None else {}
         grid.update(cli_grid)

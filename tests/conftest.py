@@ -1,5 +1,6 @@
 """Strict test settings: 8 CPU devices, a persistent compilation cache, warnings as errors
-(pyproject), and tiny random Llama checkpoints built with transformers + torch."""
+(pyproject); the shared fixtures: a tiny random Llama checkpoint built with transformers + torch and
+its loaded forms, the demo model's tokenizer. Plain helpers are in helpers.py."""
 
 import os
 
@@ -27,6 +28,24 @@ from tests.helpers import make_hf_llama  # noqa: E402,F401
 def tiny_llama(tmp_path_factory):
     """A tiny random GQA Llama saved with transformers' save_pretrained (fp32)."""
     return make_hf_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_llama):
+    """{scan_layers: (LlamaConfig, params)} of `tiny_llama`, loaded once per test module."""
+    import lora_jax as lj
+
+    return {scan: lj.load_pretrained(tiny_llama, scan_layers=scan) for scan in (True, False)}
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    """The built-in demo model's tokenizer (it has a chat template)."""
+    import transformers
+
+    from lora_jax.demo import DEMO_MODEL
+
+    return transformers.AutoTokenizer.from_pretrained(DEMO_MODEL)
 
 
 @pytest.fixture

@@ -1,8 +1,13 @@
-"""Shared test helpers: tiny random HF Llamas, torch reference logits, tolerances."""
+"""Shared test helpers: tiny random HF Llamas, torch reference logits, tolerances, token batches,
+a jaxpr walk, the JSONL and metrics files, the CLI in process and in a subprocess, import lists.
+Fixtures built from these live in conftest.py."""
 
 from __future__ import annotations
 
+import ast
+import json
 import os
+import sys
 
 import numpy as np
 
@@ -64,5 +69,99 @@ def random_ids(vocab: int, shape=(2, 11), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
 
 
+def tiny_ids(shape=(2, 13)):
+    """Token ids for the TINY model (its vocabulary, seed 0) as a jax array."""
+    import jax.numpy as jnp
+
+    return jnp.asarray(random_ids(TINY["vocab_size"], shape))
+
+
+def unpacked_batch(input_ids, targets, loss_mask) -> dict:
+    """A training batch of [B, T] rows holding one document each: segment ids 1, positions 0..T-1."""
+    b, t = input_ids.shape
+    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask,
+            "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+
+
 def max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# ------------------------------------------------------------------------------------------ programs
+def jaxprs(jaxpr):
+    """`jaxpr` (a Jaxpr or ClosedJaxpr) and every jaxpr nested in its equations' parameters (the
+    bodies of jit, scan, remat, custom_vjp, ...), depth first."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    if isinstance(jaxpr, ClosedJaxpr):
+        jaxpr = jaxpr.jaxpr
+    yield jaxpr
+    for eqn in jaxpr.eqns:
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                    yield from jaxprs(sub)
+
+
+def all_eqns(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs nested in it."""
+    for j in jaxprs(jaxpr):
+        yield from j.eqns
+
+
+# ------------------------------------------------------------------------------------------ files
+def write_jsonl(path, records) -> str:
+    """One line per record: a str as it is (a malformed line, a blank one), anything else as JSON."""
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def step_losses(run_dir) -> list:
+    """[(step, loss)] of every training record in RUN/metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def steps_logged(run_dir) -> int:
+    """The last training step in RUN/metrics.jsonl (0 when none yet), read while a run may still be
+    writing it: a line without its newline is not complete and is skipped."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return max([json.loads(x).get("step", 0) for x in f if x.endswith("\n") and '"loss"' in x] or [0])
+
+
+def module_imports(path) -> set[str]:
+    """The module names a Python file imports (`import a.b` and `from a.b import c` give `a.b`), at
+    any depth of its source; a relative `path` is read from the checkout's root."""
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ CLI
+CLI = [sys.executable, "-m", "lora_jax.cli"]  # `lora-jax` in a subprocess (with env=cli_env())
+
+
+def cli_error(capsys, argv, code: int = 2) -> str:
+    """Run `lora_jax.cli.main(argv)` in process; it must exit with `code` and say why in one line on
+    stderr (`lora-jax: error: ...` for a user error, status 2), which is returned."""
+    from lora_jax.cli import main
+
+    capsys.readouterr()
+    status = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert status == code, err[-3000:]
+    prefix = "lora-jax: error:" if code == 2 else "lora-jax: "
+    assert len(err.splitlines()) == 1 and err.startswith(prefix), err[-3000:]
+    return err

@@ -8,8 +8,10 @@ import os
 
 import pytest
 
+from tests.helpers import REPO
+
 PACKAGE = "lora_jax"
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
+ROOT = os.path.join(REPO, PACKAGE)
 
 
 def _modules() -> dict[str, str]:

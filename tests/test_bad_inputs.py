@@ -26,6 +26,7 @@ from lora_jax.cli import main
 from lora_jax.config import LlamaConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from lora_jax.demo import DEMO_MODEL, demo_run_config
 from lora_jax.errors import ConfigError
+from tests import helpers
 
 CLI, API = [], []
 
@@ -431,7 +432,7 @@ def test_the_table_is_large():
 # ------------------------------------------------------------------------ the real entry point
 def _entry_point() -> list[str]:
     exe = shutil.which("lora-jax") or os.path.join(os.path.dirname(sys.executable), "lora-jax")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "lora_jax.cli"]
+    return [exe] if os.path.exists(exe) else helpers.CLI
 
 
 @pytest.mark.parametrize("argv, expect", [

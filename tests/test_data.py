@@ -19,6 +19,7 @@ from lora_jax.data import (ROW_KEYS, DataConfig, DataLoader, batch_indices, buil
                            read_jsonl, special_prefix, split_heldout, tokenize_record,
                            truncate_examples)
 from lora_jax.errors import ConfigError, DataError
+from tests.helpers import write_jsonl
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
@@ -52,11 +53,6 @@ def tok():
 def _pieces(tok, ids, mask):
     """The tokens (as strings) where mask is set, joined."""
     return "".join(t for t, m in zip(tok.convert_ids_to_tokens(ids.tolist()), mask) if m)
-
-
-def _write(path, lines):
-    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------- config
@@ -350,7 +346,7 @@ def test_eval_batches_cover_every_row_once_and_pad_the_last():
 # ---------------------------------------------------------------------------- build_datasets
 def test_build_datasets_splits_before_packing(tmp_path, tok):
     records = [{"prompt": f"q{i}:", "completion": f" a{i}", "id": i} for i in range(40)]
-    path = _write(tmp_path / "train.jsonl", records)
+    path = write_jsonl(tmp_path / "train.jsonl", records)
     cfg = DataConfig(train_file=path, eval_fraction=0.1, seq_len=32, seed=5)
     ds = build_datasets(cfg, tok)
     assert ds.stats["format"] == "prompt_completion"
@@ -376,9 +372,9 @@ def test_build_datasets_splits_before_packing(tmp_path, tok):
 
 
 def test_build_datasets_truncates_and_uses_eval_file(tmp_path, tok):
-    train = _write(tmp_path / "t.jsonl", [{"text": "x" * 50}, {"text": "short"}])
-    held = _write(tmp_path / "e.jsonl", [{"messages": [{"role": "user", "content": "a"},
-                                                       {"role": "assistant", "content": "b"}]}])
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "x" * 50}, {"text": "short"}])
+    held = write_jsonl(tmp_path / "e.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                            {"role": "assistant", "content": "b"}]}])
     ds = build_datasets(DataConfig(train_file=train, eval_file=held, seq_len=20), tok)
     assert ds.stats["n_truncated"] == 1 and ds.stats["n_train"] == 2 and ds.stats["n_eval"] == 1
     assert ds.stats["eval_format"] == "messages" and len(ds.eval_rows) == 1
@@ -388,7 +384,7 @@ def test_build_datasets_truncates_and_uses_eval_file(tmp_path, tok):
 def _error(tmp_path, tok, lines, **cfg):
     path = tmp_path / "data.jsonl"
     if lines is not None:
-        _write(path, lines)
+        write_jsonl(path, lines)
     with pytest.raises(DataError) as e:
         build_datasets(DataConfig(train_file=str(path), eval_fraction=0.0, **cfg), tok)
     message = str(e.value)
@@ -418,10 +414,10 @@ def test_bad_inputs_give_one_clear_line(tmp_path, tok):
     assert _error(tmp_path, tok, [{"prompt": "p" * 30, "completion": "c"}], seq_len=16).startswith(
         "data.jsonl: no training record has a loss token within seq_len=16")
     with pytest.raises(DataError, match=r"1 record\(s\) is too few to hold out eval_fraction=0.05"):
-        build_datasets(DataConfig(train_file=_write(tmp_path / "one.jsonl", [ok])), tok)
+        build_datasets(DataConfig(train_file=write_jsonl(tmp_path / "one.jsonl", [ok])), tok)
     with pytest.raises(ConfigError, match="data.train_file is not set"):
         build_datasets(DataConfig(), tok)
-    assert read_jsonl(_write(tmp_path / "r.jsonl", [ok, "", ok])) == [ok, ok]
+    assert read_jsonl(write_jsonl(tmp_path / "r.jsonl", [ok, "", ok])) == [ok, ok]
 
 
 def test_bad_utf8_names_the_line(tmp_path):

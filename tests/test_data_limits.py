@@ -7,28 +7,14 @@ import tracemalloc
 
 import pytest
 
-from lora_jax.cli import main
 from lora_jax.config import RunConfig
 from lora_jax.data import DataConfig, build_datasets, read_jsonl_lines
-from lora_jax.demo import DEMO_MODEL, DEMO_TRAIN
+from lora_jax.demo import DEMO_TRAIN
 from lora_jax.errors import ConfigError, DataError
+from tests.helpers import cli_error, write_jsonl
 
 LIMIT = 64 * 1024
 BIG = 5_000_000
-
-
-@pytest.fixture(scope="module")
-def tok():
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(DEMO_MODEL)  # has a chat template
-
-
-def _write(path, records):
-    with open(path, "w") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +23,17 @@ def big_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("big") / "train.jsonl"
     ok = {"prompt": "2+2=", "completion": "4"}
     big = json.dumps({"prompt": "x" * BIG, "completion": "y"})
-    _write(path, [ok, ok, big, ok])
+    write_jsonl(path, [ok, ok, big, ok])
     return str(path), len(big)
 
 
-def test_huge_record_refused_with_bounded_memory(big_file, tok):
+def test_huge_record_refused_with_bounded_memory(big_file, demo_tokenizer):
     path, size = big_file
     cfg = DataConfig(train_file=path, eval_fraction=0.0, max_record_bytes=LIMIT)
     tracemalloc.start()
     try:
         with pytest.raises(DataError) as e:
-            build_datasets(cfg, tok)
+            build_datasets(cfg, demo_tokenizer)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -73,10 +59,10 @@ def test_limit_is_on_the_line_bytes(tmp_path):
     assert len(read_jsonl_lines(path, None)) == 2  # no limit: everything is read
 
 
-def test_default_limit_keeps_the_demo_data(tok):
+def test_default_limit_keeps_the_demo_data(demo_tokenizer):
     cfg = DataConfig(train_file=DEMO_TRAIN, eval_fraction=0.0)
     assert cfg.max_record_bytes == 2**20
-    assert build_datasets(cfg, tok).stats["n_records"] > 0
+    assert build_datasets(cfg, demo_tokenizer).stats["n_records"] > 0
 
 
 @pytest.mark.parametrize("bad", [0, 1, -5, True, 1.5, "1MB", None])
@@ -89,10 +75,8 @@ def test_max_record_bytes_settable_and_cli_refusal_is_one_line(big_file, tmp_pat
     run = RunConfig().with_overrides([f"data.max_record_bytes={LIMIT}"])
     assert run.data.max_record_bytes == LIMIT
     out = tmp_path / "out"
-    code = main(["train", "--output-dir", str(out), "--no-progress", "--data", big_file[0],
-                 "--set", f"data.max_record_bytes={LIMIT}"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1, err
+    err = cli_error(capsys, ["train", "--output-dir", str(out), "--no-progress", "--data", big_file[0],
+                             "--set", f"data.max_record_bytes={LIMIT}"])
     assert f"{big_file[0]}:3: record is" in err and "max_record_bytes" in err
     assert not out.exists()
 
@@ -107,26 +91,26 @@ EMPTY = {
 
 @pytest.mark.parametrize("fmt", sorted(EMPTY))
 @pytest.mark.parametrize("completion_only", [True, False])
-def test_all_empty_corpus_refused(tmp_path, tok, fmt, completion_only):
-    path = _write(tmp_path / "empty.jsonl", EMPTY[fmt])
+def test_all_empty_corpus_refused(tmp_path, demo_tokenizer, fmt, completion_only):
+    path = write_jsonl(tmp_path / "empty.jsonl", EMPTY[fmt])
     cfg = DataConfig(train_file=path, eval_fraction=0.0, completion_only_loss=completion_only)
     with pytest.raises(DataError) as e:
-        build_datasets(cfg, tok)
+        build_datasets(cfg, demo_tokenizer)
     message = str(e.value)
     assert message.startswith(f"{path}: no trainable tokens: ") and "\n" not in message
     assert f"in all {len(EMPTY[fmt])} training record(s)" in message
 
 
-def test_empty_completions_refused_when_only_completions_train(tmp_path, tok):
-    path = _write(tmp_path / "c.jsonl", [{"prompt": "question", "completion": ""}] * 2)
+def test_empty_completions_refused_when_only_completions_train(tmp_path, demo_tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "question", "completion": ""}] * 2)
     with pytest.raises(DataError, match="no trainable tokens: every 'completion' is empty"):
-        build_datasets(DataConfig(train_file=path, eval_fraction=0.0), tok)
+        build_datasets(DataConfig(train_file=path, eval_fraction=0.0), demo_tokenizer)
     # training on the prompts too, there is something to learn
-    ds = build_datasets(DataConfig(train_file=path, eval_fraction=0.0, completion_only_loss=False), tok)
+    ds = build_datasets(DataConfig(train_file=path, eval_fraction=0.0, completion_only_loss=False), demo_tokenizer)
     assert ds.stats["n_empty"] == 0
 
 
-def test_some_empty_records_are_kept_and_counted(tmp_path, tok):
-    path = _write(tmp_path / "mixed.jsonl", [{"text": ""}, {"text": "hello"}, {"text": " "}])
-    ds = build_datasets(DataConfig(train_file=path, eval_fraction=0.0), tok)
+def test_some_empty_records_are_kept_and_counted(tmp_path, demo_tokenizer):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": ""}, {"text": "hello"}, {"text": " "}])
+    ds = build_datasets(DataConfig(train_file=path, eval_fraction=0.0), demo_tokenizer)
     assert ds.stats["n_empty"] == 2 and ds.stats["n_train"] == 3

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from lora_jax.demo import DEMO_DIR, DEMO_EVAL, DEMO_MODEL, DEMO_TRAIN, demo_run_config
+from lora_jax.demo import DEMO_DIR, DEMO_EVAL, DEMO_TRAIN, demo_run_config
 
 README_PROMPT = "shout: hello world =>"
 
@@ -43,10 +43,8 @@ def test_eval_phrases_are_held_out_and_hold_the_readme_example():
     assert unseen_word >= len(evals) // 2
 
 
-def test_tokenizer_splits_a_phrase_and_its_shout_alike():
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(DEMO_MODEL)
+def test_tokenizer_splits_a_phrase_and_its_shout_alike(demo_tokenizer):
+    tok = demo_tokenizer
     assert len(tok) <= 4096
     seq_len = demo_run_config().data.seq_len
     for record in _records(DEMO_TRAIN) + _records(DEMO_EVAL):

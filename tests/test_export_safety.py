@@ -13,6 +13,7 @@ from lora_jax.cli import main
 from lora_jax.demo import DEMO_MODEL
 from lora_jax.export import export_checkpoint
 from lora_jax.hf.save import is_previous_export, parse_size
+from tests.helpers import cli_error
 
 QUICK = ["--set", "train.steps=2", "--set", "train.save_every=2", "--set", "train.batch_size=8",
          "--set", "train.eval_generate=0", "--set", "train.eval_batches=1", "--no-progress"]
@@ -176,25 +177,16 @@ def run_dir(tmp_path_factory):
     return run
 
 
-def _cli_error(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("lora-jax: error:"), err
-    return err
-
-
 @pytest.mark.parametrize("flag", ["--peft", "--merged"])
 def test_cli_export_into_non_empty_dir_refused_untouched(run_dir, tmp_path, capsys, flag):
     out = user_dir(tmp_path / "mine")
     before = snapshot(out)
-    err = _cli_error(capsys, ["export", "--checkpoint", str(run_dir), flag, out])
+    err = cli_error(capsys, ["export", "--checkpoint", str(run_dir), flag, out])
     assert out in err and "--overwrite" in err
     assert snapshot(out) == before
     # a file, too
     (tmp_path / "f").write_text("x")
-    err = _cli_error(capsys, ["export", "--checkpoint", str(run_dir), flag, str(tmp_path / "f")])
+    err = cli_error(capsys, ["export", "--checkpoint", str(run_dir), flag, str(tmp_path / "f")])
     assert "is a file" in err and (tmp_path / "f").read_text() == "x"
     assert sorted(os.listdir(tmp_path)) == ["f", "mine"]
 
@@ -224,7 +216,7 @@ def test_cli_overwrite_flag(run_dir, tmp_path, capsys):
     assert snapshot(out) == first
     mine = user_dir(tmp_path / "mine")
     before = snapshot(mine)
-    err = _cli_error(capsys, ["export", "--checkpoint", str(run_dir), "--peft", mine, "--overwrite"])
+    err = cli_error(capsys, ["export", "--checkpoint", str(run_dir), "--peft", mine, "--overwrite"])
     assert "not a previous" in err and snapshot(mine) == before
 
 
@@ -232,7 +224,7 @@ def test_cli_export_without_checkpoint_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text("{}")
-    err = _cli_error(capsys, ["export", "--checkpoint", str(run), "--peft", str(tmp_path / "a")])
+    err = cli_error(capsys, ["export", "--checkpoint", str(run), "--peft", str(tmp_path / "a")])
     assert f"{run} has no checkpoint yet: train it first (lora-jax train --output-dir {run}" in err
     assert "None" not in err and "available" not in err
     assert sorted(os.listdir(run)) == ["run.json"]  # nothing created in the run either
@@ -240,8 +232,8 @@ def test_cli_export_without_checkpoint_one_line(tmp_path, capsys):
 
 
 def test_cli_bad_shard_size_one_line(run_dir, tmp_path, capsys):
-    err = _cli_error(capsys, ["export", "--checkpoint", str(run_dir), "--merged", str(tmp_path / "m"),
-                              "--max-shard-size", "lots"])
+    err = cli_error(capsys, ["export", "--checkpoint", str(run_dir), "--merged", str(tmp_path / "m"),
+                             "--max-shard-size", "lots"])
     assert "max_shard_size (--max-shard-size)='lots' is not a size" in err and "5GB" in err
     assert os.listdir(tmp_path) == []
 

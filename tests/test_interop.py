@@ -41,11 +41,6 @@ VARIANTS = {
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@pytest.fixture(scope="module")
-def bases(tiny_llama):
-    return {scan: lj.load_pretrained(tiny_llama, scan_layers=scan) for scan in (True, False)}
-
-
 @functools.lru_cache(maxsize=None)
 def _jitted(cfg, lcfg):
     model = lj.Llama(cfg)

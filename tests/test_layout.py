@@ -2,7 +2,6 @@
 its projections: shapes and names against transformers' own modules, the Flax model's tree,
 targeting, the HF key table, sharding, quantisation and the FLOP model."""
 
-import ast
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from lora_jax.lora.config import ALL_LINEAR
 from lora_jax.lora.targets import plan_targets, shape_from_config
 from lora_jax.models.layout import LAYOUTS, LLAMA_LAYOUT
 from lora_jax.sharding import logical_axes
-from tests.helpers import REPO, TINY
+from tests.helpers import REPO, TINY, module_imports
 
 VARIANTS = {
     "gqa": {},
@@ -125,27 +124,15 @@ def test_layouts_agree_where_they_share_names():
         assert set(a for p in layout.projections for a in p.axes) <= set(layout.dims(_cfg()))
 
 
-def _imports(path: str) -> set[str]:
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out.add(node.module)
-    return out
-
-
 def test_lora_and_quant_do_not_reach_into_hf():
     """`hf/` builds on `lora/`; the layout is in `models/`, so nothing flows the other way."""
     root = os.path.join(REPO, "lora_jax")
     files = [os.path.join(root, "quant.py"), os.path.join(root, "models", "layout.py")]
     files += [os.path.join(root, "lora", f) for f in os.listdir(os.path.join(root, "lora")) if f.endswith(".py")]
     for f in files:
-        bad = sorted(m for m in _imports(f) if m == "lora_jax.hf" or m.startswith("lora_jax.hf."))
+        bad = sorted(m for m in module_imports(f) if m == "lora_jax.hf" or m.startswith("lora_jax.hf."))
         assert not bad, f"{os.path.relpath(f, REPO)} imports {bad}"
-    layout_imports = _imports(os.path.join(root, "models", "layout.py"))
+    layout_imports = module_imports(os.path.join(root, "models", "layout.py"))
     assert not any(m.split(".")[0] in ("jax", "flax", "lora_jax") for m in layout_imports)
 
 

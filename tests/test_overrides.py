@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 
@@ -15,10 +14,10 @@ from lora_jax.data.config import DataConfig
 from lora_jax.demo import demo_run_config
 from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraConfig
-from lora_jax.run_config import (MeshConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, _sections,
+from lora_jax.run_config import (MeshConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, section_classes,
                                  parse_field_value)
+from tests.helpers import REPO, module_imports
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
             "train": TrainConfig, "mesh": MeshConfig}
 
@@ -96,7 +95,7 @@ def test_every_field_reads_back_its_own_value():
     run = demo_run_config().with_overrides(["lora.rank_pattern={q_proj: 4}", "mesh.rules={mlp: fsdp}",
                                             "lora.layers_to_transform=[0]", "model.quantize=nf4"])
     d = run.to_dict()
-    for name, klass in _sections().items():
+    for name, klass in section_classes().items():
         for field, value in d[name].items():
             parsed = parse_field_value(klass, field, json.dumps(value))
             assert klass(**{**d[name], field: parsed}) == getattr(run, name), (name, field)
@@ -172,15 +171,7 @@ def test_cli_train_adapts_exactly_the_listed_modules(tmp_path, capsys):
 
 # ------------------------------------------------------------------------ where configs live
 def _imports(relpath: str) -> set[str]:
-    with open(os.path.join(REPO, relpath)) as f:
-        tree = ast.parse(f.read())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-    return {n for n in names if n.startswith("lora_jax")}
+    return {n for n in module_imports(relpath) if n.startswith("lora_jax")}
 
 
 def test_config_modules_import_no_cycle():

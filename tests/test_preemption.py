@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -22,7 +21,9 @@ from lora_jax.checkpoint import Checkpointer
 from lora_jax.cli import main
 from lora_jax.demo import DEMO_MODEL, demo_run_config
 from lora_jax.errors import ConfigError
-from lora_jax.train.loop import TrainingInterrupted, _StopSignals, train
+from lora_jax.train.loop import TrainingInterrupted, train
+from lora_jax.train.signals import StopSignals
+from tests.helpers import CLI, cli_error, step_losses, steps_logged
 from tests.helpers import cli_env as _env
 
 STEPS = 10
@@ -35,22 +36,9 @@ def _run(out, *extra):
     return demo_run_config().with_overrides([*SETTINGS, *extra, f"train.output_dir={out}"])
 
 
-def _step_losses(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
-
-
 def _adapter_bytes(out):
     with open(os.path.join(out, "adapter", "adapter_model.safetensors"), "rb") as f:
         return f.read()
-
-
-def _steps_logged(out):
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return max([json.loads(x).get("step", 0) for x in f if x.endswith("\n") and '"loss"' in x] or [0])
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +48,13 @@ def reference(tmp_path_factory):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         train(_run(out), progress=True)
-    return {"out": str(out), "stderr": err.getvalue(), "losses": _step_losses(out),
+    return {"out": str(out), "stderr": err.getvalue(), "losses": step_losses(out),
             "adapter": _adapter_bytes(out)}
 
 
 def _assert_resumes_to_reference(out, reference):
     assert main(["train", "--output-dir", str(out), "--resume", "--no-progress"]) == 0
-    assert _step_losses(out) == reference["losses"]  # each step once, the same losses
+    assert step_losses(out) == reference["losses"]  # each step once, the same losses
     assert _adapter_bytes(out) == reference["adapter"]
 
 
@@ -79,11 +67,10 @@ def test_progress_is_plain_lines_off_a_terminal(reference):
 
 def test_sigterm_saves_the_step_and_resumes_bit_exact(tmp_path, reference, capsys):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "lora_jax.cli", "train", "--output-dir", str(out),
-                             "--no-progress", *CLI_SETTINGS], env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*CLI, "train", "--output-dir", str(out), "--no-progress", *CLI_SETTINGS],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while _steps_logged(out) < 2 and proc.poll() is None and time.time() < deadline:
+    while steps_logged(out) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
@@ -93,7 +80,7 @@ def test_sigterm_saves_the_step_and_resumes_bit_exact(tmp_path, reference, capsy
     step = saved[0]
     assert f"SIGTERM received: stopped after step {step} and saved a checkpoint at step {step}" in err, err
     assert f"lora-jax train --output-dir {out} --resume" in err
-    assert _steps_logged(out) == step  # the step in flight was finished and logged before the save
+    assert steps_logged(out) == step  # the step in flight was finished and logged before the save
     _assert_resumes_to_reference(out, reference)
 
 
@@ -151,27 +138,27 @@ def test_multihost_processes_agree_on_the_step(monkeypatch):
     steps, the same steps everywhere); JAX's preemption sync point stops every process at once."""
     from jax.experimental import multihost_utils
 
-    import lora_jax.train.loop as loop
+    from lora_jax.train import signals
 
     gathered = []
     monkeypatch.setattr(multihost_utils, "process_allgather",
                         lambda x: gathered.append(int(x)) or np.array([int(x), 0]))
-    monkeypatch.setattr(loop, "_preemption_service_running", lambda: False)
-    stop = _StopSignals(nproc=2, sync_every=4, last_step=10)
+    monkeypatch.setattr(signals, "_preemption_service_running", lambda: False)
+    stop = StopSignals(nproc=2, sync_every=4, last_step=10)
     with stop:
         stop._handle(signal.SIGINT, None)
         assert [stop.requested(s) for s in (1, 2, 3, 4)] == [False, False, False, True]
     assert gathered == [signal.SIGINT] and stop.signum == signal.SIGINT
-    stop = _StopSignals(nproc=2, sync_every=4, last_step=10)
+    stop = StopSignals(nproc=2, sync_every=4, last_step=10)
     gathered.clear()
     assert [stop.requested(s) for s in (8, 9, 10)] == [False, False, False]
     assert gathered == [0, 0]  # the last step is agreed on too, so no signal is left unheard
 
     sync_point = iter([False, True])
-    monkeypatch.setattr(loop, "_preemption_service_running", lambda: True)
+    monkeypatch.setattr(signals, "_preemption_service_running", lambda: True)
     monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: next(sync_point))
     before = signal.getsignal(signal.SIGTERM)
-    stop = _StopSignals(nproc=2, sync_every=4, last_step=10)
+    stop = StopSignals(nproc=2, sync_every=4, last_step=10)
     with stop:
         assert signal.getsignal(signal.SIGTERM) is before  # JAX's preemption notifier keeps SIGTERM
         assert [stop.requested(s) for s in (5, 6)] == [False, True]
@@ -179,10 +166,9 @@ def test_multihost_processes_agree_on_the_step(monkeypatch):
 
 
 def test_divergence_without_a_checkpoint_says_so(tmp_path, capsys):
-    code = main(["train", "--output-dir", str(tmp_path / "nan"), "--no-progress", *CLI_SETTINGS,
-                 "--set", "optim.lr=1e30", "--set", "optim.clip_norm=null", "--set", "optim.warmup_steps=0"])
-    err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1, err
+    err = cli_error(capsys, ["train", "--output-dir", str(tmp_path / "nan"), "--no-progress", *CLI_SETTINGS,
+                             "--set", "optim.lr=1e30", "--set", "optim.clip_norm=null",
+                             "--set", "optim.warmup_steps=0"], code=1)
     assert "loss became" in err and "No checkpoint was written yet" in err and "[]" not in err, err
 
 
@@ -190,9 +176,8 @@ def test_output_dir_naming_a_file_is_refused(tmp_path, capsys):
     path = tmp_path / "notes.txt"
     path.write_text("keep me")
     for out in (path, path / "run"):
-        assert main(["train", "--output-dir", str(out), "--no-progress"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and str(path) in err and "not a directory" in err, err
+        err = cli_error(capsys, ["train", "--output-dir", str(out), "--no-progress"])
+        assert str(path) in err and "not a directory" in err, err
     assert path.read_text() == "keep me"
 
 
@@ -211,9 +196,7 @@ def test_resume_with_a_config_that_does_not_fit_is_one_line(tmp_path, reference,
     record["run"]["lora"]["r"] = 4
     with open(out / "run.json", "w") as f:
         json.dump(record, f)
-    assert main(["train", "--output-dir", str(out), "--resume", "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err[-3000:]
+    err = cli_error(capsys, ["train", "--output-dir", str(out), "--resume", "--no-progress"])
     assert str(out) in err and "adapter shapes differ" in err and "lora.r=4" in err and "--overwrite" in err
 
 
@@ -223,7 +206,6 @@ def test_model_dir_without_tokenizer_is_one_line(tmp_path, capsys):
     for name in os.listdir(DEMO_MODEL):
         if not name.startswith("tokenizer"):
             shutil.copy(os.path.join(DEMO_MODEL, name), model / name)
-    assert main(["train", "--model", str(model), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(model) in err and "tokenizer.json" in err, err
+    err = cli_error(capsys, ["train", "--model", str(model), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert str(model) in err and "tokenizer.json" in err, err
     assert not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ from lora_jax.errors import ConfigError
 from lora_jax.hf.names import PROJECTIONS, projection_parent
 from lora_jax.sharding import DEFAULT_RULES, logical_axes, spec_for
 from lora_jax.train.step import init_state, make_schedule, make_train_step, make_tx
-from tests.helpers import FP32_ATOL, max_diff, random_ids, torch_logits
+from tests.helpers import FP32_ATOL, jaxprs, max_diff, random_ids, tiny_ids, torch_logits, unpacked_batch
 
 # NF4 as published: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (NeurIPS 2023,
 # arXiv:2305.14314), Appendix E "NormalFloat 4-bit data type"; the same 16 float32 values are
@@ -200,17 +200,13 @@ def test_quantize_rejects_bad_input():
 
 # ----------------------------------------------------------------------------- the model
 @pytest.fixture(scope="module")
-def models(tiny_llama):
+def models(tiny_llama, bases):
     """{(kind, scan): (cfg, quantised params)} plus the fp32 params, of the tiny random HF Llama
     (hidden 32: kernels with in=32 < block 64 exercise the padding)."""
-    out = {"fp32": {scan: lj.load_pretrained(tiny_llama, scan_layers=scan) for scan in (True, False)}}
+    out = {"fp32": bases}
     for kind, scan in (("nf4", True), ("nf4", False), ("int8", True)):
         out[kind, scan] = lj.load_pretrained(tiny_llama, scan_layers=scan, quantize=kind)
     return out
-
-
-def _ids(shape=(2, 13)):
-    return jnp.asarray(random_ids(97, shape))
 
 
 def _rel(a, b):
@@ -222,14 +218,14 @@ def _rel(a, b):
 def test_quantized_logits(models, scan):
     cfg, params = models["fp32"][scan]
     model = lj.Llama(cfg)
-    base = model.apply({"params": params}, _ids())
+    base = model.apply({"params": params}, tiny_ids())
     rel = {}
     for kind in ("nf4", "int8") if scan else ("nf4",):
         qcfg, qparams = models[kind, scan]
         assert qcfg == cfg
-        ours = lj.apply(model, qparams, {}, None, _ids())
+        ours = lj.apply(model, qparams, {}, None, tiny_ids())
         # the same weights quantised and dequantised in numpy: equal up to fp32 rounding
-        ref = model.apply({"params": np_dequantized_params(params, kind)}, _ids())
+        ref = model.apply({"params": np_dequantized_params(params, kind)}, tiny_ids())
         assert max_diff(ours, ref) <= 1e-5, (kind, max_diff(ours, ref))
         rel[kind] = _rel(ours, base)
     # Against the fp32 model: NF4's rms weight error is 0.092 of the weight rms on normal weights
@@ -278,23 +274,20 @@ def test_intercepted_equals_dequantized_merged(models, scan, dora):
     if dora:
         lora = jax.tree_util.tree_map_with_path(lambda p, v: v * 1.3 if p[-1].key == "m" else v, lora)
     model = lj.Llama(cfg)
-    ours = lj.apply(model, qparams, lora, lcfg, _ids())
+    ours = lj.apply(model, qparams, lora, lcfg, tiny_ids())
     merged = jax.jit(lj.merge, static_argnums=2)(qparams, lora, lcfg)  # adapted kernels: dequantised
     # in fp32, adapters folded in
     flat = traverse_util.flatten_dict(merged)
     assert not any(quant.is_quantized(v) for p, v in flat.items() if "up_proj" in p)
     assert all(quant.is_quantized(v) for p, v in flat.items() if "gate_proj" in p)  # untargeted: as is
-    ref = model.apply({"params": dequantized(merged)}, _ids())
-    assert max_diff(ours, lj.apply(model, qparams, {}, None, _ids())) > 1e-3  # the adapters act
+    ref = model.apply({"params": dequantized(merged)}, tiny_ids())
+    assert max_diff(ours, lj.apply(model, qparams, {}, None, tiny_ids())) > 1e-3  # the adapters act
     assert max_diff(ours, ref) <= 1e-5
 
 
 def _batch(b=3, t=10, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, 97, (b, t)).astype(np.int32)
-    return {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones((b, t), np.float32),
-            "segment_ids": np.ones((b, t), np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+    ids = np.random.default_rng(seed).integers(3, 97, (b, t)).astype(np.int32)
+    return unpacked_batch(ids, np.roll(ids, -1, 1), np.ones((b, t), np.float32))
 
 
 def _step_setup(cfg, params, remat="none"):
@@ -310,23 +303,12 @@ def _step_setup(cfg, params, remat="none"):
 
 
 def _float_shapes(jaxpr, found):
-    """Every (shape, dtype) of a float variable anywhere in a jaxpr, sub-jaxprs included."""
-    from jax.extend.core import ClosedJaxpr, Jaxpr
-
-    def visit(j):
+    """Every shape of a float variable anywhere in a jaxpr, sub-jaxprs included."""
+    for j in jaxprs(jaxpr):
         for v in list(j.invars) + list(j.constvars) + [o for e in j.eqns for o in e.outvars]:
             aval = getattr(v, "aval", None)
             if aval is not None and hasattr(aval, "shape") and jnp.issubdtype(aval.dtype, jnp.floating):
                 found.add(tuple(aval.shape))
-        for e in j.eqns:
-            for p in e.params.values():
-                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-                    if isinstance(sub, ClosedJaxpr):
-                        visit(sub.jaxpr)
-                    elif isinstance(sub, Jaxpr):
-                        visit(sub)
-
-    visit(jaxpr.jaxpr)
     return found
 
 

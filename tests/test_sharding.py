@@ -12,6 +12,7 @@ from lora_jax.config import OptimConfig
 from lora_jax.demo import DEMO_MODEL
 from lora_jax.sharding import DEFAULT_RULES, logical_axes, spec_for
 from lora_jax.train.step import init_state, make_schedule, make_train_step, make_tx, shard_state
+from tests.helpers import CLI, REPO, unpacked_batch
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 STEPS = 3
@@ -24,10 +25,7 @@ def _batches(n, batch=8, seq=32):
     out = []
     for _ in range(n):
         ids = rng.integers(5, 99, (batch, seq)).astype(np.int32)
-        out.append({"input_ids": ids, "targets": np.roll(ids, -1, 1),
-                    "loss_mask": (rng.random((batch, seq)) > 0.2).astype(np.float32),
-                    "segment_ids": np.ones((batch, seq), np.int32),
-                    "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()})
+        out.append(unpacked_batch(ids, np.roll(ids, -1, 1), (rng.random((batch, seq)) > 0.2).astype(np.float32)))
     return out
 
 
@@ -125,26 +123,23 @@ def test_two_processes_match_one(tmp_path):
     import os
     import socket
     import subprocess
-    import sys
 
     from lora_jax.session import load_run
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = ["--no-progress", "--set", "train.steps=4", "--set", "train.save_every=2", "--set",
             "train.batch_size=8", "--set", "train.eval_generate=0", "--set", "train.eval_batches=1"]
-    base_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    base_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "lora_jax.cli", "train", "--output-dir", str(tmp_path / "one"),
-                               *args], env=dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    procs = [subprocess.Popen([*CLI, "train", "--output-dir", str(tmp_path / "one"), *args],
+                              env=dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]
     for pid in (0, 1):
         env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    LORA_JAX_COORDINATOR=f"localhost:{port}", LORA_JAX_NUM_PROCESSES="2",
                    LORA_JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, "-m", "lora_jax.cli", "train", "--output-dir",
-                                       str(tmp_path / "two"), *args], env=env,
+        procs.append(subprocess.Popen([*CLI, "train", "--output-dir", str(tmp_path / "two"), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for p in procs:
         out, _ = p.communicate(timeout=600)

@@ -191,6 +191,39 @@ def test_grid_parser_and_product():
     assert points[-1].run.lora.target_modules == demo_run_config().lora.target_modules
 
 
+def test_grid_values_are_parsed_by_their_field():
+    """Grid text is read by the field's annotation, as --set reads it: a list value stays one value
+    (commas inside brackets do not split it), so a list field is refused by name, not mis-split."""
+    from lora_jax.sweep import parse_grid_arg, parse_grid_value, split_grid_values
+
+    assert split_grid_values("[q_proj, v_proj],all-linear") == ["[q_proj, v_proj]", "all-linear"]
+    assert split_grid_values("4, 8,16") == ["4", "8", "16"]
+    assert parse_grid_value("lora.target_modules", "[q_proj, v_proj]") == ["q_proj", "v_proj"]
+    assert parse_grid_value("lora.target_modules", "all-linear") == "all-linear"
+    assert parse_grid_value("optim.lr", "1e-4") == 1e-4 and parse_grid_value("lora.r", "8") == 8
+    with pytest.raises(ConfigError, match="lora.layers_to_transform=.*; use"):
+        parse_grid_value("lora.layers_to_transform", "[a]")
+    with pytest.raises(ConfigError, match="'lora.target_modules' cannot be swept"):
+        parse_grid_arg("lora.target_modules=[q_proj, v_proj],all-linear")
+    with pytest.raises(ConfigError, match="grid lora.r='4.5' must be an integer"):
+        parse_grid_arg("lora.r=4,4.5")
+
+
+def test_sweep_file_text_values_are_parsed_by_their_field(tmp_path):
+    from lora_jax.cli import build_parser
+    from lora_jax.sweep_cli import build_sweep
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text('lora: {target_modules: "[q_proj, v_proj]"}\ntrain: {output_dir: "1e5"}\n'
+                    'grid: {lora.r: ["4", 8]}\n')
+    run, grid, _ = build_sweep(build_parser().parse_args(["sweep", "--sweep", str(spec)]))
+    assert (run.lora.target_modules, run.train.output_dir, grid) == (("q_proj", "v_proj"), "1e5",
+                                                                    {"lora.r": [4, 8]})
+    spec.write_text("optim: {lr: fast}\ngrid: {lora.r: [4]}\n")
+    with pytest.raises(ConfigError, match=r"--sweep .*s.yaml: optim.lr='?fast'?; use a number"):
+        build_sweep(build_parser().parse_args(["sweep", "--sweep", str(spec)]))
+
+
 @pytest.mark.parametrize("grid, match", [
     ({"lora.target_modules": [["q_proj"]]}, "cannot be swept.*allowed keys: lora.r"),
     ({"lora.rr": [4]}, "did you mean lora.r"),
@@ -210,6 +243,17 @@ def test_pissa_is_refused():
     run = demo_run_config().with_overrides(["lora.init_lora_weights=pissa"])
     with pytest.raises(ConfigError, match="pissa"):
         lora_jax.sweep(run, {"lora.r": [4, 8]}, progress=False)
+
+
+def test_missing_matplotlib_is_one_config_error_before_training(monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match="need matplotlib.*pip install 'matplotlib"):
+        lora_jax.sweep(_run(), {"lora.r": [4]}, output_dir=str(tmp_path / "o"), progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_stack_unstack_round_trip():
@@ -340,7 +384,7 @@ def test_bad_adapters_per_pass_is_a_config_error(value):
 
 
 def test_ranking_metric_is_one_that_tells_configurations_apart():
-    from lora_jax.sweep import _metric_of, _rank
+    from lora_jax.sweep import metric_of as _metric_of, rank_rows as _rank
 
     rows = [{"exact_match": 0.0, "eval_loss": 2.0}, {"exact_match": 0.0, "eval_loss": 1.5}]
     assert _metric_of(rows) == "eval_loss"

@@ -19,16 +19,16 @@ import lora_jax as lj
 from lora_jax.cli import main
 from lora_jax.config import RunConfig
 from lora_jax.demo import DEMO_MODEL, demo_run_config
+from tests.helpers import CLI, REPO, cli_error, step_losses, steps_logged, unpacked_batch
 from tests.helpers import cli_env as _env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--set", "train.steps=12", "--set", "train.save_every=4", "--set", "train.batch_size=8",
          "--set", "train.eval_generate=0", "--set", "train.eval_batches=1", "--set", "train.log_every=1",
          "--no-progress"]
 
 
 def _train_cmd(out, *extra):
-    return [sys.executable, "-m", "lora_jax.cli", "train", "--output-dir", str(out), *QUICK, *extra]
+    return [*CLI, "train", "--output-dir", str(out), *QUICK, *extra]
 
 
 def _final_trainable(run_dir):
@@ -36,19 +36,6 @@ def _final_trainable(run_dir):
 
     _, params, lora, _, _, step, _ = load_run(str(run_dir))
     return step, lora
-
-
-def _steps_logged(out):
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return max([json.loads(x).get("step", 0) for x in f if x.strip() and "loss" in x] or [0])
-
-
-def _step_losses(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
 KILL_DURING_SAVE = """
@@ -76,14 +63,14 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     kill_at = int(np.random.default_rng().integers(5, 11))
     deadline = time.time() + 300
     committed = killed / "checkpoints" / "4"  # Orbax renames the step directory when the save is complete
-    while (_steps_logged(killed) < kill_at or not committed.is_dir()) and proc.poll() is None \
+    while (steps_logged(killed) < kill_at or not committed.is_dir()) and proc.poll() is None \
             and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL and 4 <= _steps_logged(killed) < 12  # killed mid-run
-    r = subprocess.run([sys.executable, "-m", "lora_jax.cli", "train", "--output-dir", str(killed), "--resume",
-                        "--no-progress"], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL and 4 <= steps_logged(killed) < 12  # killed mid-run
+    r = subprocess.run([*CLI, "train", "--output-dir", str(killed), "--resume", "--no-progress"],
+                       env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 
     # killed inside a save (step 8's write in flight): resume falls back to step 4
@@ -91,8 +78,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "train", "--output-dir", str(mid), *QUICK],
                        env=env, capture_output=True)
     assert r.returncode == -signal.SIGKILL
-    subprocess.run([sys.executable, "-m", "lora_jax.cli", "train", "--output-dir", str(mid), "--resume",
-                    "--no-progress"], check=True, env=env, capture_output=True)
+    subprocess.run([*CLI, "train", "--output-dir", str(mid), "--resume", "--no-progress"],
+                   check=True, env=env, capture_output=True)
 
     step_ref, lora_ref = _final_trainable(ref)
     for run in (killed, mid):
@@ -101,7 +88,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
         for a, b in zip(jax.tree.leaves(lora_ref), jax.tree.leaves(lora)):
             assert np.array_equal(np.asarray(a), np.asarray(b)), f"{run.name}: adapters differ"
         # the log reads as one run: each step once, with the uninterrupted run's losses
-        assert _step_losses(run) == _step_losses(ref), f"{run.name}: metrics.jsonl differs"
+        assert step_losses(run) == step_losses(ref), f"{run.name}: metrics.jsonl differs"
     with open(ref / "summary.json") as f:
         summary = json.load(f)
     assert summary["steps"] == 12 and os.path.isfile(ref / "adapter" / "adapter_model.safetensors")
@@ -115,18 +102,15 @@ def _rows(tokenizer, packing):
     return build_datasets(cfg, tokenizer).train_rows
 
 
-def test_packed_loss_equals_documents_alone():
-    import transformers
-
+def test_packed_loss_equals_documents_alone(demo_tokenizer):
     from lora_jax.train.step import make_eval_step
 
-    tok = transformers.AutoTokenizer.from_pretrained(DEMO_MODEL)
     cfg, params = lj.load_pretrained(DEMO_MODEL)
     lcfg = lj.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     lora = lj.init_lora(params, lcfg, jax.random.key(0))
     split = lj.split_trainable(params, lora, lcfg)
     model = lj.Llama(cfg)
-    packed = _rows(tok, True)[0]
+    packed = _rows(demo_tokenizer, True)[0]
     n_docs = int(packed["segment_ids"].max())
     assert n_docs >= 3
     packed_step = make_eval_step(model, cfg, lcfg, use_segments=True)
@@ -156,11 +140,9 @@ def test_grad_accumulation_equals_one_batch():
     sched = make_schedule(ocfg, 10)
     tx = make_tx(lcfg, ocfg, sched)
     rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(5, 99, (8, 32)).astype(np.int32),
-             "targets": rng.integers(5, 99, (8, 32)).astype(np.int32),
-             "loss_mask": (rng.random((8, 32)) > 0.3).astype(np.float32),
-             "segment_ids": np.ones((8, 32), np.int32),
-             "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32)).copy()}
+    batch = unpacked_batch(rng.integers(5, 99, (8, 32)).astype(np.int32),
+                           rng.integers(5, 99, (8, 32)).astype(np.int32),
+                           (rng.random((8, 32)) > 0.3).astype(np.float32))
     outs = []
     for accum in (1, 4):
         step = make_train_step(lj.Llama(cfg), cfg, lcfg, tx, sched, grad_accum=accum)
@@ -218,10 +200,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
         (tmp_path / "m" / "config.json").write_text(json.dumps(lj.LlamaConfig(
             vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=2).to_hf_dict()))
-    code = main(["train", "--output-dir", str(out), "--no-progress", *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("lora-jax: error:"), err
+    err = cli_error(capsys, ["train", "--output-dir", str(out), "--no-progress", *args])
     expected = {"missing_data": "nope.jsonl", "malformed": "bad.jsonl:2", "missing_fields": "completion",
                 "empty": "e.jsonl", "overlong": "seq_len", "no_config": "config.json",
                 "no_weights": "safetensors", "unknown_key": "did you mean lora.r",

@@ -17,8 +17,9 @@ DEMO_EVAL = os.path.join(DEMO_DIR, "data", "eval.jsonl")
 
 def demo_run_config():
     """The settings of `lora-jax train` with no arguments (each one can be changed with --set)."""
-    from lora_jax.config import LoraConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
     from lora_jax.data.config import DataConfig
+    from lora_jax.lora.config import LoraConfig
+    from lora_jax.run_config import ModelConfig, OptimConfig, RunConfig, TrainConfig
 
     return RunConfig(
         model=ModelConfig(path=None, dtype="auto", scan_layers=True),

@@ -75,6 +75,19 @@ class LoraConfig:
     module name such as `model.layers.3.self_attn.q_proj`), a string regex (full match), or
     `"all-linear"` for the seven projections. Patterns (`rank_pattern`, `alpha_pattern`) are keyed
     by regexes matched against the end of the HF module name, as in PEFT.
+
+    Example:
+
+    >>> import lora_jax as lj
+    >>> lcfg = lj.LoraConfig(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"))
+    >>> lcfg.r, lcfg.lora_alpha, lcfg.target_modules
+    (8, 16, ('q_proj', 'v_proj'))
+    >>> lcfg.replace(use_dora=True).use_dora
+    True
+    >>> lj.LoraConfig(r=0)
+    Traceback (most recent call last):
+    ...
+    lora_jax.errors.ConfigError: ...r=0...
     """
 
     # The annotations say what a field takes (`--set` parses a value by them); __post_init__ stores

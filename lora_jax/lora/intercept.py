@@ -77,7 +77,25 @@ def _fuses_wide(model: nn.Module) -> bool:
 
 def apply(model: nn.Module, params, lora, lcfg: LoraConfig | None, *args, rngs=None,
           deterministic: bool = True, dropout_rate=None, **kwargs):
-    """`model.apply` with the adapters in effect: base + adapters via the interceptor."""
+    """`model.apply` with the adapters in effect: base + adapters via the interceptor.
+
+    Example, on a tiny random model in memory:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> cfg = lj.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, num_key_value_heads=1, scan_layers=False)
+    >>> model = lj.Llama(cfg)
+    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    >>> lcfg = lj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    >>> lora = lj.init_lora(params, lcfg, jax.random.key(1))
+    >>> ids = jnp.array([[1, 5, 7, 2]])
+    >>> logits = lj.apply(model, params, lora, lcfg, ids)
+    >>> logits.shape
+    (1, 4, 32)
+    >>> bool((logits == model.apply({"params": params}, ids)).all())  # B = 0 at init: the base
+    True
+    """
     with lora_interception(lcfg, deterministic=deterministic, dropout_rate=dropout_rate,
                            fuse_wide=_fuses_wide(model)):
         return model.apply({"params": params, "lora": lora}, *args, rngs=rngs, **kwargs)

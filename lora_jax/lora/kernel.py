@@ -191,6 +191,15 @@ def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=No
     magnitude: [out] for DoRA; dropout_rng: a key when dropout is active (training), at
     `dropout_rate` (a number or a traced scalar: a sweep trains each adapter at its own rate).
     fuse_wide: run a wide projection's adapter inside the frozen matmul (`_joint_matmul`).
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> x, kernel = jnp.ones((2, 3)), jnp.eye(3)
+    >>> a, b = jnp.ones((3, 1)), jnp.ones((1, 3))  # rank 1
+    >>> lj.lora_dense(x, kernel, a, b, 0.5).tolist()  # x @ W + 0.5 * (x @ A) @ B = 1 + 0.5 * 3
+    [[2.5, 2.5, 2.5], [2.5, 2.5, 2.5]]
     """
     dtype = x.dtype
     if not is_quantized(kernel):

@@ -62,7 +62,27 @@ def make_optimizer(lcfg: LoraConfig, learning_rate: Schedule, *, weight_decay: f
                    clip_norm: float | None = 1.0) -> optax.GradientTransformation:
     """AdamW on trainable leaves, `set_to_zero` on frozen ones, optional global-norm clipping
     before AdamW over the whole gradient tree given: the train step passes the trainable subtree,
-    so the norm is that of the trainable gradients, as `clip_grad_norm_` on PEFT's parameters."""
+    so the norm is that of the trainable gradients, as `clip_grad_norm_` on PEFT's parameters.
+
+    Example, on a tiny random model in memory:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> cfg = lj.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, num_key_value_heads=1, scan_layers=False)
+    >>> params = lj.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    >>> lcfg = lj.LoraConfig(r=4, target_modules=("q_proj",), loraplus_lr_ratio=16)
+    >>> lora = lj.init_lora(params, lcfg, jax.random.key(1))
+    >>> tree = {"params": params, "lora": lora}
+    >>> tx = lj.make_optimizer(lcfg, 1e-3)
+    >>> state = tx.init(tree)
+    >>> updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, tree), state, tree)
+    >>> bool((updates["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"] == 0).all())  # frozen
+    True
+    >>> q = updates["lora"]["layers_0"]["self_attn"]["q_proj"]  # LoRA+: b's step is 16x a's
+    >>> round(float(abs(q["b"]).max() / abs(q["a"]).max()))
+    16
+    """
     def adamw(lr):
         return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 

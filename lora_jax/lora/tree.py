@@ -98,6 +98,21 @@ def init_lora(params, lcfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> di
 
     With `init_lora_weights="pissa"` the adapters hold the top singular directions of each kernel;
     the matching base is `unmerge(params, lora, lcfg)` (W minus s*B*A), which the trainer uses.
+
+    Example, on a tiny random model in memory:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> cfg = lj.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, num_key_value_heads=1, scan_layers=False)
+    >>> params = lj.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    >>> lcfg = lj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
+    >>> lora = lj.init_lora(params, lcfg, jax.random.key(1))
+    >>> q = lora["layers_0"]["self_attn"]["q_proj"]  # beside params["layers_0"]["self_attn"]["q_proj"]
+    >>> q["a"].shape, q["b"].shape, float(q["scale"])  # a: [in, r], b: [r, out], scale: alpha / r
+    ((16, 4), (4, 16), 2.0)
+    >>> bool((q["b"] == 0).all())  # B = 0: the adapted model starts equal to the base
+    True
     """
     shape = model_shape(params)
     targets = plan_targets(shape, lcfg)
@@ -187,7 +202,24 @@ def dora_weight_norms(params, lora, lcfg: LoraConfig | None = None) -> dict:
 def merge(params, lora, lcfg: LoraConfig | None = None) -> dict:
     """Plain params with each adapter folded in: W + s*A@B (DoRA: m * (W + s*A@B) / ||W + s*A@B||).
     fp32 arithmetic, cast back to the kernel's dtype once; every other leaf is returned as is.
-    A quantised kernel (`lora_jax.quant`) is dequantised in fp32 and merged into a plain kernel."""
+    A quantised kernel (`lora_jax.quant`) is dequantised in fp32 and merged into a plain kernel.
+
+    Example, on a tiny random model in memory:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> cfg = lj.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, num_key_value_heads=1, scan_layers=False)
+    >>> model = lj.Llama(cfg)
+    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    >>> lcfg = lj.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)  # B != 0
+    >>> lora = lj.init_lora(params, lcfg, jax.random.key(1))
+    >>> merged = lj.merge(params, lora, lcfg)  # plain params: W + s*A@B, no adapters left
+    >>> ids = jnp.array([[1, 5, 7, 2]])
+    >>> bool(jnp.allclose(model.apply({"params": merged}, ids), lj.apply(model, params, lora, lcfg, ids),
+    ...                   atol=1e-5))
+    True
+    """
     flat = traverse_util.flatten_dict(params)
     for path in adapter_paths(lora):
         mod = get_path(lora, path)
@@ -205,7 +237,22 @@ def merge(params, lora, lcfg: LoraConfig | None = None) -> dict:
 def unmerge(params, lora, lcfg: LoraConfig | None = None, *, dora_norms: dict | None = None) -> dict:
     """Inverse of `merge`: W - s*A@B. A DoRA merge is only invertible with the norms it divided by
     (`dora_weight_norms(base, lora)` taken before merging). A quantised kernel stays quantised: the
-    residual is requantised with its settings (PiSSA on a QLoRA base)."""
+    residual is requantised with its settings (PiSSA on a QLoRA base).
+
+    Example, on a tiny random model in memory:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> cfg = lj.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, num_key_value_heads=1, scan_layers=False)
+    >>> params = lj.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    >>> lcfg = lj.LoraConfig(r=4, target_modules=("q_proj",), init_lora_weights=False)
+    >>> lora = lj.init_lora(params, lcfg, jax.random.key(1))
+    >>> back = lj.unmerge(lj.merge(params, lora, lcfg), lora, lcfg)  # W + s*A@B - s*A@B
+    >>> q = params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    >>> bool(jnp.allclose(back["layers_0"]["self_attn"]["q_proj"]["kernel"], q, atol=1e-6))
+    True
+    """
     flat = traverse_util.flatten_dict(params)
     for path in adapter_paths(lora):
         mod = get_path(lora, path)
@@ -237,7 +284,26 @@ def _is_saved_module(path: tuple[str, ...], lcfg: LoraConfig) -> bool:
 
 
 def split_trainable(params, lora, lcfg: LoraConfig) -> Split:
-    """Adapters (a, b, m) and `modules_to_save` train; everything else (base, scales) is frozen."""
+    """Adapters (a, b, m) and `modules_to_save` train; everything else (base, scales) is frozen.
+
+    Example, on a tiny random model in memory:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> cfg = lj.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, num_key_value_heads=1, scan_layers=False)
+    >>> params = lj.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    >>> lcfg = lj.LoraConfig(r=4, target_modules=("q_proj",), modules_to_save=("lm_head",))
+    >>> lora = lj.init_lora(params, lcfg, jax.random.key(1))
+    >>> split = lj.split_trainable(params, lora, lcfg)
+    >>> sorted(split.trainable["lora"]["layers_0"]["self_attn"]["q_proj"])  # the scale stays frozen
+    ['a', 'b']
+    >>> list(split.trainable["params"])  # of the base, only the modules to save
+    ['lm_head']
+    >>> p, lo = lj.combine(split.trainable, split.frozen)  # and back
+    >>> jax.tree.structure((p, lo)) == jax.tree.structure((params, lora))
+    True
+    """
     flat_p = traverse_util.flatten_dict(params)
     missing = [m for m in lcfg.modules_to_save if not any(m in p for p in flat_p)]
     if missing:
@@ -272,7 +338,21 @@ def combine(trainable, frozen) -> tuple[dict, dict]:
 def count_parameters(params, lcfg: LoraConfig) -> tuple[int, int]:
     """(trainable, total) as PEFT's `print_trainable_parameters` counts them: real adapter entries
     (no padding), `modules_to_save` copies counted as trainable and, like PEFT's wrapper, twice in
-    the total (original + trained copy)."""
+    the total (original + trained copy).
+
+    Example, on a tiny random model in memory:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> cfg = lj.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, num_key_value_heads=1, scan_layers=False)
+    >>> params = lj.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    >>> lj.count_parameters(params, lj.LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    (448, 6160)
+
+    Trainable: 2 layers x (q_proj 4 * (16 + 16) + v_proj 4 * (16 + 8)) = 448; the total is the
+    base's 5,712 plus those.
+    """
     targets = targets_of(params, lcfg)
     lora_n = sum(t.r * (t.fan_in + t.fan_out) + (t.fan_out if lcfg.use_dora else 0) for t in targets)
     flat = traverse_util.flatten_dict(params)

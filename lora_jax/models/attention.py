@@ -83,7 +83,18 @@ def resolve_attention(name: str, dtype, head_dim: int, platform: str | None = No
 
 
 def segment_mask(t: int, segment_ids: Array | None) -> Array:
-    """`[batch or 1, 1, t, t]` boolean: causal, and within one segment when `segment_ids` is given."""
+    """`[batch or 1, 1, t, t]` boolean: causal, and within one segment when `segment_ids` is given.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> from lora_jax.models.attention import segment_mask
+    >>> segment_mask(3, None)[0, 0].astype(int).tolist()  # causal
+    [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    >>> segment_ids = jnp.array([[1, 1, 2, 2]])  # two documents packed in one row
+    >>> segment_mask(4, segment_ids)[0, 0].astype(int).tolist()  # causal, and each within its own
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    """
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
     if segment_ids is None:
         return causal

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from lora_jax.config import LlamaConfig
 from lora_jax.models.attention import attention
+from lora_jax.models.llama_config import LlamaConfig
 
 __all__ = ["Llama", "KVCache", "init_kv_cache", "rope_inv_freq", "rms_norm", "swiglu"]
 
@@ -265,7 +265,9 @@ class Llama(nn.Module):
         if cache is not None:
             layer_cache = (cache.k, cache.v, jnp.broadcast_to(cache_index, (cfg.num_hidden_layers,)))
         if cfg.scan_layers:
-            scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0},
+            # every variable collection is stacked per layer (the frozen "params", and whatever
+            # collection a caller adds beside them, e.g. adapters), so the model names none but its own
+            scanned = nn.scan(block, variable_axes={True: 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_hidden_layers)
             x, new_layer_cache = scanned(cfg, name="layers")(x, rope, seg_mask, layer_cache)

@@ -20,6 +20,10 @@ the step in flight finish, checkpoints that step (loader state included, so the 
 raises `TrainingInterrupted`; a second signal acts as if the loop had installed nothing (SIGINT
 raises KeyboardInterrupt at once, SIGTERM kills). Progress: a tqdm bar on a terminal, one plain
 line per `train.log_every` steps when stderr is a file or a pipe.
+
+Beside it: `lora_jax.train.output` (the output directory, refused / opened / resumed),
+`lora_jax.train.progress` (progress bar, metrics.jsonl, TensorBoard), `lora_jax.train.signals`
+(SIGTERM / SIGINT handling, `TrainingInterrupted`), `lora_jax.train.step` (the jitted steps).
 """
 
 from __future__ import annotations
@@ -27,11 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
-import shutil
-import signal
-import sys
-import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -39,8 +38,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lora_jax.checkpoint import Checkpointer, CheckpointMismatch, base_fingerprint, fingerprints_match
-from lora_jax.config import RunConfig
+from lora_jax.checkpoint import Checkpointer, base_fingerprint
 from lora_jax.data import DataLoader
 from lora_jax.errors import ConfigError, LoraJaxError
 from lora_jax.evaluate import eval_loss, exact_match
@@ -50,8 +48,13 @@ from lora_jax.lora.targets import model_shape, plan_targets
 from lora_jax.lora.tree import combine, init_lora, split_trainable, unmerge
 from lora_jax.models.attention import check_attention
 from lora_jax.models.llama import Llama
+from lora_jax.run_config import RunConfig
 from lora_jax.session import fit_to_data, load_model, open_inputs
 from lora_jax.sharding import make_mesh, place, rules_with
+from lora_jax.train.output import (open_output, output_dir, prepare_output_dir, saved_eval_before,
+                                   saved_first_loss, write_json)
+from lora_jax.train.progress import MetricWriters, Progress, log_step
+from lora_jax.train.signals import StopSignals, TrainingInterrupted
 from lora_jax.train.step import init_state, make_eval_step, make_schedule, make_train_step, make_tx, shard_state
 
 __all__ = ["train", "TrainingDiverged", "TrainingInterrupted", "prepare_output_dir"]
@@ -61,178 +64,28 @@ class TrainingDiverged(LoraJaxError):
     """The loss became NaN or infinite."""
 
 
-class TrainingInterrupted(LoraJaxError):
-    """SIGTERM or SIGINT stopped the loop after a step, with a checkpoint at that step.
-
-    `step` is the checkpointed step, `signum` the signal, `exit_code` the conventional 128 + signum
-    (130 for SIGINT, 143 for SIGTERM)."""
-
-    def __init__(self, step: int, signum: int, output_dir: str):
-        self.step, self.signum, self.output_dir = step, signum, output_dir
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} received: stopped after step {step} and saved a checkpoint at step "
-                         f"{step} in {os.path.join(output_dir, 'checkpoints')}; continue with "
-                         f"`lora-jax train --output-dir {shlex.quote(output_dir)} --resume`")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-    def __reduce__(self):
-        return type(self), (self.step, self.signum, self.output_dir)
-
-
-def prepare_output_dir(out: str, run: RunConfig, resume: bool, overwrite: bool) -> RunConfig:
-    """Refuse a directory holding another run unless resuming / overwriting; returns the config to
-    use (the saved one when resuming). Writes nothing."""
-    _check_output_path(out)
-    run_json = os.path.join(out, "run.json")
-    if resume:
-        if not os.path.isfile(run_json):
-            raise ConfigError(f"--resume: {out} holds no run (no run.json); drop --resume to start one")
-        with open(run_json) as f:
-            return RunConfig.from_dict(json.load(f)["run"])
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise ConfigError(f"output directory {out} already holds a run; pass --resume to continue "
-                              "it, --overwrite to replace it, or choose another --output-dir")
-        if not os.path.isfile(run_json):
-            raise ConfigError(f"--overwrite: {out} is not a lora-jax run directory (no run.json); "
-                              "refusing to delete it. Choose another --output-dir")
-    return run
-
-
-def _check_output_path(out: str) -> None:
-    """An output directory must be a directory, or creatable: its nearest existing ancestor a
-    writable directory."""
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--output-dir {out} is a file, not a directory; choose another --output-dir")
-    parent = out
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--output-dir {out} cannot be created: {parent} is a file, not a directory; "
-                          "choose another --output-dir")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output-dir {out}: {parent} is not writable; choose another --output-dir")
-
-
-def _output_dir(value) -> str:
-    """train.output_dir as an absolute path; a value YAML read as a number, a bool or null (e.g.
-    `output_dir: 1.5e5` gives 150000.0) is refused rather than guessed back."""
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str) or not value.strip():
-        kind = "empty" if isinstance(value, str) else f"it was read as a {type(value).__name__}"
-        raise ConfigError(f"train.output_dir={value!r} is not a directory path ({kind}); give it as a "
-                          "string (in a YAML file, quote it: output_dir: \"1e5\")")
-    return os.path.abspath(os.path.expanduser(value))
-
-
-def _mismatch_message(e: CheckpointMismatch, ckpt: Checkpointer, out: str, lcfg) -> str:
-    """--resume into a state the checkpoint does not fit: which leaf, and which LoRA fields of the
-    run's config differ from the ones the checkpoint was written with."""
-    changed = ""
-    try:
-        saved = ckpt.restore_meta(e.step)[1]["run"]["lora"]
-    except (LoraJaxError, OSError, KeyError, TypeError, ValueError):
-        saved = None
-    if isinstance(saved, dict):
-        now = lcfg.to_dict()
-        diffs = [f"lora.{k}={now.get(k)!r} (the checkpoint's: {saved[k]!r})"
-                 for k in saved if json.dumps(saved[k], sort_keys=True, default=str)
-                 != json.dumps(now.get(k), sort_keys=True, default=str)]
-        if diffs:
-            changed = f"; run.json says {', '.join(diffs)}"
-    more = f" (and {len(e.differences) - 1} more)" if len(e.differences) > 1 else ""
-    return (f"--resume: the checkpoint at step {e.step} in {out} does not fit this run's config: its "
-            f"adapter shapes differ ({e.differences[0]}{more}){changed}. Resume with the config the "
-            "checkpoint was written with, or start again with --overwrite")
-
-
 def _peak_flops() -> float | None:
     kind = jax.devices()[0].device_kind.lower()
     return PEAK_H100_MEASURED if ("h100" in kind or "h200" in kind) else None
 
 
-class _Writers:
-    """metrics.jsonl + TensorBoard, on process 0 only."""
-
-    def __init__(self, out: str, enabled: bool, resume_step: int | None = None):
-        """resume_step: the checkpoint a resumed run starts from; what the killed run logged after
-        it is dropped (it is about to be logged again) from metrics.jsonl and, through TensorBoard's
-        `purge_step`, from the event files."""
-        self.enabled = enabled
-        path = os.path.join(out, "metrics.jsonl")
-        if enabled and resume_step is not None:
-            _truncate_metrics(path, resume_step)
-        self.jsonl = open(path, "a") if enabled else None
-        self.tb = None
-        if enabled:
-            # imported on first use: a slow import (protobuf), needed on process 0 only
-            from tensorboardX import SummaryWriter
-
-            purge = None if resume_step is None else resume_step + 1
-            self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=purge)
-
-    def write(self, record: dict, step: int, tb: bool = True):
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if tb:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self):
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
-
-
-def _metric_lines(path: str):
-    """(line, record) for each readable line of a metrics.jsonl (a line torn by a kill is skipped)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        for line in f:
-            try:
-                yield line, json.loads(line)
-            except json.JSONDecodeError:
-                continue
-
-
-def _truncate_metrics(path: str, last_step: int) -> None:
-    """Keep the records of steps <= last_step (and drop a line torn by a kill), atomically."""
-    if not os.path.isfile(path):
-        return
-    kept = [line if line.endswith("\n") else line + "\n"
-            for line, rec in _metric_lines(path) if rec.get("step", 0) <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-
-
 def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) training; returns the summary (also written to `summary.json`)."""
-    out = _output_dir(run.train.output_dir)
+    out = output_dir(run.train.output_dir)
     run = prepare_output_dir(out, run, resume, overwrite)
     t_setup = time.perf_counter()
     s = _set_up(run, out, resume, overwrite)
     evaluate = _make_evaluate(s)
-    eval_before = evaluate(s.state.trainable) if s.start_step == 0 else _saved_eval_before(out)
+    eval_before = evaluate(s.state.trainable) if s.start_step == 0 else saved_eval_before(out)
     if s.start_step == 0:
         s.writers.write({"step": 0, "event": "eval", **eval_before}, 0)
-        _write_json(os.path.join(out, "eval_before.json"), eval_before, s.is_main)
+        write_json(os.path.join(out, "eval_before.json"), eval_before, s.is_main)
     fpt = flops_per_token(s.cfg, s.data.seq_len, run.lora.r, sorted({t.name for t in s.targets}))
     peak = _peak_flops()
     tcfg = run.train
-    progress_out = _Progress(tcfg.steps, s.start_step, tcfg.log_every) if progress and s.is_main else None
-    first_loss = _saved_first_loss(out) if s.start_step else None
+    progress_out = Progress(tcfg.steps, s.start_step, tcfg.log_every) if progress and s.is_main else None
+    first_loss = saved_first_loss(out) if s.start_step else None
     setup_s = time.perf_counter() - t_setup
     loop = _StepLoop(s, evaluate, progress_out, on_step, first_loss, fpt, peak)
     loop.run()
@@ -243,7 +96,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     s.ckpt.close()
     adapter_dir = _export_adapter(s, loop.state.trainable, resume)
     summary = _summary(s, loop, eval_before, eval_after, tokens_per_s, setup_s, adapter_dir)
-    _write_json(os.path.join(out, "summary.json"), summary, s.is_main)
+    write_json(os.path.join(out, "summary.json"), summary, s.is_main)
     return summary
 
 
@@ -268,7 +121,7 @@ class _Setup(NamedTuple):
     ckpt: Checkpointer
     step_fn: Callable
     eval_fn: Callable
-    writers: _Writers
+    writers: MetricWriters
     start_step: int
     process_index: int
     process_count: int
@@ -280,7 +133,7 @@ class _Setup(NamedTuple):
 
 def _set_up(run: RunConfig, out: str, resume: bool, overwrite: bool) -> _Setup:
     """Everything that validates input (configs, data, model) runs before anything is written;
-    then the output directory is opened (`_open_output`), run.json written, the steps compiled."""
+    then the output directory is opened (`open_output`), run.json written, the steps compiled."""
     tcfg, ocfg, lcfg = run.train, run.optim, run.lora
     inputs = open_inputs(run)
     check_attention(run.model.attention)
@@ -302,7 +155,7 @@ def _set_up(run: RunConfig, out: str, resume: bool, overwrite: bool) -> _Setup:
     schedule = make_schedule(ocfg, tcfg.steps)
     tx = make_tx(lcfg, ocfg, schedule)
     state, frozen, shardings = shard_state(init_state(split.trainable, tx, tcfg.seed), split.frozen, mesh, rules)
-    state, ckpt = _open_output(out, run, state, loader, fingerprint, inputs.model_path, resume, overwrite)
+    state, ckpt = open_output(out, run, state, loader, fingerprint, inputs.model_path, resume, overwrite)
     if pidx == 0:
         run_record = {"run": run.to_dict(), "model_config": cfg.to_dict(), "model_path": inputs.model_path,
                       "fingerprint": fingerprint, "data_stats": inputs.datasets.stats}
@@ -316,36 +169,10 @@ def _set_up(run: RunConfig, out: str, resume: bool, overwrite: bool) -> _Setup:
     eval_fn = make_eval_step(model, cfg, lcfg, chunk_tokens=run.model.loss_chunk_tokens,
                              use_segments=inputs.data.packing)
     start_step = int(state.step)
-    writers = _Writers(out, pidx == 0, resume_step=start_step if resume else None)
+    writers = MetricWriters(out, pidx == 0, resume_step=start_step if resume else None)
     return _Setup(out, run, inputs.data, inputs.model_path, inputs.tokenizer, inputs.datasets, mesh, cfg,
                   targets, fingerprint, loader, state, frozen, shardings, ckpt, step_fn, eval_fn, writers,
                   start_step, pidx, nproc)
-
-
-def _open_output(out: str, run: RunConfig, state, loader: DataLoader, fingerprint, model_path: str,
-                 resume: bool, overwrite: bool):
-    """`(state, Checkpointer)`: resuming, the latest checkpoint's state (and the loader's place),
-    refused when it does not fit this run or its base; else a fresh state in a new (or, with
-    `overwrite`, emptied) output directory."""
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if resume:
-        ckpt = Checkpointer(ckpt_dir, run.train.keep_checkpoints)
-        if ckpt.latest_step() is None:
-            raise ConfigError(f"--resume: {out} has no complete checkpoint yet; start again with --overwrite")
-        try:
-            state, meta = ckpt.restore(None, state)
-        except CheckpointMismatch as e:
-            raise ConfigError(_mismatch_message(e, ckpt, out, run.lora)) from None
-        if not fingerprints_match(meta["fingerprint"], fingerprint):
-            raise ConfigError(f"--resume: the base weights at {model_path} differ from the ones this run "
-                              "started from (fingerprint mismatch); point --model at the original base")
-        loader.set_state(meta["loader"])
-    else:
-        if os.path.isdir(out) and overwrite:
-            shutil.rmtree(out)
-        os.makedirs(out, exist_ok=True)
-        ckpt = Checkpointer(ckpt_dir, run.train.keep_checkpoints)
-    return state, ckpt
 
 
 def _make_evaluate(s: _Setup) -> Callable[[Any], dict]:
@@ -400,7 +227,7 @@ class _StepLoop:
     def run(self) -> None:
         s = self.s
         self.t_prev = time.perf_counter()
-        stop = _StopSignals(s.process_count, sync_every=self.tcfg.log_every, last_step=self.tcfg.steps)
+        stop = StopSignals(s.process_count, sync_every=self.tcfg.log_every, last_step=self.tcfg.steps)
         try:
             with stop:
                 while self.step < self.tcfg.steps:
@@ -488,8 +315,8 @@ class _StepLoop:
         return m, dt
 
     def _log(self, m: dict, dt: float, step: int) -> None:
-        record = _log_step(m, dt, step, self.s.writers, self.progress_out, self.tcfg, self.fpt, self.peak,
-                           self.s.data.seq_len)
+        record = log_step(m, dt, step, self.s.writers, self.progress_out, self.tcfg, self.fpt, self.peak,
+                          self.s.data.seq_len)
         if self.on_step is not None:
             self.on_step(step, record)
 
@@ -551,144 +378,3 @@ def _summary(s: _Setup, loop: _StepLoop, eval_before: dict, eval_after: dict, to
         "output_dir": s.out,
         "data": s.datasets.stats,
     }
-
-
-def _log_step(m: dict, dt: float, step: int, writers: _Writers, progress, tcfg, fpt, peak,
-              seq_len: int) -> dict:
-    tokens_per_s = tcfg.batch_size * seq_len / dt if dt > 0 else 0.0
-    record = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-              "loss_tokens": m["tokens"], "step_s": dt, "tokens_per_s": tokens_per_s,
-              "mfu": tokens_per_s * fpt / peak if peak else None}
-    writers.write(record, step, tb=(step % tcfg.log_every == 0 or step == 1))
-    if progress is not None:
-        progress.update(step, m["loss"], m["lr"], tokens_per_s)
-    return record
-
-
-class _Progress:
-    """A tqdm bar on a terminal (or in a notebook); one plain line per `log_every` steps (and the
-    last) when stderr is a file or a pipe, where a redrawn bar would be one endless line."""
-
-    def __init__(self, total: int, initial: int, log_every: int):
-        self.total, self.log_every, self.stream = total, log_every, sys.stderr
-        self.bar = None
-        if _interactive(self.stream):
-            # imported on first use: tqdm.auto looks for a notebook (IPython) when imported
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        elif step % self.log_every == 0 or step == self.total:
-            print(f"train step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, "
-                  f"{tokens_per_s:,.0f} tokens/s", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _interactive(stream) -> bool:
-    """A terminal, or a Jupyter kernel's output (where tqdm.auto draws a widget)."""
-    try:
-        if stream.isatty():
-            return True
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        pass
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
-    return type(shell).__name__ == "ZMQInteractiveShell"
-
-
-class _StopSignals:
-    """SIGTERM (SLURM, TPU/cloud preemption) and SIGINT (Ctrl-C) while the loop runs.
-
-    The first signal only records itself and puts the previous handlers back, so the loop can finish
-    the step in flight and checkpoint it, and a second signal acts as it would without us (Python's
-    SIGINT handler raises KeyboardInterrupt, the default SIGTERM kills). Handlers are installed in the
-    main thread only, and restored on exit.
-
-    Several processes must stop at the same step (the save is collective). When JAX's preemption
-    service runs (`jax.distributed.initialize`, `jax_enable_preemption_service`), it owns SIGTERM and
-    `reached_preemption_sync_point`, asked every step, names the same step on every process; signals
-    caught here are agreed by an all-gather every `sync_every` steps and at `last_step`, which every
-    process reaches at the same steps, so no process waits on a collective the others skip. A signal
-    before or after the loop (set-up, final evaluation, export) meets the previous handlers.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, nproc: int, sync_every: int, last_step: int):
-        self.nproc, self.sync_every, self.last_step = nproc, max(int(sync_every), 1), last_step
-        self.signum: int | None = None
-        self._previous: dict = {}
-        self._preemption_service = nproc > 1 and _preemption_service_running()
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                if sig == signal.SIGTERM and self._preemption_service:
-                    continue
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self._restore()
-        return False
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-        self._restore()
-
-    def _restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-        self._previous.clear()
-
-    def requested(self, step: int) -> bool:
-        """Whether to stop after `step`: on every process at the same step when there are several."""
-        if self.nproc == 1:
-            return self.signum is not None
-        stop = False
-        if self._preemption_service and multihost_utils.reached_preemption_sync_point(step):
-            self.signum, stop = self.signum or signal.SIGTERM, True
-        if step % self.sync_every == 0 or step == self.last_step:
-            flags = np.asarray(multihost_utils.process_allgather(np.int32(self.signum or 0)))
-            if flags.any():
-                self.signum, stop = self.signum or int(flags[flags > 0].flat[0]), True
-        return stop
-
-
-def _preemption_service_running() -> bool:
-    try:  # a private module of JAX, which a release may move: imported where it is optional
-        from jax._src import distributed
-    except ImportError:
-        return False
-    state = distributed.global_state
-    return state.client is not None and getattr(state, "preemption_sync_manager", None) is not None
-
-
-def _write_json(path: str, obj: dict, enabled: bool) -> None:
-    if not enabled:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _saved_eval_before(out: str) -> dict:
-    path = os.path.join(out, "eval_before.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return {}
-
-
-def _saved_first_loss(out: str) -> float | None:
-    return next((rec["loss"] for _, rec in _metric_lines(os.path.join(out, "metrics.jsonl"))
-                 if "loss" in rec), None)

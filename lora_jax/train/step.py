@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lora_jax.config import LlamaConfig, LoraConfig, OptimConfig
+from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.intercept import apply
 from lora_jax.lora.optim import make_optimizer
 from lora_jax.lora.tree import combine
+from lora_jax.models.llama_config import LlamaConfig
+from lora_jax.run_config import OptimConfig
 from lora_jax.train.loss import chunked_cross_entropy, head_weight
 
 __all__ = ["TrainState", "make_schedule", "make_tx", "train_step", "make_train_step", "eval_step",
