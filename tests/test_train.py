@@ -260,3 +260,21 @@ def test_fingerprint_tells_bases_apart_not_meshes():
     permuted = jax.tree.map(lambda x: x, p1)
     permuted["norm"]["scale"] = permuted["norm"]["scale"][::-1]
     assert not fingerprints_match(f1, base_fingerprint(permuted))
+
+
+def test_metrics_without_tensorboard_extra(tmp_path, monkeypatch, capsys):
+    """Without the optional tensorboardX, metrics.jsonl still gets every record and one notice
+    names the extra to install."""
+    import json
+    import sys
+
+    from lora_jax.train.progress import MetricWriters
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails as if not installed
+    writers = MetricWriters(str(tmp_path), enabled=True)
+    writers.write({"step": 1, "loss": 2.5}, 1)
+    writers.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{"step": 1, "loss": 2.5}]
+    assert not (tmp_path / "tb").exists()
+    assert "lora-jax[tensorboard]" in capsys.readouterr().err

@@ -28,7 +28,7 @@ __all__ = ["result_rows", "metric_of", "rank_rows", "ranking_table", "plot_loss_
 
 
 _NO_MATPLOTLIB = ("the sweep's plots (loss_curves.png, heatmap.png) need matplotlib, which is not "
-                  "installed; install it with pip install 'matplotlib>=3.8' (a dependency of lora-jax)")
+                  "installed; install the plots extra: pip install 'lora-jax[plots]'")
 
 
 def require_plotting() -> None:

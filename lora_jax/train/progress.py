@@ -32,18 +32,16 @@ class MetricWriters:
         self.jsonl = open(path, "a") if enabled else None
         self.tb = None
         if enabled:
-            # imported on first use: a slow import (protobuf), needed on process 0 only
-            from tensorboardX import SummaryWriter
-
+            writer = _summary_writer()
             purge = None if resume_step is None else resume_step + 1
-            self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=purge)
+            self.tb = writer(os.path.join(out, "tb"), purge_step=purge) if writer else None
 
     def write(self, record: dict, step: int, tb: bool = True):
         if not self.enabled:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        if tb:
+        if tb and self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
@@ -51,7 +49,21 @@ class MetricWriters:
     def close(self):
         if self.enabled:
             self.jsonl.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _summary_writer():
+    """tensorboardX's `SummaryWriter`, or None (with one notice) when the optional extra is absent:
+    metrics.jsonl holds every record either way. Imported on first use: a slow import (protobuf),
+    needed on process 0 only."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        print("note: TensorBoard event files are not written: tensorboardX is not installed "
+              "(pip install 'lora-jax[tensorboard]'); metrics.jsonl has every record", file=sys.stderr)
+        return None
+    return SummaryWriter
 
 
 def metric_lines(path: str):
