@@ -52,12 +52,19 @@ def main() -> None:
     base_em = md.greedy_exact_match(model, tokenizer, eval_, show=3)
     print(f"base exact match: {base_em:.3f}")
 
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=args.rank,
+            lora_alpha=args.alpha,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     model.print_trainable_parameters()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     # What demo_run_config() uses: 20 warmup steps from 0, cosine decay to 0, gradient clipping at 1.
     warmup = 20
 
@@ -81,7 +88,7 @@ def main() -> None:
             perm = list(range(len(encoded)))
             rng.shuffle(perm)
             order += perm
-        idx, order = order[: args.batch], order[args.batch:]
+        idx, order = order[: args.batch], order[args.batch :]
         ids, labels = md.collate([encoded[i] for i in idx], tokenizer.pad_token_id)
         loss = model(input_ids=ids.to(args.device), labels=labels.to(args.device)).loss
         loss.backward()
@@ -93,13 +100,17 @@ def main() -> None:
         if step % args.eval_every == 0 or step == args.steps:
             em = md.greedy_exact_match(model, tokenizer, eval_)
             history.append((step, em))
-            print(f"step {step:4d} loss {loss.item():.4f} eval exact match {em:.3f} "
-                  f"(train time {train_time:.1f}s)", flush=True)
+            print(
+                f"step {step:4d} loss {loss.item():.4f} eval exact match {em:.3f} (train time {train_time:.1f}s)",
+                flush=True,
+            )
 
     final = md.greedy_exact_match(model, tokenizer, eval_, show=3)
-    print(f"summary: base EM {base_em:.3f} -> LoRA EM {final:.3f} after {args.steps} steps "
-          f"(batch {args.batch}, lr {args.lr}, r {args.rank}, alpha {args.alpha}); "
-          f"training wall time {train_time:.1f}s excluding evals")
+    print(
+        f"summary: base EM {base_em:.3f} -> LoRA EM {final:.3f} after {args.steps} steps "
+        f"(batch {args.batch}, lr {args.lr}, r {args.rank}, alpha {args.alpha}); "
+        f"training wall time {train_time:.1f}s excluding evals"
+    )
     first_08 = next((s for s, em in history if em >= 0.8), None)
     first_09 = next((s for s, em in history if em >= 0.9), None)
     print(f"first eval with EM >= 0.8: step {first_08}; >= 0.9: step {first_09}")

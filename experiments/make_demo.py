@@ -209,8 +209,9 @@ def build_tokenizer(words: list[str], n_merges: int = N_MERGES):
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     lower = Tokenizer(models.BPE())
     lower.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + n_merges, initial_alphabet=alphabet,
-                                  special_tokens=[], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(alphabet) + n_merges, initial_alphabet=alphabet, special_tokens=[], show_progress=False
+    )
     lower.train_from_iterator(tokenizer_corpus(random.Random(SEED), words), trainer)
     learned = json.loads(lower.to_str())["model"]["merges"]
 
@@ -229,15 +230,24 @@ def build_tokenizer(words: list[str], n_merges: int = N_MERGES):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1",
-                                      special_tokens=[(BOS, vocab[BOS])]),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, vocab[BOS])]
+            ),
+        ]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        chat_template=CHAT_TEMPLATE, model_max_length=MODEL_KWARGS["max_position_embeddings"],
-        padding_side="right")
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MODEL_KWARGS["max_position_embeddings"],
+        padding_side="right",
+    )
 
 
 def check_case_symmetry(tokenizer, words: list[str]) -> None:
@@ -295,8 +305,10 @@ def pretrain_example(rng: random.Random, words: list[str]) -> str:
     """One generic pretraining document (bos/eos added by the caller)."""
     kind = rng.random()
     if kind < 0.05:  # key: value lines, the "simple formats" part
-        return (f"name: {rng.choice(words).title()} {rng.choice(words).title()}\n"
-                f"age: {rng.randint(1, 99)}\ncity: {rng.choice(words).title()}")
+        return (
+            f"name: {rng.choice(words).title()} {rng.choice(words).title()}\n"
+            f"age: {rng.randint(1, 99)}\ncity: {rng.choice(words).title()}"
+        )
     if kind < 0.08:
         return " ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(2, 6)))
     if kind < 0.20:
@@ -394,8 +406,9 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, labels
 
 
-def greedy_exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
-                       batch_size: int = 64, show: int = 0) -> float:
+def greedy_exact_match(
+    model, tokenizer, records: list[dict], max_new_tokens: int = 32, batch_size: int = 64, show: int = 0
+) -> float:
     """Fraction of records whose greedy continuation (up to eos) equals the completion exactly."""
     import torch
 
@@ -405,15 +418,19 @@ def greedy_exact_match(model, tokenizer, records: list[dict], max_new_tokens: in
     tokenizer.padding_side = "left"  # generation continues from the end of every row
     try:
         for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
+            chunk = records[start : start + batch_size]
             enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
             enc = enc.to(model.device)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             for j, r in enumerate(chunk):
-                gen = out[j, enc.input_ids.shape[1]:].tolist()
+                gen = out[j, enc.input_ids.shape[1] :].tolist()
                 if tokenizer.eos_token_id in gen:
                     gen = gen[: gen.index(tokenizer.eos_token_id)]
                 text = tokenizer.decode(gen, skip_special_tokens=True)
@@ -433,7 +450,8 @@ def pretrain(model, tokenizer, words, *, steps: int, batch_size: int, lr: float,
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     model.train()
     t0 = time.time()
     for step in range(1, steps + 1):
@@ -451,8 +469,7 @@ def pretrain(model, tokenizer, words, *, steps: int, batch_size: int, lr: float,
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 200 == 0 or step == steps:
-            print(f"  pretrain step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)",
-                  flush=True)
+            print(f"  pretrain step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
 
 
@@ -475,8 +492,9 @@ def main() -> None:
     ap.add_argument("--pretrain-lr", type=float, default=3e-3)
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-eval", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=SEED,
-                    help="initial weights and pretraining order (the data does not change)")
+    ap.add_argument(
+        "--seed", type=int, default=SEED, help="initial weights and pretraining order (the data does not change)"
+    )
     ap.add_argument("--device", default="cpu", help="torch device for pretraining (cpu, cuda)")
     args = ap.parse_args()
 
@@ -496,37 +514,52 @@ def main() -> None:
     train, eval_ = build_dataset(rng, train_words, heldout_words, args.n_train, args.n_eval)
     write_jsonl(os.path.join(data_dir, "train.jsonl"), train)
     write_jsonl(os.path.join(data_dir, "eval.jsonl"), eval_)
-    print(f"data: {len(words)} words ({len(heldout_words)} held out of train.jsonl); "
-          f"{len(train)} train / {len(eval_)} eval records -> {data_dir}")
+    print(
+        f"data: {len(words)} words ({len(heldout_words)} held out of train.jsonl); "
+        f"{len(train)} train / {len(eval_)} eval records -> {data_dir}"
+    )
 
     tokenizer = build_tokenizer(words, args.merges)
     check_case_symmetry(tokenizer, words)
     pieces = [len(tokenizer(" " + w, add_special_tokens=False).input_ids) for w in words]
     longest = max(len(encode_record(tokenizer, r["prompt"], r["completion"])[0]) for r in train + eval_)
     if longest > MAX_LEN:
-        raise SystemExit(f"a demo record takes {longest} tokens; demo_run_config() trains with "
-                         f"seq_len={MAX_LEN}")
-    print(f"tokenizer: vocab {len(tokenizer)}, {sum(pieces) / len(pieces):.2f} pieces per word; "
-          f"longest demo record {longest} tokens; "
-          f"{EXAMPLE!r} -> {tokenizer.tokenize(shout(EXAMPLE)['prompt'] + shout(EXAMPLE)['completion'])}")
+        raise SystemExit(f"a demo record takes {longest} tokens; demo_run_config() trains with seq_len={MAX_LEN}")
+    print(
+        f"tokenizer: vocab {len(tokenizer)}, {sum(pieces) / len(pieces):.2f} pieces per word; "
+        f"longest demo record {longest} tokens; "
+        f"{EXAMPLE!r} -> {tokenizer.tokenize(shout(EXAMPLE)['prompt'] + shout(EXAMPLE)['completion'])}"
+    )
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL_KWARGS)
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL_KWARGS,
+    )
     model = transformers.LlamaForCausalLM(config).float().to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, vocab {len(tokenizer)}")
 
     # The base knows every word (like a real pretrained model): pretraining uses all of them.
     t0 = time.time()
-    pretrain(model, tokenizer, words, steps=args.pretrain_steps, batch_size=args.pretrain_batch,
-             lr=args.pretrain_lr, seed=args.seed + 1)
+    pretrain(
+        model,
+        tokenizer,
+        words,
+        steps=args.pretrain_steps,
+        batch_size=args.pretrain_batch,
+        lr=args.pretrain_lr,
+        seed=args.seed + 1,
+    )
     print(f"pretraining took {time.time() - t0:.0f}s")
 
     probe_rng = random.Random(SEED + 2)
-    print(f"base copy exact match (held-out words): "
-          f"{greedy_exact_match(model, tokenizer, copy_probe(probe_rng, heldout_words), show=3):.3f}")
-    print(f"base shout exact match (eval.jsonl):    "
-          f"{greedy_exact_match(model, tokenizer, eval_, show=3):.3f}")
+    print(
+        f"base copy exact match (held-out words): "
+        f"{greedy_exact_match(model, tokenizer, copy_probe(probe_rng, heldout_words), show=3):.3f}"
+    )
+    print(f"base shout exact match (eval.jsonl):    {greedy_exact_match(model, tokenizer, eval_, show=3):.3f}")
 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.cpu().save_pretrained(model_dir, safe_serialization=True)

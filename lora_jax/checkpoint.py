@@ -31,8 +31,9 @@ class CheckpointMismatch(CheckpointFormatError):
     def __init__(self, directory: str, step: int, differences: list[str]):
         self.directory, self.step, self.differences = directory, step, differences
         more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
-        super().__init__(f"checkpoint step {step} in {directory} does not fit the state being restored: "
-                         f"{differences[0]}{more}")
+        super().__init__(
+            f"checkpoint step {step} in {directory} does not fit the state being restored: {differences[0]}{more}"
+        )
 
     def __reduce__(self):
         return type(self), (self.directory, self.step, self.differences)
@@ -56,15 +57,20 @@ def base_fingerprint(params) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     stats = jax.device_get(_leaf_stats([v for _, v in leaves]))
     layout = [f"{jax.tree_util.keystr(path)}|{v.shape}|{v.dtype}" for path, v in leaves]
-    return {"digest": hashlib.sha256("\n".join(layout).encode()).hexdigest()[:16],
-            "stats": [[float(x) for x in np.asarray(s)] for s in stats]}
+    return {
+        "digest": hashlib.sha256("\n".join(layout).encode()).hexdigest()[:16],
+        "stats": [[float(x) for x in np.asarray(s)] for s in stats],
+    }
 
 
 def fingerprints_match(a: dict, b: dict, rtol: float = 1e-4) -> bool:
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return False
-    return (a["digest"] == b["digest"] and len(a["stats"]) == len(b["stats"])
-            and bool(np.allclose(a["stats"], b["stats"], rtol=rtol, atol=0.0)))
+    return (
+        a["digest"] == b["digest"]
+        and len(a["stats"]) == len(b["stats"])
+        and bool(np.allclose(a["stats"], b["stats"], rtol=rtol, atol=0.0))
+    )
 
 
 class Checkpointer:
@@ -72,13 +78,13 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -89,15 +95,17 @@ class Checkpointer:
     def restore(self, step: int | None, abstract_state: Any):
         step = self.latest_step() if step is None else step
         if step is None or step not in self.all_steps():
-            raise CheckpointFormatError(f"no checkpoint for step {step} in {self.directory}; "
-                                        f"available: {self.all_steps()}")
+            raise CheckpointFormatError(
+                f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
+            )
         # Compared before restoring: Orbax's own shape / structure errors run to pages, and its
         # read coroutines keep printing after the failure.
         differences = self.state_differences(step, abstract_state)
         if differences:
             raise CheckpointMismatch(self.directory, step, differences)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        )
         return out.state, out.meta
 
     def state_differences(self, step: int, target: Any) -> list[str]:
@@ -112,10 +120,15 @@ class Checkpointer:
             return []
         finally:
             handler.close()
-        have = {_path_name(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]
-                if hasattr(v, "shape")}
-        want = {_path_name(p): tuple(v.shape if hasattr(v, "shape") else np.shape(v))
-                for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+        have = {
+            _path_name(p): tuple(v.shape)
+            for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]
+            if hasattr(v, "shape")
+        }
+        want = {
+            _path_name(p): tuple(v.shape if hasattr(v, "shape") else np.shape(v))
+            for p, v in jax.tree_util.tree_flatten_with_path(target)[0]
+        }
         out = []
         for name in sorted(have.keys() | want.keys(), key=lambda n: (not n.startswith("trainable"), n)):
             if name not in want:
@@ -129,8 +142,9 @@ class Checkpointer:
     def restore_meta(self, step: int | None = None) -> tuple[int, dict]:
         step = self.latest_step() if step is None else step
         if step is None or step not in self.all_steps():
-            raise CheckpointFormatError(f"no checkpoint for step {step} in {self.directory}; "
-                                        f"available: {self.all_steps()}")
+            raise CheckpointFormatError(
+                f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
+            )
         path = os.path.join(self.directory, str(step), "meta", "metadata")
         if os.path.isfile(path):  # read the JSON item without building the state
             with open(path) as f:

@@ -63,32 +63,48 @@ def _nonnegative_float(text: str) -> float:
 
 
 # the flags that would change a run's configuration: --resume refuses them (see _train_args)
-_CONFIG_FLAGS = (("config", "--config"), ("overrides", "--set"), ("model", "--model"), ("data", "--data"),
-                 ("eval_data", "--eval-data"), ("quantize", "--quantize"))
+_CONFIG_FLAGS = (
+    ("config", "--config"),
+    ("overrides", "--set"),
+    ("model", "--model"),
+    ("data", "--data"),
+    ("eval_data", "--eval-data"),
+    ("quantize", "--quantize"),
+)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     add_run_args(p, "run directory (default: runs/demo)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --output-dir with its saved config (run.json); "
-                        "--config, --set, --model, --data, --eval-data, --quantize and --overwrite "
-                        "would change or discard that run, so they are refused with --resume")
-    p.add_argument("--distributed", action="store_true",
-                   help="multi-host: jax.distributed.initialize() (TPU pods, SLURM, or LORA_JAX_* env)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir with its saved config (run.json); "
+        "--config, --set, --model, --data, --eval-data, --quantize and --overwrite "
+        "would change or discard that run, so they are refused with --resume",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: jax.distributed.initialize() (TPU pods, SLURM, or LORA_JAX_* env)",
+    )
 
 
 def _run_config(args):
     """The RunConfig of `lora-jax train`'s arguments; --resume refuses what would change the run."""
     if args.resume:
-        given = [f"{flag} {' '.join(v) if isinstance(v, list) else v}" for attr, flag in _CONFIG_FLAGS
-                 if (v := getattr(args, attr, None))]
+        given = [
+            f"{flag} {' '.join(v) if isinstance(v, list) else v}"
+            for attr, flag in _CONFIG_FLAGS
+            if (v := getattr(args, attr, None))
+        ]
         if given:
-            raise ConfigError(f"--resume continues with the run's saved config (run.json), so "
-                              f"{'; '.join(given)} would be ignored and is refused: drop it, or start a "
-                              "new run with --overwrite")
+            raise ConfigError(
+                f"--resume continues with the run's saved config (run.json), so "
+                f"{'; '.join(given)} would be ignored and is refused: drop it, or start a "
+                "new run with --overwrite"
+            )
         if args.overwrite:
-            raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it; "
-                              "pass one of them")
+            raise ConfigError("--resume continues the run in --output-dir and --overwrite deletes it; pass one of them")
     pairs = flag_overrides(args)
     if args.output_dir is not None:
         pairs.append(f"train.output_dir={quote(args.output_dir)}")
@@ -110,9 +126,23 @@ def _print_summary(summary: dict) -> None:
     table = Table(title="lora-jax train: summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("steps", "train_loss_first", "train_loss_last", "eval_loss_before", "eval_loss_after",
-                "eval_before", "eval_after", "tokens_per_s", "mfu", "compile_s", "checkpoint_s", "trainable_params",
-                "device", "adapter_dir", "output_dir"):
+    for key in (
+        "steps",
+        "train_loss_first",
+        "train_loss_last",
+        "eval_loss_before",
+        "eval_loss_after",
+        "eval_before",
+        "eval_after",
+        "tokens_per_s",
+        "mfu",
+        "compile_s",
+        "checkpoint_s",
+        "trainable_params",
+        "device",
+        "adapter_dir",
+        "output_dir",
+    ):
         value = summary.get(key)
         if isinstance(value, float):
             value = f"{value:,.4f}" if abs(value) < 1000 else f"{value:,.0f}"
@@ -128,24 +158,39 @@ def _check_export_dirs(args) -> None:
     for flag, d in outs:
         real = os.path.realpath(d)
         if real == run or run.startswith(real.rstrip(os.sep) + os.sep):
-            raise ConfigError(f"{flag} {d} is, or holds, the run directory {args.checkpoint}; export "
-                              "to another directory")
+            raise ConfigError(
+                f"{flag} {d} is, or holds, the run directory {args.checkpoint}; export to another directory"
+            )
     if len(outs) == 2 and os.path.realpath(outs[0][1]) == os.path.realpath(outs[1][1]):
         raise ConfigError(f"--peft and --merged both name {args.peft}; give them different directories")
 
 
 def cmd_export(args) -> int:
     _check_export_dirs(args)
-    written = export_checkpoint(args.checkpoint, step=args.step, peft_dir=args.peft, merged_dir=args.merged,
-                                dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    written = export_checkpoint(
+        args.checkpoint,
+        step=args.step,
+        peft_dir=args.peft,
+        merged_dir=args.merged,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
     print(json.dumps(written, indent=2))
     return 0
 
 
 def cmd_generate(args) -> int:
-    for text in generate_cli(model=args.model, adapter=args.adapter, checkpoint=args.checkpoint,
-                             prompts=args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+    for text in generate_cli(
+        model=args.model,
+        adapter=args.adapter,
+        checkpoint=args.checkpoint,
+        prompts=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    ):
         print(text)
     return 0
 
@@ -159,30 +204,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export a run's checkpoint as a PEFT adapter or a merged HF model")
-    p.add_argument("--checkpoint", required=True, type=path_arg, metavar="RUN_DIR",
-                   help="a `lora-jax train` output dir")
+    p.add_argument(
+        "--checkpoint", required=True, type=path_arg, metavar="RUN_DIR", help="a `lora-jax train` output dir"
+    )
     p.add_argument("--step", type=_int_at_least(0), help="checkpoint step (default: latest)")
     p.add_argument("--peft", type=path_arg, metavar="OUT_DIR", help="write a PEFT adapter here")
-    p.add_argument("--merged", type=path_arg, metavar="OUT_DIR",
-                   help="write the merged model here (transformers format)")
+    p.add_argument(
+        "--merged", type=path_arg, metavar="OUT_DIR", help="write the merged model here (transformers format)"
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="export dtype")
     p.add_argument("--max-shard-size", default="5GB", help="merged export shard size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an OUT_DIR that holds a previous export of the same kind (anything else is refused)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an OUT_DIR that holds a previous export of the same kind (anything else is refused)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text with a base model and optional adapter")
     p.add_argument("--model", type=path_arg, help="HF Llama directory (default: the built-in demo model)")
     p.add_argument("--adapter", type=path_arg, help="PEFT adapter directory")
-    p.add_argument("--checkpoint", type=path_arg, metavar="RUN_DIR",
-                   help="use the latest checkpoint of a run instead (its base model too)")
+    p.add_argument(
+        "--checkpoint",
+        type=path_arg,
+        metavar="RUN_DIR",
+        help="use the latest checkpoint of a run instead (its base model too)",
+    )
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable, not empty)")
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=48,
-                   help="tokens to generate per prompt (default 48); prompt + these must fit the model's "
-                        "context (max_position_embeddings)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_int_at_least(1),
+        default=48,
+        help="tokens to generate per prompt (default 48); prompt + these must fit the model's "
+        "context (max_position_embeddings)",
+    )
     p.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=_int_at_least(0), default=0,
-                   help="sample from the k most likely tokens (needs --temperature > 0; 0 = all)")
+    p.add_argument(
+        "--top-k",
+        type=_int_at_least(0),
+        default=0,
+        help="sample from the k most likely tokens (needs --temperature > 0; 0 = all)",
+    )
     p.add_argument("--seed", type=_int_at_least(0, 2**63), default=0, help="sampling seed (default 0)")
     p.set_defaults(func=cmd_generate)
 
@@ -200,6 +262,7 @@ def _quiet_startup() -> None:
 
 def _show_config_warning(show):
     """A `warnings.showwarning` printing a ConfigWarning as one `lora-jax: warning:` line."""
+
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, ConfigWarning):
             print(f"lora-jax: warning: {message}", file=sys.stderr)

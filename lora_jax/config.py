@@ -18,6 +18,19 @@ from lora_jax.models.llama_config import ATTENTION_IMPLS, REMAT_POLICIES, LlamaC
 from lora_jax.overrides import load_yaml
 from lora_jax.run_config import MeshConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, parse_field_value
 
-__all__ = ["ConfigError", "LlamaConfig", "LoraConfig", "DataConfig", "ModelConfig", "OptimConfig", "TrainConfig",
-           "MeshConfig", "RunConfig", "REMAT_POLICIES", "ATTENTION_IMPLS", "ALL_LINEAR", "load_yaml",
-           "parse_field_value"]
+__all__ = [
+    "ConfigError",
+    "LlamaConfig",
+    "LoraConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "MeshConfig",
+    "RunConfig",
+    "REMAT_POLICIES",
+    "ATTENTION_IMPLS",
+    "ALL_LINEAR",
+    "load_yaml",
+    "parse_field_value",
+]

@@ -16,8 +16,9 @@ import jax
 __all__ = ["initialize"]
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, auto: bool = False) -> bool:
+def initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, auto: bool = False
+) -> bool:
     """Start the JAX distributed runtime when asked to; returns whether it is running."""
     coordinator = coordinator or os.environ.get("LORA_JAX_COORDINATOR")
     num_processes = num_processes or _int_env("LORA_JAX_NUM_PROCESSES")

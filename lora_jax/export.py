@@ -21,9 +21,16 @@ __all__ = ["export_checkpoint"]
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def export_checkpoint(run_dir: str, *, step: int | None = None, peft_dir: str | None = None,
-                      merged_dir: str | None = None, dtype: str | None = None,
-                      max_shard_size: int | str = "5GB", overwrite: bool = False) -> dict:
+def export_checkpoint(
+    run_dir: str,
+    *,
+    step: int | None = None,
+    peft_dir: str | None = None,
+    merged_dir: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> dict:
     """Write a run's checkpoint (`step`, default the latest) as a PEFT adapter (`peft_dir`) and/or a
     merged Hugging Face model (`merged_dir`); returns {"step", "peft", "merged"} (absolute paths).
 
@@ -47,10 +54,26 @@ def export_checkpoint(run_dir: str, *, step: int | None = None, peft_dir: str | 
     cfg, params, lora, lcfg, run, step, model_path = load_run(run_dir, step)
     written = {"step": step}
     if peft_dir:
-        written["peft"] = save_peft(peft_dir, lora, lcfg, cfg, base_model_name_or_path=model_path,
-                                    params=params, overwrite=overwrite, **({"dtype": dtype} if dtype else {}))
+        written["peft"] = save_peft(
+            peft_dir,
+            lora,
+            lcfg,
+            cfg,
+            base_model_name_or_path=model_path,
+            params=params,
+            overwrite=overwrite,
+            **({"dtype": dtype} if dtype else {}),
+        )
     if merged_dir:
-        written["merged"] = save_pretrained(merged_dir, params, cfg, lora=lora, lcfg=lcfg, dtype=dtype,
-                                            max_shard_size=max_shard_size, tokenizer_dir=model_path,
-                                            overwrite=overwrite)
+        written["merged"] = save_pretrained(
+            merged_dir,
+            params,
+            cfg,
+            lora=lora,
+            lcfg=lcfg,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            tokenizer_dir=model_path,
+            overwrite=overwrite,
+        )
     return written

@@ -24,7 +24,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 if __package__:
     from lora_jax.models.layout import LLAMA_LAYOUT, config_value
@@ -32,7 +33,8 @@ else:  # loaded by file path (experiments/bench/peft_bench.py): no package, so n
     _NAME = "lora_jax_models_layout"
     if _NAME not in sys.modules:  # registered before it runs: dataclasses look their module up
         _spec = importlib.util.spec_from_file_location(
-            _NAME, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "layout.py"))
+            _NAME, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "layout.py")
+        )
         sys.modules[_NAME] = importlib.util.module_from_spec(_spec)
         _spec.loader.exec_module(sys.modules[_NAME])
     LLAMA_LAYOUT, config_value = sys.modules[_NAME].LLAMA_LAYOUT, sys.modules[_NAME].config_value

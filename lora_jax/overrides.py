@@ -20,14 +20,14 @@ import os
 import re
 import types
 import typing
-from typing import Annotated, Any, Literal, Mapping, get_args, get_origin
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 
 from lora_jax.errors import ConfigError
 
-__all__ = ["parse_annotated", "parse_value", "describe", "field_hints", "field_types", "load_yaml", "suggest",
-           "short"]
+__all__ = ["parse_annotated", "parse_value", "describe", "field_hints", "field_types", "load_yaml", "suggest", "short"]
 
 
 def field_types(klass) -> dict[str, str]:
@@ -46,7 +46,7 @@ def field_types(klass) -> dict[str, str]:
 
 def short(value, limit: int = 60) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _NULLS = ("", "~", "null", "Null", "NULL")
@@ -59,9 +59,11 @@ def _yaml_loader():
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789."))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
     return Loader
 
 
@@ -87,8 +89,9 @@ def _yaml_value(text: str, where: str):
         return yaml.load(text, Loader=_yaml_loader())
     except yaml.YAMLError as e:
         if text[:1] in "[{'\"":
-            raise ConfigError(f"{where} is not valid YAML ({_yaml_problem(e)}); e.g. [q_proj, v_proj] "
-                              "or {mlp: fsdp}") from None
+            raise ConfigError(
+                f"{where} is not valid YAML ({_yaml_problem(e)}); e.g. [q_proj, v_proj] or {{mlp: fsdp}}"
+            ) from None
         return text
 
 
@@ -123,7 +126,7 @@ def parse_annotated(hint, text: str, key: str):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_hints(section: type) -> dict[str, Any]:
     """Field name -> its resolved annotation, `Annotated` descriptions kept."""
     hints = typing.get_type_hints(section, include_extras=True)
@@ -195,8 +198,10 @@ def _accept(value, hint):
                 return _REJECT
             out[k] = v
         return out
-    raise TypeError(f"parse_field_value cannot read a field annotated {hint!r}; give it a type it "
-                    "knows (bool, int, float, str, Literal, X | None, tuple[X, ...], Mapping[K, V])")
+    raise TypeError(
+        f"parse_field_value cannot read a field annotated {hint!r}; give it a type it "
+        "knows (bool, int, float, str, Literal, X | None, tuple[X, ...], Mapping[K, V])"
+    )
 
 
 def describe(hint) -> str:
@@ -227,6 +232,7 @@ def _join(words: list[str]) -> str:
 
 def _yaml_problem(e) -> str:
     """One line from a YAML error: "line L, column C: problem (context)"."""
+
     def at(mark):
         return f"line {mark.line + 1}, column {mark.column + 1}"
 
@@ -256,7 +262,7 @@ def load_yaml(path: str, flag: str):
 
 
 def suggest(key: str, options, section: str | None) -> str:
-    """"; did you mean a, b?" naming the options closest to `key` (each `section.`-prefixed when a
+    """ "; did you mean a, b?" naming the options closest to `key` (each `section.`-prefixed when a
     section is given), or "" when none is close."""
     opts = [f"{section}.{o}" if section else o for o in options]
     close = difflib.get_close_matches(key if not section else f"{section}.{key}", opts, n=3, cutoff=0.5)

@@ -47,9 +47,21 @@ from flax import traverse_util
 from lora_jax.errors import ConfigError
 from lora_jax.models.layout import projection_names
 
-__all__ = ["QUANT_KINDS", "NF4_CODE_BOOK", "QuantizedKernel", "QuantSpec", "quantize", "dequantize",
-           "quantize_like", "quantize_params", "is_quantized", "check_kind", "nf4_code_book_derived",
-           "dynamic_map", "is_projection_kernel"]
+__all__ = [
+    "QUANT_KINDS",
+    "NF4_CODE_BOOK",
+    "QuantizedKernel",
+    "QuantSpec",
+    "quantize",
+    "dequantize",
+    "quantize_like",
+    "quantize_params",
+    "is_quantized",
+    "check_kind",
+    "nf4_code_book_derived",
+    "dynamic_map",
+    "is_projection_kernel",
+]
 
 QUANT_KINDS = ("nf4", "int8")
 _PROJECTIONS = projection_names()  # every family's projections (lora_jax.models.layout)
@@ -58,11 +70,27 @@ DQ_BLOCK = 256  # scales per second-level scale
 
 # The 16 NF4 values as bitsandbytes ships them (functional.py, `get_4bit_type("nf4")`), also listed in
 # the QLoRA paper's appendix; `nf4_code_book_derived()` recomputes them from normal quantiles.
-NF4_CODE_BOOK = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0], np.float32)
+NF4_CODE_BOOK = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
 
 
 def nf4_code_book_derived(offset: float = 0.9677083) -> np.ndarray:
@@ -132,7 +160,11 @@ class QuantizedKernel:
 
     def __init__(self, codes, scales_q, scales_scale, scales_offset, spec: QuantSpec):
         self.codes, self.scales_q, self.scales_scale, self.scales_offset = (
-            codes, scales_q, scales_scale, scales_offset)
+            codes,
+            scales_q,
+            scales_scale,
+            scales_offset,
+        )
         self.spec = spec
 
     # --- the kernel it stands for
@@ -168,11 +200,12 @@ class QuantizedKernel:
         """The dequantised kernel in `dtype` (what `kernel.astype` means for a plain kernel)."""
         return dequantize(self, dtype)
 
-    def __getitem__(self, index) -> "QuantizedKernel":
+    def __getitem__(self, index) -> QuantizedKernel:
         """Index the leading (layer) axes, e.g. `q[3]` is layer 3 of a scanned model's kernel."""
         if isinstance(index, tuple) and len(index) > len(self.scales_offset.shape):
-            raise IndexError(f"a quantised kernel can only be indexed on its {len(self.scales_offset.shape)} "
-                             "leading (layer) axes")
+            raise IndexError(
+                f"a quantised kernel can only be indexed on its {len(self.scales_offset.shape)} leading (layer) axes"
+            )
         return QuantizedKernel(*(a[index] for a in self.arrays()), self.spec)
 
     def __repr__(self) -> str:
@@ -226,8 +259,9 @@ def dequantize_scales(q: QuantizedKernel) -> jax.Array:
     return values * per_scale + q.scales_offset[..., None, None]
 
 
-def quantize(w, kind: str = "nf4", *, block: int = BLOCK, dq_block: int = DQ_BLOCK,
-             dtype: Any = None) -> QuantizedKernel:
+def quantize(
+    w, kind: str = "nf4", *, block: int = BLOCK, dq_block: int = DQ_BLOCK, dtype: Any = None
+) -> QuantizedKernel:
     """Quantise a kernel `[..., in, out]` (any leading axes); traceable (jit it, or use
     `quantize_params` / `load_pretrained(quantize=...)`). Arithmetic in fp32.
     dtype: what `dequantize` returns by default (default: `w`'s dtype)."""
@@ -258,8 +292,9 @@ def quantize(w, kind: str = "nf4", *, block: int = BLOCK, dq_block: int = DQ_BLO
     else:
         codes = jnp.clip(jnp.round(normed * 127.0), -127, 127).astype(jnp.int8)
     scales_q, scales_scale, offset = _quantize_scales(absmax, dq_block)
-    return QuantizedKernel(codes, scales_q, scales_scale, offset,
-                           QuantSpec(kind, int(in_f), int(out_f), dtype, block, dq_block))
+    return QuantizedKernel(
+        codes, scales_q, scales_scale, offset, QuantSpec(kind, int(in_f), int(out_f), dtype, block, dq_block)
+    )
 
 
 def _code_values(q: QuantizedKernel) -> jax.Array:
@@ -308,8 +343,7 @@ def is_projection_kernel(path) -> bool:
     return len(path) >= 2 and path[-1] == "kernel" and path[-2] in _PROJECTIONS
 
 
-def quantize_params(params, kind: str = "nf4", *, block: int = BLOCK, dq_block: int = DQ_BLOCK,
-                    donate: bool = False):
+def quantize_params(params, kind: str = "nf4", *, block: int = BLOCK, dq_block: int = DQ_BLOCK, donate: bool = False):
     """The Llama parameter tree with its seven projection kernels quantised (on their devices, one
     leaf at a time, one layer at a time); embeddings, norms and the LM head are returned as they are.
     donate=True deletes each full-precision kernel as soon as it is quantised, so peak memory is the

@@ -27,18 +27,29 @@ def path_arg(text: str) -> str:
 
 def add_run_args(p: argparse.ArgumentParser, output_help: str) -> None:
     """The run-config options that `train` and `sweep` share (see `flag_overrides`)."""
-    p.add_argument("--config", type=path_arg, help="YAML run config (sections: model, lora, data, optim, "
-                                                   "train, mesh; default: the built-in demonstration)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field, e.g. --set lora.r=8 --set optim.lr=1e-4 --set "
-                        "lora.target_modules=[q_proj,v_proj] (repeatable; values are YAML, and text "
-                        "as it is for text fields such as train.output_dir)")
-    p.add_argument("--model", type=path_arg, help="Hugging Face Llama directory (default: the built-in demo "
-                                                  "model)")
+    p.add_argument(
+        "--config",
+        type=path_arg,
+        help="YAML run config (sections: model, lora, data, optim, train, mesh; default: the built-in demonstration)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set lora.r=8 --set optim.lr=1e-4 --set "
+        "lora.target_modules=[q_proj,v_proj] (repeatable; values are YAML, and text "
+        "as it is for text fields such as train.output_dir)",
+    )
+    p.add_argument("--model", type=path_arg, help="Hugging Face Llama directory (default: the built-in demo model)")
     p.add_argument("--data", type=path_arg, help="training JSONL ({text} | {prompt, completion} | {messages})")
     p.add_argument("--eval-data", type=path_arg, help="held-out JSONL (default: a split of --data)")
-    p.add_argument("--quantize", choices=("nf4", "int8"),
-                   help="QLoRA: a 4-bit NF4 (or int8) frozen base; same as --set model.quantize=...")
+    p.add_argument(
+        "--quantize",
+        choices=("nf4", "int8"),
+        help="QLoRA: a 4-bit NF4 (or int8) frozen base; same as --set model.quantize=...",
+    )
     p.add_argument("--output-dir", type=path_arg, help=output_help)
     p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,8 +75,12 @@ def quote(text: str) -> str:
 def flag_overrides(args) -> list[str]:
     """`--set` pairs, then the shorthand flags of `add_run_args` as KEY=VALUE pairs."""
     pairs = list(args.overrides)
-    for flag, key in (("model", "model.path"), ("data", "data.train_file"),
-                      ("eval_data", "data.eval_file"), ("quantize", "model.quantize")):
+    for flag, key in (
+        ("model", "model.path"),
+        ("data", "data.train_file"),
+        ("eval_data", "data.eval_file"),
+        ("quantize", "model.quantize"),
+    ):
         if getattr(args, flag, None) is not None:
             pairs.append(f"{key}={quote(getattr(args, flag))}")
     return pairs

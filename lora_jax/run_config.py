@@ -15,18 +15,38 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Annotated, Any, Literal, Mapping, get_args
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
 
 from lora_jax.data.config import DataConfig
 from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraConfig
-from lora_jax.models.llama_config import (_DTYPES, ATTENTION_IMPLS, REMAT_POLICIES, AttentionImpl, RematPolicy,
-                                          _check_bool, _check_int, _check_number, _check_str)
+from lora_jax.models.llama_config import (
+    _DTYPES,
+    ATTENTION_IMPLS,
+    REMAT_POLICIES,
+    AttentionImpl,
+    RematPolicy,
+    _check_bool,
+    _check_int,
+    _check_number,
+    _check_str,
+)
 from lora_jax.overrides import describe, field_hints, load_yaml, parse_annotated, short, suggest
+
 # the parser's earlier names, for callers not yet moved to `lora_jax.overrides`
 
-__all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "MeshConfig", "RunConfig", "load_yaml",
-           "parse_field_value", "field_description", "section_classes"]
+__all__ = [
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "MeshConfig",
+    "RunConfig",
+    "load_yaml",
+    "parse_field_value",
+    "field_description",
+    "section_classes",
+]
 
 Schedule = Literal["cosine", "linear", "constant"]
 _SCHEDULES = get_args(Schedule)
@@ -89,14 +109,21 @@ class OptimConfig:
         if self.schedule not in _SCHEDULES:
             raise ConfigError(f"optim.schedule={self.schedule!r}; choose one of {_SCHEDULES}")
         _check_int(self, "warmup_steps", w, minimum=0, hint=" (0: no warmup)")
-        _check_number(self, "min_lr_ratio", w, "in [0, 1] (the final lr as a fraction of optim.lr)",
-                      lambda v: 0 <= v <= 1)
+        _check_number(
+            self, "min_lr_ratio", w, "in [0, 1] (the final lr as a fraction of optim.lr)", lambda v: 0 <= v <= 1
+        )
         _check_number(self, "weight_decay", w, ">= 0, e.g. 0.01", lambda v: v >= 0)
         _check_number(self, "b1", w, "in [0, 1) (Adam's beta1), e.g. 0.9", lambda v: 0 <= v < 1)
         _check_number(self, "b2", w, "in [0, 1) (Adam's beta2), e.g. 0.999", lambda v: 0 <= v < 1)
         _check_number(self, "eps", w, "> 0, e.g. 1e-8", lambda v: v > 0)
-        _check_number(self, "clip_norm", w, "> 0 (the global gradient-norm clip, e.g. 1.0) or null "
-                      "for no clipping", lambda v: v > 0, allow_none=True)
+        _check_number(
+            self,
+            "clip_norm",
+            w,
+            "> 0 (the global gradient-norm clip, e.g. 1.0) or null for no clipping",
+            lambda v: v > 0,
+            allow_none=True,
+        )
         _check_bool(self, "truncate_warmup", w)
 
 
@@ -120,8 +147,15 @@ class TrainConfig:
 
     def __post_init__(self):
         w = "train."
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_checkpoints",
-                     "max_new_tokens"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "save_every",
+            "keep_checkpoints",
+            "max_new_tokens",
+        ):
             _check_int(self, name, w)
         _check_int(self, "seed", w, minimum=0)
         _check_int(self, "eval_every", w, minimum=0, hint=" (0: evaluate at the start and the end only)")
@@ -130,8 +164,9 @@ class TrainConfig:
         _check_str(self, "output_dir", w, "a directory path")
         _check_bool(self, "export_peft", w)
         if self.batch_size % self.grad_accum:
-            raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by "
-                              f"train.grad_accum={self.grad_accum}")
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +177,10 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
-    rules: Annotated[Mapping[str, str | tuple[str, ...] | None],
-                     "a mapping of logical axes to mesh axes, e.g. {mlp: fsdp} or {embed: [fsdp, tensor]}"] = ()
+    rules: Annotated[
+        Mapping[str, str | tuple[str, ...] | None],
+        "a mapping of logical axes to mesh axes, e.g. {mlp: fsdp} or {embed: [fsdp, tensor]}",
+    ] = ()
 
     def __post_init__(self):
         for name in ("data", "fsdp", "tensor"):
@@ -163,8 +200,7 @@ def _mesh_rules(rules) -> tuple:
         return ()
     if isinstance(rules, Mapping):
         items = list(rules.items())
-    elif isinstance(rules, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2
-                                                  for kv in rules):
+    elif isinstance(rules, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in rules):
         items = [tuple(kv) for kv in rules]
     else:
         raise ConfigError(f"mesh.rules={rules!r} must map logical axes to mesh axes, {example}")
@@ -173,10 +209,11 @@ def _mesh_rules(rules) -> tuple:
         if not isinstance(k, str) or k not in DEFAULT_RULES:
             raise ConfigError(f"mesh.rules key {k!r} is not a logical axis; known: {sorted(DEFAULT_RULES)}")
         targets = [v] if isinstance(v, str) else v if isinstance(v, (list, tuple)) else None
-        if v is not None and (targets is None or not all(isinstance(t, str) and t in MESH_AXES
-                                                         for t in targets)):
-            raise ConfigError(f"mesh.rules {k}: {v!r} must name mesh axes {list(MESH_AXES)} (a name, "
-                              f"a list of names or null), {example}")
+        if v is not None and (targets is None or not all(isinstance(t, str) and t in MESH_AXES for t in targets)):
+            raise ConfigError(
+                f"mesh.rules {k}: {v!r} must name mesh axes {list(MESH_AXES)} (a name, "
+                f"a list of names or null), {example}"
+            )
         pairs.append((k, tuple(v) if isinstance(v, list) else v))
     return tuple(sorted(pairs, key=lambda kv: kv[0]))
 
@@ -201,8 +238,10 @@ class RunConfig:
         for name, klass in sections.items():
             value = getattr(self, name)
             if not isinstance(value, klass):
-                raise ConfigError(f"RunConfig {name}={value!r} must be a {klass.__name__}; build it with "
-                                  f"RunConfig.from_dict for plain mappings")
+                raise ConfigError(
+                    f"RunConfig {name}={value!r} must be a {klass.__name__}; build it with "
+                    f"RunConfig.from_dict for plain mappings"
+                )
 
     def warn_unusual(self) -> list[str]:
         """Warn (`ConfigWarning`) about settings that run but probably not as meant; returns the
@@ -215,30 +254,39 @@ class RunConfig:
         warmup, steps = self.optim.warmup_steps, self.train.steps
         if warmup > steps:
             if self.optim.truncate_warmup:
-                notes.append(f"optim.warmup_steps={warmup} exceeds train.steps={steps}: the warmup is cut "
-                             f"to {max(steps - 1, 0)} steps, so the schedule is not the one configured; "
-                             "lower optim.warmup_steps or raise train.steps")
+                notes.append(
+                    f"optim.warmup_steps={warmup} exceeds train.steps={steps}: the warmup is cut "
+                    f"to {max(steps - 1, 0)} steps, so the schedule is not the one configured; "
+                    "lower optim.warmup_steps or raise train.steps"
+                )
             else:
-                notes.append(f"optim.warmup_steps={warmup} exceeds train.steps={steps}: the run ends "
-                             f"still warming up, at {(steps - 1) / warmup:.0%} of optim.lr (as "
-                             "transformers would); lower optim.warmup_steps, raise train.steps, or set "
-                             "optim.truncate_warmup=true to end the warmup within the run")
+                notes.append(
+                    f"optim.warmup_steps={warmup} exceeds train.steps={steps}: the run ends "
+                    f"still warming up, at {(steps - 1) / warmup:.0%} of optim.lr (as "
+                    "transformers would); lower optim.warmup_steps, raise train.steps, or set "
+                    "optim.truncate_warmup=true to end the warmup within the run"
+                )
         for note in notes:
             warnings.warn(ConfigWarning(note), stacklevel=2)
         return notes
 
     def to_dict(self) -> dict:
-        return {"model": dataclasses.asdict(self.model), "lora": self.lora.to_dict(),
-                "data": dataclasses.asdict(self.data), "optim": dataclasses.asdict(self.optim),
-                "train": dataclasses.asdict(self.train),
-                "mesh": {**dataclasses.asdict(self.mesh), "rules": dict(self.mesh.rules)}}
+        return {
+            "model": dataclasses.asdict(self.model),
+            "lora": self.lora.to_dict(),
+            "data": dataclasses.asdict(self.data),
+            "optim": dataclasses.asdict(self.optim),
+            "train": dataclasses.asdict(self.train),
+            "mesh": {**dataclasses.asdict(self.mesh), "rules": dict(self.mesh.rules)},
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
         sections = section_classes()
         if not isinstance(d, Mapping):
-            raise ConfigError(f"a run config is a mapping of sections {sorted(sections)}, not a "
-                              f"{type(d).__name__} ({short(d)})")
+            raise ConfigError(
+                f"a run config is a mapping of sections {sorted(sections)}, not a {type(d).__name__} ({short(d)})"
+            )
         unknown = sorted(set(map(str, d)) - set(sections))
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}; sections are {sorted(sections)}")
@@ -248,8 +296,10 @@ class RunConfig:
             if values is None:
                 values = {}
             if not isinstance(values, Mapping):
-                raise ConfigError(f"config section {name}: {short(values)} must be a mapping of fields, "
-                                  f"e.g. {name}: {{{next(iter(field_hints(klass)))}: ...}}")
+                raise ConfigError(
+                    f"config section {name}: {short(values)} must be a mapping of fields, "
+                    f"e.g. {name}: {{{next(iter(field_hints(klass)))}: ...}}"
+                )
             values = {str(k): v for k, v in values.items()}
             fields = {f.name for f in dataclasses.fields(klass)}
             bad = sorted(set(values) - fields)
@@ -261,7 +311,7 @@ class RunConfig:
                 raise ConfigError(f"bad value in section {name!r}: {e}") from None
         return cls(**out)
 
-    def with_overrides(self, pairs: list[str]) -> "RunConfig":
+    def with_overrides(self, pairs: list[str]) -> RunConfig:
         """Apply `section.field=value` strings, each value parsed and checked by its field's
         annotation (`parse_field_value`: 1e-4, true, [q_proj, v_proj], {mlp: fsdp}, text as it is)."""
         d = self.to_dict()
@@ -272,11 +322,12 @@ class RunConfig:
             key, raw = pair.split("=", 1)
             section, _, field = key.strip().partition(".")
             if section not in d or not field:
-                raise ConfigError(f"--set key {key!r} is unknown; keys look like lora.r, optim.lr, "
-                                  f"train.steps{suggest(key, _all_keys(d), None)}")
+                raise ConfigError(
+                    f"--set key {key!r} is unknown; keys look like lora.r, optim.lr, "
+                    f"train.steps{suggest(key, _all_keys(d), None)}"
+                )
             if field not in d[section]:
-                raise ConfigError(f"--set key {key!r} is unknown"
-                                  f"{suggest(key, _all_keys(d), None)}")
+                raise ConfigError(f"--set key {key!r} is unknown{suggest(key, _all_keys(d), None)}")
             d[section][field] = parse_field_value(sections[section], field, raw, key=f"{section}.{field}")
         return RunConfig.from_dict(d)
 
@@ -284,10 +335,14 @@ class RunConfig:
 def section_classes() -> dict[str, type]:
     """Section name -> its config class (`{"model": ModelConfig, "lora": LoraConfig, ...}`): the
     class a `section.field` key names (a sweep grid or sweep file), for `parse_field_value`."""
-    return {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
-            "train": TrainConfig, "mesh": MeshConfig}
-
-
+    return {
+        "model": ModelConfig,
+        "lora": LoraConfig,
+        "data": DataConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+        "mesh": MeshConfig,
+    }
 
 
 def parse_field_value(section: type, name: str, text: str, key: str | None = None):
@@ -313,8 +368,9 @@ def field_description(section: type, name: str) -> str:
     'int8' or null", ...), as `parse_field_value`'s errors say it."""
     hints = field_hints(section)
     if name not in hints:
-        raise ConfigError(f"{_section_name(section)}.{name} is not a field of {section.__name__}; "
-                          f"fields: {sorted(hints)}")
+        raise ConfigError(
+            f"{_section_name(section)}.{name} is not a field of {section.__name__}; fields: {sorted(hints)}"
+        )
     return describe(hints[name])
 
 

@@ -31,8 +31,18 @@ from lora_jax.models.llama_config import LlamaConfig
 from lora_jax.run_config import ModelConfig, RunConfig
 from lora_jax.train.step import init_state, make_schedule, make_tx
 
-__all__ = ["resolve_model_path", "resolve_dtype", "open_model_dir", "data_config", "Inputs",
-           "open_inputs", "load_model", "fit_to_data", "LoadedRun", "load_run"]
+__all__ = [
+    "resolve_model_path",
+    "resolve_dtype",
+    "open_model_dir",
+    "data_config",
+    "Inputs",
+    "open_inputs",
+    "load_model",
+    "fit_to_data",
+    "LoadedRun",
+    "load_run",
+]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -59,19 +69,24 @@ def open_model_dir(model_path: str):
     import transformers
 
     if not os.path.isdir(model_path):
-        raise ConfigError(f"model directory {model_path} does not exist; pass --model DIR (a Hugging Face "
-                          "Llama directory: config.json, *.safetensors, tokenizer files)")
+        raise ConfigError(
+            f"model directory {model_path} does not exist; pass --model DIR (a Hugging Face "
+            "Llama directory: config.json, *.safetensors, tokenizer files)"
+        )
     LlamaConfig.from_hf(model_path)
     hf_load.weight_files(model_path)
-    needed = ("tokenizer.json (or tokenizer.model, or vocab.json + merges.txt) and tokenizer_config.json; "
-              "copy them from the base model's repository")
+    needed = (
+        "tokenizer.json (or tokenizer.model, or vocab.json + merges.txt) and tokenizer_config.json; "
+        "copy them from the base model's repository"
+    )
     if not any(os.path.isfile(os.path.join(model_path, name)) for name in _TOKENIZER_FILES):
         raise ConfigError(f"model directory {model_path} has no tokenizer files: it needs {needed}")
     try:
         return transformers.AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, TypeError) as e:  # transformers' text runs to several lines
-        raise ConfigError(f"cannot load the tokenizer in {model_path} ({type(e).__name__}); the model "
-                          f"directory needs {needed}") from None
+        raise ConfigError(
+            f"cannot load the tokenizer in {model_path} ({type(e).__name__}); the model directory needs {needed}"
+        ) from None
 
 
 def data_config(run: RunConfig) -> DataConfig:
@@ -105,17 +120,23 @@ def load_model(model: ModelConfig, path: str | None = None, *, mesh=None, rules=
     `model.path`, or the demonstration model) overrides where from. With `mesh`, each leaf goes to
     its sharding under the logical-axis `rules`."""
     path = resolve_model_path(model.path) if path is None else path
-    return hf_load.load_pretrained(path, dtype=resolve_dtype(model.dtype), mesh=mesh, rules=rules,
-                                   scan_layers=model.scan_layers, remat_policy=model.remat_policy,
-                                   quantize=model.quantize, fuse_wide_adapters=model.fuse_wide_adapters,
-                                   attention=model.attention)
+    return hf_load.load_pretrained(
+        path,
+        dtype=resolve_dtype(model.dtype),
+        mesh=mesh,
+        rules=rules,
+        scan_layers=model.scan_layers,
+        remat_policy=model.remat_policy,
+        quantize=model.quantize,
+        fuse_wide_adapters=model.fuse_wide_adapters,
+        attention=model.attention,
+    )
 
 
 def fit_to_data(cfg: LlamaConfig, inputs: Inputs) -> LlamaConfig:
     """Packed rows: the bound on segments per row that cuDNN's packed attention sizes its buffers by."""
     if inputs.data.packing:
-        return cfg.replace(max_segments=segments_per_row(inputs.datasets.train_rows
-                                                         + inputs.datasets.eval_rows))
+        return cfg.replace(max_segments=segments_per_row(inputs.datasets.train_rows + inputs.datasets.eval_rows))
     return cfg
 
 
@@ -144,8 +165,10 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
     if lcfg.init_lora_weights == "pissa":
         params = unmerge(params, lora, lcfg)
     if not fingerprints_match(base_fingerprint(params), meta["fingerprint"]):
-        raise ConfigError(f"the base model at {meta['model_path']} is not the one this run trained on "
-                          "(fingerprint mismatch); restore the original base weights")
+        raise ConfigError(
+            f"the base model at {meta['model_path']} is not the one this run trained on "
+            "(fingerprint mismatch); restore the original base weights"
+        )
     split = split_trainable(params, lora, lcfg)
     tx = make_tx(lcfg, run.optim, make_schedule(run.optim, run.train.steps))
     state, _ = ckpt.restore(step, init_state(split.trainable, tx, run.train.seed))
@@ -158,16 +181,20 @@ def _open_checkpoints(run_dir: str, step: int | None) -> Checkpointer:
     """The run directory's checkpoints, refused with one clear error when there is no run, no
     checkpoint, or none at `step`."""
     if not os.path.isdir(run_dir):
-        raise CheckpointFormatError(f"{run_dir}: no such run directory; pass the --output-dir of a "
-                                    "`lora-jax train` run")
+        raise CheckpointFormatError(
+            f"{run_dir}: no such run directory; pass the --output-dir of a `lora-jax train` run"
+        )
     run_json = os.path.join(run_dir, "run.json")
     if not os.path.isfile(run_json):
-        raise CheckpointFormatError(f"{run_dir} is not a lora-jax run directory (no run.json); pass the "
-                                    "--output-dir of a `lora-jax train` run")
+        raise CheckpointFormatError(
+            f"{run_dir} is not a lora-jax run directory (no run.json); pass the --output-dir of a `lora-jax train` run"
+        )
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    no_checkpoint = (f"{run_dir} has no checkpoint yet: train it first (lora-jax train --output-dir "
-                     f"{run_dir} --overwrite starts it again), or, while it trains, export once it has "
-                     "saved one (every train.save_every steps, and at the end)")
+    no_checkpoint = (
+        f"{run_dir} has no checkpoint yet: train it first (lora-jax train --output-dir "
+        f"{run_dir} --overwrite starts it again), or, while it trains, export once it has "
+        "saved one (every train.save_every steps, and at the end)"
+    )
     if not os.path.isdir(ckpt_dir):  # checked here: the Checkpointer would create the directory
         raise CheckpointFormatError(no_checkpoint)
     ckpt = Checkpointer(ckpt_dir, keep=10**6, async_save=False)
@@ -177,6 +204,8 @@ def _open_checkpoints(run_dir: str, step: int | None) -> Checkpointer:
         raise CheckpointFormatError(no_checkpoint)
     if step is not None and step not in available:
         ckpt.close()
-        raise CheckpointFormatError(f"{run_dir} has no checkpoint for step {step}; its checkpoints are at "
-                                    f"steps {sorted(available)} (leave out --step for the latest)")
+        raise CheckpointFormatError(
+            f"{run_dir} has no checkpoint for step {step}; its checkpoints are at "
+            f"steps {sorted(available)} (leave out --step for the latest)"
+        )
     return ckpt

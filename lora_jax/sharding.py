@@ -7,17 +7,28 @@ not code paths): a kernel's axes are its family's layout's (`lora_jax.models.lay
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lora_jax.errors import ConfigError
 from lora_jax.models.layout import LAYOUTS
 
-__all__ = ["make_mesh", "DEFAULT_RULES", "logical_axes", "param_sharding", "tree_shardings",
-           "batch_sharding", "MESH_AXES", "rules_with", "place", "spec_for"]
+__all__ = [
+    "make_mesh",
+    "DEFAULT_RULES",
+    "logical_axes",
+    "param_sharding",
+    "tree_shardings",
+    "batch_sharding",
+    "MESH_AXES",
+    "rules_with",
+    "place",
+    "spec_for",
+]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -57,12 +68,16 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
         raise ConfigError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: at most one may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
-        raise ConfigError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} does not divide the "
-                          f"{len(devices)} devices; choose sizes whose product is {len(devices)}")
+        raise ConfigError(
+            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} does not divide the "
+            f"{len(devices)} devices; choose sizes whose product is {len(devices)}"
+        )
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} uses "
-                          f"{int(np.prod(sizes))} devices but {len(devices)} are present")
+        raise ConfigError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} uses "
+            f"{int(np.prod(sizes))} devices but {len(devices)} are present"
+        )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
@@ -94,8 +109,7 @@ def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
     return axes
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-             rules: Mapping = DEFAULT_RULES) -> P:
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> P:
     """Map logical axes to a PartitionSpec; a dimension that the mesh axis does not divide stays
     replicated (sharding it would need padding)."""
     out = []
@@ -138,6 +152,7 @@ def place(tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
 
 def tree_shardings(tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
     """NamedShardings for every leaf of a parameter or adapter tree (arrays or ShapeDtypeStructs)."""
+
     def one(path, leaf):
         names = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
         return NamedSharding(mesh, spec_for(logical_axes(names, leaf.ndim), leaf.shape, mesh, rules))
@@ -146,6 +161,9 @@ def tree_shardings(tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping = DEFAULT_RULES) -> NamedSharding:
-    batch = tuple(n for n in (rules["batch"] if not isinstance(rules["batch"], str) else (rules["batch"],))
-                  if mesh.shape.get(n, 1) > 1)
+    batch = tuple(
+        n
+        for n in (rules["batch"] if not isinstance(rules["batch"], str) else (rules["batch"],))
+        if mesh.shape.get(n, 1) > 1
+    )
     return NamedSharding(mesh, P(batch or None, *([None] * (ndim - 1))))

@@ -35,11 +35,9 @@ from rich.console import Console
 from lora_jax.errors import ConfigError
 from lora_jax.run_args import add_run_args, flag_overrides, load_run_config
 from lora_jax.run_config import RunConfig, load_yaml, parse_field_value, section_classes
-from lora_jax.sweep import (ALLOWED_KEYS, check_grid, expand_grid, normalize_grid, parse_grid_args,
-                            ranking_table, sweep)
+from lora_jax.sweep import ALLOWED_KEYS, check_grid, expand_grid, normalize_grid, parse_grid_args, ranking_table, sweep
 
-__all__ = ["add_sweep_parser", "cmd_sweep", "build_sweep", "DEMO_GRID", "DEMO_SWEEP_STEPS",
-           "DEFAULT_OUTPUT_DIR"]
+__all__ = ["add_sweep_parser", "cmd_sweep", "build_sweep", "DEMO_GRID", "DEMO_SWEEP_STEPS", "DEFAULT_OUTPUT_DIR"]
 
 DEMO_GRID = {"lora.r": [4, 16], "lora.lora_alpha": [8, 32]}
 DEMO_SWEEP_STEPS = 120  # the demo trains 300; a 2 x 2 sweep of 120 steps stays under ~2 min on 2 cores
@@ -49,21 +47,35 @@ _FILE_KEYS = ("grid", "set", "output_dir", "model", "lora", "data", "optim", "tr
 
 def add_sweep_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "sweep", help="train a grid of LoRA configurations in one compiled program (no arguments: "
-                      "r x alpha on the built-in demonstration)",
+        "sweep",
+        help="train a grid of LoRA configurations in one compiled program (no arguments: "
+        "r x alpha on the built-in demonstration)",
         description="Train every configuration of a grid (Cartesian product) over one frozen base in "
-                    "one jitted, vmapped program; write results.csv/json, loss_curves.png, heatmap.png "
-                    "and one PEFT adapter per configuration. Grid keys: " + ", ".join(ALLOWED_KEYS))
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="one axis of the grid, e.g. --grid lora.r=4,8,16 --grid optim.lr=1e-4,3e-4 "
-                        "(repeatable; the grid is their Cartesian product)")
-    p.add_argument("--sweep", metavar="FILE.yaml",
-                   help="sweep file: a grid: mapping plus optional run-config sections, set:, output_dir:")
+        "one jitted, vmapped program; write results.csv/json, loss_curves.png, heatmap.png "
+        "and one PEFT adapter per configuration. Grid keys: " + ", ".join(ALLOWED_KEYS),
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="one axis of the grid, e.g. --grid lora.r=4,8,16 --grid optim.lr=1e-4,3e-4 "
+        "(repeatable; the grid is their Cartesian product)",
+    )
+    p.add_argument(
+        "--sweep",
+        metavar="FILE.yaml",
+        help="sweep file: a grid: mapping plus optional run-config sections, set:, output_dir:",
+    )
     add_run_args(p, f"sweep directory (default: {DEFAULT_OUTPUT_DIR})")
-    p.add_argument("--adapters-per-pass", default="auto", metavar="N|all|auto",
-                   help="configurations trained per pass of the one compiled step: all at once "
-                        "(vmapped; GPU/TPU), N at a time in a loop inside the program, or auto "
-                        "(1 on a CPU, all elsewhere)")
+    p.add_argument(
+        "--adapters-per-pass",
+        default="auto",
+        metavar="N|all|auto",
+        help="configurations trained per pass of the one compiled step: all at once "
+        "(vmapped; GPU/TPU), N at a time in a loop inside the program, or auto "
+        "(1 on a CPU, all elsewhere)",
+    )
     p.set_defaults(func=cmd_sweep)
     return p
 
@@ -72,8 +84,7 @@ def _read_sweep_file(path: str) -> dict:
     spec = load_yaml(path, "--sweep")
     spec = {} if spec is None else spec
     if not isinstance(spec, dict):
-        raise ConfigError(f"--sweep {path} holds a {type(spec).__name__}; it must be a mapping with "
-                          "a grid: key")
+        raise ConfigError(f"--sweep {path} holds a {type(spec).__name__}; it must be a mapping with a grid: key")
     unknown = sorted(set(map(str, spec)) - set(_FILE_KEYS))
     if unknown:
         raise ConfigError(f"--sweep {path}: unknown key(s) {unknown}; allowed: {list(_FILE_KEYS)}")
@@ -126,12 +137,12 @@ def build_sweep(args):
 
     file_grid = spec.get("grid")
     if file_grid is not None and not isinstance(file_grid, (dict, list)):
-        raise ConfigError(f"--sweep {args.sweep}: grid: must map keys to value lists, e.g. "
-                          "grid: {lora.r: [4, 8]}")
+        raise ConfigError(f"--sweep {args.sweep}: grid: must map keys to value lists, e.g. grid: {{lora.r: [4, 8]}}")
     if isinstance(file_grid, list):  # an explicit list of configurations
         if cli_grid:
-            raise ConfigError("--grid cannot extend a sweep file whose grid: is a list of "
-                              "configurations; put the values in the file")
+            raise ConfigError(
+                "--grid cannot extend a sweep file whose grid: is a list of configurations; put the values in the file"
+            )
         grid = file_grid
         check_grid(grid)
     elif file_grid is not None or cli_grid:
@@ -161,19 +172,25 @@ def cmd_sweep(args) -> int:
     per_pass = _per_pass(args.adapters_per_pass)
     run, grid, out = build_sweep(args)
     run.warn_unusual()
-    result = sweep(run, grid, output_dir=out, progress=not args.no_progress, overwrite=args.overwrite,
-                   adapters_per_pass=per_pass)
+    result = sweep(
+        run, grid, output_dir=out, progress=not args.no_progress, overwrite=args.overwrite, adapters_per_pass=per_pass
+    )
     console = Console()
-    console.print(ranking_table(result.rows, result.metric,
-                                title=f"lora-jax sweep: {len(result.rows)} configurations"))
+    console.print(ranking_table(result.rows, result.metric, title=f"lora-jax sweep: {len(result.rows)} configurations"))
     t = result.timing
-    console.print(f"one program: {result.compiles['train_step']} compile(s) of the train step for "
-                  f"{len(result.rows)} configurations; {t['total_s']:.1f} s in all "
-                  f"(compile {t['compile_s']:.1f} s, train {t['train_s']:.1f} s, eval {t['eval_s']:.1f} s)")
-    console.print(f"results: {os.path.join(result.output_dir, 'results.csv')}, results.json, "
-                  "loss_curves.png, heatmap.png, adapters/<name>/")
+    console.print(
+        f"one program: {result.compiles['train_step']} compile(s) of the train step for "
+        f"{len(result.rows)} configurations; {t['total_s']:.1f} s in all "
+        f"(compile {t['compile_s']:.1f} s, train {t['train_s']:.1f} s, eval {t['eval_s']:.1f} s)"
+    )
+    console.print(
+        f"results: {os.path.join(result.output_dir, 'results.csv')}, results.json, "
+        "loss_curves.png, heatmap.png, adapters/<name>/"
+    )
     if all(r["diverged"] for r in result.rows):
-        print("lora-jax: every configuration diverged (non-finite loss); lower optim.lr or raise "
-              "optim.warmup_steps", file=sys.stderr)
+        print(
+            "lora-jax: every configuration diverged (non-finite loss); lower optim.lr or raise optim.warmup_steps",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -13,8 +13,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("LORA_JAX_TEST_CACHE", os.path.expanduser("~/.cache/lora_jax_test_xla")))
+jax.config.update(
+    "jax_compilation_cache_dir", os.environ.get("LORA_JAX_TEST_CACHE", os.path.expanduser("~/.cache/lora_jax_test_xla"))
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

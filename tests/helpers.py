@@ -11,9 +11,17 @@ import sys
 
 import numpy as np
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,8 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def cli_env() -> dict:
     """The environment for a `lora-jax` subprocess: the suite's compilation cache and this checkout."""
     env = dict(os.environ)
-    env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("LORA_JAX_TEST_CACHE",
-                                                      os.path.expanduser("~/.cache/lora_jax_test_xla"))
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
+        "LORA_JAX_TEST_CACHE", os.path.expanduser("~/.cache/lora_jax_test_xla")
+    )
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -59,7 +68,8 @@ def torch_logits(model_dir, input_ids: np.ndarray, dtype="float32") -> np.ndarra
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), attn_implementation="eager").eval()
+        model_dir, dtype=getattr(torch, dtype), attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         out = model(torch.from_numpy(np.asarray(input_ids)).long()).logits
     return out.float().numpy()
@@ -79,9 +89,13 @@ def tiny_ids(shape=(2, 13)):
 def unpacked_batch(input_ids, targets, loss_mask) -> dict:
     """A training batch of [B, T] rows holding one document each: segment ids 1, positions 0..T-1."""
     b, t = input_ids.shape
-    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask,
-            "segment_ids": np.ones((b, t), np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+    return {
+        "input_ids": input_ids,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "segment_ids": np.ones((b, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+    }
 
 
 def max_diff(a, b) -> float:
@@ -99,7 +113,7 @@ def jaxprs(jaxpr):
     yield jaxpr
     for eqn in jaxpr.eqns:
         for p in eqn.params.values():
-            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
                 if isinstance(sub, (ClosedJaxpr, Jaxpr)):
                     yield from jaxprs(sub)
 

@@ -41,7 +41,7 @@ def _imported(tree: ast.AST, module: str, is_package: bool, modules) -> set[str]
             if node.level:  # relative: from the package holding `module`
                 parts = module.split(".")
                 anchor = parts if is_package else parts[:-1]
-                anchor = anchor[:len(anchor) - (node.level - 1)]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             # `from a.b import c` imports a.b, and a.b.c when c is a module
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
@@ -78,7 +78,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 color[path.pop()] = BLACK
                 stack.pop()
             elif color.get(nxt, BLACK) == GREY:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif color.get(nxt) == WHITE:
                 color[nxt] = GREY
                 path.append(nxt)
@@ -93,15 +93,33 @@ def test_find_cycle_sees_a_cycle():
 
 
 def test_import_graph_reads_every_kind_of_import():
-    tree = ast.parse("import numpy\nimport lora_jax.a\nfrom lora_jax import b\nfrom . import c\n"
-                     "from lora_jax.ns import mod as alias\n"
-                     "def f():\n    from lora_jax.d import name\n"
-                     "if TYPE_CHECKING:\n    from .. import e\n")
-    modules = {"lora_jax", "lora_jax.a", "lora_jax.b", "lora_jax.pkg", "lora_jax.pkg.c",
-               "lora_jax.pkg.m", "lora_jax.d", "lora_jax.e", "lora_jax.ns.mod"}  # lora_jax.ns: a namespace
+    tree = ast.parse(
+        "import numpy\nimport lora_jax.a\nfrom lora_jax import b\nfrom . import c\n"
+        "from lora_jax.ns import mod as alias\n"
+        "def f():\n    from lora_jax.d import name\n"
+        "if TYPE_CHECKING:\n    from .. import e\n"
+    )
+    modules = {
+        "lora_jax",
+        "lora_jax.a",
+        "lora_jax.b",
+        "lora_jax.pkg",
+        "lora_jax.pkg.c",
+        "lora_jax.pkg.m",
+        "lora_jax.d",
+        "lora_jax.e",
+        "lora_jax.ns.mod",
+    }  # lora_jax.ns: a namespace
     assert _imported(tree, "lora_jax.pkg.m", False, modules) == {
-        "lora_jax.a", "lora_jax", "lora_jax.b", "lora_jax.pkg", "lora_jax.pkg.c", "lora_jax.ns.mod",
-        "lora_jax.d", "lora_jax.e"}
+        "lora_jax.a",
+        "lora_jax",
+        "lora_jax.b",
+        "lora_jax.pkg",
+        "lora_jax.pkg.c",
+        "lora_jax.ns.mod",
+        "lora_jax.d",
+        "lora_jax.e",
+    }
 
 
 def test_the_real_graph_is_read():
@@ -113,5 +131,8 @@ def test_the_real_graph_is_read():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     if cycle is not None:
-        pytest.fail("import cycle among lora_jax modules (function-level imports count): "
-                    + " -> ".join(cycle) + "; move what both sides need into a lower module")
+        pytest.fail(
+            "import cycle among lora_jax modules (function-level imports count): "
+            + " -> ".join(cycle)
+            + "; move what both sides need into a lower module"
+        )

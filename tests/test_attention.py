@@ -15,8 +15,14 @@ import pytest
 import lora_jax as lj
 from lora_jax.errors import ConfigError
 from lora_jax.models import attention as attn_mod
-from lora_jax.models.attention import (attention, check_attention, packed_segments, resolve_attention,
-                                       segment_mask, segments_per_row)
+from lora_jax.models.attention import (
+    attention,
+    check_attention,
+    packed_segments,
+    resolve_attention,
+    segment_mask,
+    segments_per_row,
+)
 
 B, T, N, KV, D = 2, 128, 4, 2, 16
 # documents of each row as (segment id, length); 0 is padding at the row's end
@@ -29,8 +35,11 @@ def _segment_ids():
 
 def _qkv(key, t=T, b=B):
     kq, kk, kv = jax.random.split(key, 3)
-    return (jax.random.normal(kq, (b, t, N, D)), jax.random.normal(kk, (b, t, KV, D)),
-            jax.random.normal(kv, (b, t, KV, D)))
+    return (
+        jax.random.normal(kq, (b, t, N, D)),
+        jax.random.normal(kk, (b, t, KV, D)),
+        jax.random.normal(kv, (b, t, KV, D)),
+    )
 
 
 def _alone(q, k, v, attend):
@@ -40,14 +49,16 @@ def _alone(q, k, v, attend):
         start, parts = 0, []
         for _, n in docs:
             sl = slice(start, start + n)
-            parts.append(attend(q[r:r + 1, sl], k[r:r + 1, sl], v[r:r + 1, sl], None))
+            parts.append(attend(q[r : r + 1, sl], k[r : r + 1, sl], v[r : r + 1, sl], None))
             start += n
         rows.append(jnp.concatenate(parts, axis=1))
     return jnp.concatenate(rows, axis=0)
 
 
-_CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpret mode and fp32 "
-                               "tolerances of the CPU; the GPU test below covers the kernels there")
+_CPU_ONLY = pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="interpret mode and fp32 tolerances of the CPU; the GPU test below covers the kernels there",
+)
 
 _KERNELS = {
     "xla": lambda q, k, v, seg: attention(q, k, v, seg, implementation="xla"),
@@ -97,16 +108,17 @@ def _implied_mask(lengths, offsets, rows: int, t: int):
 
     heads, dim = 2, 8
     x = jnp.zeros((rows, t, heads, dim))
-    lens, _, offs, _ = _fix_seqlen_offsets(jnp.asarray(lengths), jnp.asarray(lengths), jnp.asarray(offsets),
-                                           jnp.asarray(offsets), x, x)
+    lens, _, offs, _ = _fix_seqlen_offsets(
+        jnp.asarray(lengths), jnp.asarray(lengths), jnp.asarray(offsets), jnp.asarray(offsets), x, x
+    )
     lens, offs = np.asarray(lens).ravel(), np.asarray(offs).ravel() // (heads * dim)
     count = int(np.sum(lens > 0))
     assert np.all(lens[count:] == 0) and np.all(offs[count:] == rows * t)  # the fill ends the list
-    np.testing.assert_array_equal(offs[:count] + lens[:count], offs[1:count + 1])  # contiguous
+    np.testing.assert_array_equal(offs[:count] + lens[:count], offs[1 : count + 1])  # contiguous
     assert offs[0] == 0 and lens[:count].sum() == rows * t
     doc = np.zeros(rows * t, int)
     for i in range(count):
-        doc[offs[i]:offs[i] + lens[i]] = i
+        doc[offs[i] : offs[i] + lens[i]] = i
     n = rows * t
     return (doc[:, None] == doc[None, :]) & np.tri(n, dtype=bool)
 
@@ -122,7 +134,7 @@ def test_packed_segments_describe_the_reference_mask(flatten):
     mask = np.asarray(segment_mask(T, seg))[:, 0]
     ref = np.zeros((B * T, B * T), bool)
     for r in range(B):
-        ref[r * T:(r + 1) * T, r * T:(r + 1) * T] = mask[r]
+        ref[r * T : (r + 1) * T, r * T : (r + 1) * T] = mask[r]
     if flatten:
         assert lengths.shape == (1, B * bound) and offsets.shape == (1, B * bound + 1)
         np.testing.assert_array_equal(_implied_mask(lengths, offsets, 1, B * T), ref)
@@ -135,8 +147,15 @@ def test_packed_segments_describe_the_reference_mask(flatten):
 def test_model_loss_of_packed_row_equals_documents_alone():
     """Through the whole model (fp32, XLA): a packed row's per-token logits equal each document's
     own forward pass (positions restart per document, as the packer writes them)."""
-    cfg = lj.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = lj.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     model = lj.Llama(cfg)
     ids = jax.random.randint(jax.random.key(3), (B, T), 1, 64)
     seg = _segment_ids()
@@ -147,8 +166,8 @@ def test_model_loss_of_packed_row_equals_documents_alone():
     for r, docs in enumerate(DOCS):
         start = 0
         for _, n in docs:
-            alone = model.apply({"params": params}, ids[r:r + 1, start:start + n])
-            np.testing.assert_allclose(packed[r, start:start + n], alone[0], atol=1e-4, rtol=1e-4)
+            alone = model.apply({"params": params}, ids[r : r + 1, start : start + n])
+            np.testing.assert_allclose(packed[r, start : start + n], alone[0], atol=1e-4, rtol=1e-4)
             start += n
 
 
@@ -174,8 +193,9 @@ def test_gpu_kernels_equal_the_reference_on_packed_rows(impl):
     q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(jax.random.key(6), t=512, b=2))
     seg = jnp.asarray(np.repeat([[1, 2, 3, 4], [1, 1, 2, 0]], 128, axis=1), jnp.int32)
     w = jax.random.normal(jax.random.key(7), q.shape).astype(jnp.bfloat16)
-    f = lambda impl: lambda q, k, v: jnp.sum((w * attention(q, k, v, seg, implementation=impl,
-                                                            max_segments=4)).astype(jnp.float32))
+    f = lambda impl: (
+        lambda q, k, v: jnp.sum((w * attention(q, k, v, seg, implementation=impl, max_segments=4)).astype(jnp.float32))
+    )
     out = attention(q, k, v, seg, implementation=impl, max_segments=4).astype(jnp.float32)
     ref = attention(q, k, v, seg, implementation="xla").astype(jnp.float32)
     assert not np.any(np.isnan(np.asarray(out)))

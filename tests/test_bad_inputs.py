@@ -49,57 +49,109 @@ E = "export --checkpoint {files}/fake_run"
 # ------------------------------------------------------------------------ train: --set, one field each
 for pair, expect in [
     # optim
-    ("optim.clip_norm=-1", "clip_norm=-1"), ("optim.clip_norm=0", "clip_norm=0"),
-    ("optim.clip_norm=nan", "clip_norm='nan'"), ("optim.clip_norm=abc", "clip_norm='abc'"),
-    ("optim.b1=5", "b1=5"), ("optim.b1=1", "b1=1"), ("optim.b2=-0.1", "b2=-0.1"), ("optim.b2=1.5", "b2=1.5"),
-    ("optim.eps=0", "eps=0"), ("optim.eps=-1e-8", "eps=-1e-08"), ("optim.eps=inf", "eps='inf'"),
-    ("optim.lr=nan", "lr='nan'"), ("optim.lr=inf", "lr='inf'"), ("optim.lr=-inf", "lr='-inf'"),
-    ("optim.lr=.nan", "lr=nan"), ("optim.lr=0", "lr=0"), ("optim.lr=-1e-4", "lr=-0.0001"),
-    ("optim.lr=abc", "lr='abc'"), ("optim.lr=true", "lr=True"), ("optim.lr=[1e-4]", "lr=[0.0001]"),
-    ("optim.warmup_steps=-1", "warmup_steps=-1"), ("optim.warmup_steps=2.5", "warmup_steps=2.5"),
-    ("optim.min_lr_ratio=2", "min_lr_ratio=2"), ("optim.weight_decay=-0.1", "weight_decay=-0.1"),
-    ("optim.weight_decay=.inf", "weight_decay=inf"), ("optim.schedule=cosin", "schedule='cosin'"),
+    ("optim.clip_norm=-1", "clip_norm=-1"),
+    ("optim.clip_norm=0", "clip_norm=0"),
+    ("optim.clip_norm=nan", "clip_norm='nan'"),
+    ("optim.clip_norm=abc", "clip_norm='abc'"),
+    ("optim.b1=5", "b1=5"),
+    ("optim.b1=1", "b1=1"),
+    ("optim.b2=-0.1", "b2=-0.1"),
+    ("optim.b2=1.5", "b2=1.5"),
+    ("optim.eps=0", "eps=0"),
+    ("optim.eps=-1e-8", "eps=-1e-08"),
+    ("optim.eps=inf", "eps='inf'"),
+    ("optim.lr=nan", "lr='nan'"),
+    ("optim.lr=inf", "lr='inf'"),
+    ("optim.lr=-inf", "lr='-inf'"),
+    ("optim.lr=.nan", "lr=nan"),
+    ("optim.lr=0", "lr=0"),
+    ("optim.lr=-1e-4", "lr=-0.0001"),
+    ("optim.lr=abc", "lr='abc'"),
+    ("optim.lr=true", "lr=True"),
+    ("optim.lr=[1e-4]", "lr=[0.0001]"),
+    ("optim.warmup_steps=-1", "warmup_steps=-1"),
+    ("optim.warmup_steps=2.5", "warmup_steps=2.5"),
+    ("optim.min_lr_ratio=2", "min_lr_ratio=2"),
+    ("optim.weight_decay=-0.1", "weight_decay=-0.1"),
+    ("optim.weight_decay=.inf", "weight_decay=inf"),
+    ("optim.schedule=cosin", "schedule='cosin'"),
     ("optim.schedule=5", "schedule='5'"),
     # train
-    ("train.eval_batches=0", "eval_batches=0"), ("train.eval_every=-5", "eval_every=-5"),
-    ("train.steps=abc", "steps='abc'"), ("train.steps=1.5", "steps=1.5"),
-    ("train.steps=true", "steps=True"), ("train.steps=0", "steps=0"), ("train.steps=-3", "steps=-3"),
-    ("train.steps=1e3", "steps=1000.0"), ("train.steps=null", "steps=None"),
-    ("train.batch_size=[8]", "batch_size=[8]"), ("train.grad_accum=0", "grad_accum=0"),
-    ("train.seed=-1", "seed=-1"), ("train.seed=x", "seed='x'"), ("train.export_peft=maybe", "export_peft='maybe'"),
-    ("train.log_every=0", "log_every=0"), ("train.save_every=null", "save_every=None"),
-    ("train.keep_checkpoints=0", "keep_checkpoints=0"), ("train.max_new_tokens=-1", "max_new_tokens=-1"),
-    ("train.eval_generate=-1", "eval_generate=-1"), ("train.eval_generate=all", "eval_generate='all'"),
+    ("train.eval_batches=0", "eval_batches=0"),
+    ("train.eval_every=-5", "eval_every=-5"),
+    ("train.steps=abc", "steps='abc'"),
+    ("train.steps=1.5", "steps=1.5"),
+    ("train.steps=true", "steps=True"),
+    ("train.steps=0", "steps=0"),
+    ("train.steps=-3", "steps=-3"),
+    ("train.steps=1e3", "steps=1000.0"),
+    ("train.steps=null", "steps=None"),
+    ("train.batch_size=[8]", "batch_size=[8]"),
+    ("train.grad_accum=0", "grad_accum=0"),
+    ("train.seed=-1", "seed=-1"),
+    ("train.seed=x", "seed='x'"),
+    ("train.export_peft=maybe", "export_peft='maybe'"),
+    ("train.log_every=0", "log_every=0"),
+    ("train.save_every=null", "save_every=None"),
+    ("train.keep_checkpoints=0", "keep_checkpoints=0"),
+    ("train.max_new_tokens=-1", "max_new_tokens=-1"),
+    ("train.eval_generate=-1", "eval_generate=-1"),
+    ("train.eval_generate=all", "eval_generate='all'"),
     # lora
-    ("lora.r=0", "r=0"), ("lora.r=1.5", "r=1.5"), ("lora.r=abc", "r='abc'"), ("lora.r=true", "r=True"),
-    ("lora.lora_alpha=0", "lora_alpha=0"), ("lora.lora_alpha=nan", "lora_alpha='nan'"),
-    ("lora.lora_dropout=1", "lora_dropout=1"), ("lora.lora_dropout=-0.1", "lora_dropout=-0.1"),
+    ("lora.r=0", "r=0"),
+    ("lora.r=1.5", "r=1.5"),
+    ("lora.r=abc", "r='abc'"),
+    ("lora.r=true", "r=True"),
+    ("lora.lora_alpha=0", "lora_alpha=0"),
+    ("lora.lora_alpha=nan", "lora_alpha='nan'"),
+    ("lora.lora_dropout=1", "lora_dropout=1"),
+    ("lora.lora_dropout=-0.1", "lora_dropout=-0.1"),
     ("lora.target_modules=[]", "target_modules is empty ([])"),
     ("lora.target_modules=[gate_proj, 5]", "['gate_proj', 5]"),
-    ("lora.target_modules={q_proj: 1}", "{'q_proj': 1}"), ("lora.target_modules=[gate_proj", "[gate_proj"),
-    ("lora.target_modules=(", "'('"), ("lora.use_rslora=maybe", "use_rslora='maybe'"),
-    ("lora.use_dora=2", "use_dora=2"), ("lora.init_lora_weights=olora", "init_lora_weights='olora'"),
-    ("lora.bias=all", "bias='all'"), ("lora.loraplus_lr_ratio=-1", "loraplus_lr_ratio=-1"),
+    ("lora.target_modules={q_proj: 1}", "{'q_proj': 1}"),
+    ("lora.target_modules=[gate_proj", "[gate_proj"),
+    ("lora.target_modules=(", "'('"),
+    ("lora.use_rslora=maybe", "use_rslora='maybe'"),
+    ("lora.use_dora=2", "use_dora=2"),
+    ("lora.init_lora_weights=olora", "init_lora_weights='olora'"),
+    ("lora.bias=all", "bias='all'"),
+    ("lora.loraplus_lr_ratio=-1", "loraplus_lr_ratio=-1"),
     ("lora.loraplus_lr_ratio=abc", "loraplus_lr_ratio='abc'"),
-    ("lora.rank_pattern={q_proj: 0}", "'q_proj': 0"), ("lora.rank_pattern=abc", "rank_pattern='abc'"),
+    ("lora.rank_pattern={q_proj: 0}", "'q_proj': 0"),
+    ("lora.rank_pattern=abc", "rank_pattern='abc'"),
     ("lora.alpha_pattern={q_proj: .inf}", "'q_proj': inf"),
-    ("lora.layers_to_transform=[-1]", "[-1]"), ("lora.layers_to_transform=[a]", "['a']"),
-    ("lora.exclude_modules=5", "exclude_modules=5"), ("lora.modules_to_save={a: 1}", "{'a': 1}"),
+    ("lora.layers_to_transform=[-1]", "[-1]"),
+    ("lora.layers_to_transform=[a]", "['a']"),
+    ("lora.exclude_modules=5", "exclude_modules=5"),
+    ("lora.modules_to_save={a: 1}", "{'a': 1}"),
     # model
-    ("model.dtype=float64", "dtype='float64'"), ("model.remat_policy=some", "remat_policy='some'"),
-    ("model.loss_chunk_tokens=0", "loss_chunk_tokens=0"), ("model.loss_chunk_tokens=abc", "loss_chunk_tokens='abc'"),
-    ("model.quantize=int4", "quantize='int4'"), ("model.scan_layers=maybe", "scan_layers='maybe'"),
-    ("model.fuse_wide_adapters=2", "fuse_wide_adapters=2"), ("model.attention=flash", "attention='flash'"),
+    ("model.dtype=float64", "dtype='float64'"),
+    ("model.remat_policy=some", "remat_policy='some'"),
+    ("model.loss_chunk_tokens=0", "loss_chunk_tokens=0"),
+    ("model.loss_chunk_tokens=abc", "loss_chunk_tokens='abc'"),
+    ("model.quantize=int4", "quantize='int4'"),
+    ("model.scan_layers=maybe", "scan_layers='maybe'"),
+    ("model.fuse_wide_adapters=2", "fuse_wide_adapters=2"),
+    ("model.attention=flash", "attention='flash'"),
     # mesh
-    ("mesh.data=0", "data=0"), ("mesh.fsdp=-2", "fsdp=-2"), ("mesh.tensor=1.5", "tensor=1.5"),
-    ("mesh.rules={embed: tensr}", "'tensr'"), ("mesh.rules={embd: tensor}", "'embd'"),
-    ("mesh.rules=[1, 2]", "[1, 2]"), ("mesh.rules=abc", "rules='abc'"),
+    ("mesh.data=0", "data=0"),
+    ("mesh.fsdp=-2", "fsdp=-2"),
+    ("mesh.tensor=1.5", "tensor=1.5"),
+    ("mesh.rules={embed: tensr}", "'tensr'"),
+    ("mesh.rules={embd: tensor}", "'embd'"),
+    ("mesh.rules=[1, 2]", "[1, 2]"),
+    ("mesh.rules=abc", "rules='abc'"),
     # data
-    ("data.seq_len=1", "seq_len=1"), ("data.overlong=cut", "overlong='cut'"),
-    ("data.eval_fraction=1", "eval_fraction=1"), ("data.packing=maybe", "packing='maybe'"),
+    ("data.seq_len=1", "seq_len=1"),
+    ("data.overlong=cut", "overlong='cut'"),
+    ("data.eval_fraction=1", "eval_fraction=1"),
+    ("data.packing=maybe", "packing='maybe'"),
     ("data.max_record_bytes=0", "max_record_bytes=0"),
     # the --set syntax
-    ("lora.r", "'lora.r'"), ("lora=8", "'lora'"), ("foo.bar=1", "'foo.bar'"), ("lora.rank=4", "lora.rank"),
+    ("lora.r", "'lora.r'"),
+    ("lora=8", "'lora'"),
+    ("foo.bar=1", "'foo.bar'"),
+    ("lora.rank=4", "lora.rank"),
     ("lora.r.x=4", "lora.r.x"),
 ]:
     cli(f"{T} --set {shlex.quote(pair)}", expect)
@@ -152,16 +204,28 @@ cli("", "the following arguments are required: command", id="no-command")
 
 # ------------------------------------------------------------------------ sweep
 for argv, expect in [
-    ("--grid lora.r=0,4", "r=0"), ("--grid optim.lr=nan,1e-4", "'nan'"), ("--grid optim.lr=-1,1e-4", "lr=-1"),
-    ("--grid lora.lora_dropout=1.5", "lora_dropout=1.5"), ("--grid lora.use_rslora=maybe", "'maybe'"),
-    ("--grid lora.r", "'lora.r'"), ("--grid lora.target_modules=q_proj", "lora.target_modules"),
-    ("--sweep {files}/bad.yaml", "bad.yaml: invalid YAML at line 5"), ("--sweep {files}/list.yaml", "list"),
-    ("--sweep {files}/missing.yaml", "missing.yaml"), ("--sweep {files}/sweep_badsection.yaml", "section train"),
-    ("--sweep {files}/sweep_badout.yaml", "['a']"), ("--sweep {files}/sweep_badset.yaml", "not 5"),
-    ("--sweep {files}/sweep_badvalue.yaml", "b1=2"), ("--sweep {files}/sweep_unknown.yaml", "'steps'"),
-    ("--adapters-per-pass x", "--adapters-per-pass x"), ("--adapters-per-pass -2", "--adapters-per-pass -2"),
-    ("--set optim.eps=0", "eps=0"), ("--set 'mesh.rules={embed: [fsdp, x]}'", "'x'"),
-    ("--config {files}/bad.yaml", "bad.yaml"), ("--resume", "--resume"), ("--quantize int4", "'int4'"),
+    ("--grid lora.r=0,4", "r=0"),
+    ("--grid optim.lr=nan,1e-4", "'nan'"),
+    ("--grid optim.lr=-1,1e-4", "lr=-1"),
+    ("--grid lora.lora_dropout=1.5", "lora_dropout=1.5"),
+    ("--grid lora.use_rslora=maybe", "'maybe'"),
+    ("--grid lora.r", "'lora.r'"),
+    ("--grid lora.target_modules=q_proj", "lora.target_modules"),
+    ("--sweep {files}/bad.yaml", "bad.yaml: invalid YAML at line 5"),
+    ("--sweep {files}/list.yaml", "list"),
+    ("--sweep {files}/missing.yaml", "missing.yaml"),
+    ("--sweep {files}/sweep_badsection.yaml", "section train"),
+    ("--sweep {files}/sweep_badout.yaml", "['a']"),
+    ("--sweep {files}/sweep_badset.yaml", "not 5"),
+    ("--sweep {files}/sweep_badvalue.yaml", "b1=2"),
+    ("--sweep {files}/sweep_unknown.yaml", "'steps'"),
+    ("--adapters-per-pass x", "--adapters-per-pass x"),
+    ("--adapters-per-pass -2", "--adapters-per-pass -2"),
+    ("--set optim.eps=0", "eps=0"),
+    ("--set 'mesh.rules={embed: [fsdp, x]}'", "'x'"),
+    ("--config {files}/bad.yaml", "bad.yaml"),
+    ("--resume", "--resume"),
+    ("--quantize int4", "'int4'"),
     ("--output-dir ''", "--output-dir: '' is empty"),
 ]:
     cli(f"{S} {argv}", expect)
@@ -185,30 +249,42 @@ cli(f"{E} --merged {{out}}/m --max-shard-size 0", "max_shard_size")
 
 # ------------------------------------------------------------------------ generate
 for argv, expect in [
-    ("--temperature -1", "--temperature: -1"), ("--temperature nan", "--temperature: nan"),
-    ("--temperature inf", "--temperature: inf"), ("--temperature hot", "'hot'"),
-    ("--top-k -3", "--top-k: -3"), ("--top-k 2.5", "'2.5'"), ("--top-k 5", "--top-k 5 needs sampling"),
+    ("--temperature -1", "--temperature: -1"),
+    ("--temperature nan", "--temperature: nan"),
+    ("--temperature inf", "--temperature: inf"),
+    ("--temperature hot", "'hot'"),
+    ("--top-k -3", "--top-k: -3"),
+    ("--top-k 2.5", "'2.5'"),
+    ("--top-k 5", "--top-k 5 needs sampling"),
     ("--top-k 5000 --temperature 1", "--top-k 5000 exceeds the vocabulary ("),
-    ("--max-new-tokens -5", "--max-new-tokens: -5"), ("--max-new-tokens 0", "--max-new-tokens: 0"),
-    ("--max-new-tokens abc", "'abc'"), ("--max-new-tokens 1000", "--max-new-tokens 1000"),
-    ("--seed -1", "--seed: -1"), ("--prompt ''", "--prompt ''"),
+    ("--max-new-tokens -5", "--max-new-tokens: -5"),
+    ("--max-new-tokens 0", "--max-new-tokens: 0"),
+    ("--max-new-tokens abc", "'abc'"),
+    ("--max-new-tokens 1000", "--max-new-tokens 1000"),
+    ("--seed -1", "--seed: -1"),
+    ("--prompt ''", "--prompt ''"),
     ("--adapter {files}/nope", "--adapter {files}/nope"),
     ("--adapter {files}/a --checkpoint {files}/fake_run", "--adapter {files}/a"),
-    ("--model {files}/nomodel", "nomodel"), ("--model {files}/nocfg", "config.json"),
-    ("--model {files}/notok", "tokenizer"), ("--model ''", "--model: '' is empty"),
-    ("--checkpoint {files}/nope", "nope"), ("--checkpoint {files}/fake_run", "checkpoint"),
+    ("--model {files}/nomodel", "nomodel"),
+    ("--model {files}/nocfg", "config.json"),
+    ("--model {files}/notok", "tokenizer"),
+    ("--model ''", "--model: '' is empty"),
+    ("--checkpoint {files}/nope", "nope"),
+    ("--checkpoint {files}/fake_run", "checkpoint"),
 ]:
     cli(f"{G} {argv}", expect)
 cli("generate --prompt ''", "--prompt ''")
 cli("generate --prompt '   '", "--prompt '   '")
 cli("generate", "--prompt")
-cli("generate --max-new-tokens 120 --prompt " + shlex.quote("count: " + " ".join(map(str, range(40)))),
-    "--max-new-tokens 120 after the prompt")
+cli(
+    "generate --max-new-tokens 120 --prompt " + shlex.quote("count: " + " ".join(map(str, range(40)))),
+    "--max-new-tokens 120 after the prompt",
+)
 
 
 # ------------------------------------------------------------------------ API
 def _make(klass):
-    return lambda **kw: (lambda: klass(**kw))
+    return lambda **kw: lambda: klass(**kw)
 
 
 _optim, _train, _model, _mesh, _lora = map(_make, (OptimConfig, TrainConfig, ModelConfig, MeshConfig, LoraConfig))
@@ -216,9 +292,12 @@ _optim, _train, _model, _mesh, _lora = map(_make, (OptimConfig, TrainConfig, Mod
 
 nan, inf = math.nan, math.inf
 for name, fn, expect in [
-    ("OptimConfig(lr=nan)", _optim(lr=nan), "lr=nan"), ("OptimConfig(lr='abc')", _optim(lr="abc"), "lr='abc'"),
-    ("OptimConfig(lr=None)", _optim(lr=None), "lr=None"), ("OptimConfig(b1=1.0)", _optim(b1=1.0), "b1=1.0"),
-    ("OptimConfig(b2=-0.5)", _optim(b2=-0.5), "b2=-0.5"), ("OptimConfig(eps=0.0)", _optim(eps=0.0), "eps=0.0"),
+    ("OptimConfig(lr=nan)", _optim(lr=nan), "lr=nan"),
+    ("OptimConfig(lr='abc')", _optim(lr="abc"), "lr='abc'"),
+    ("OptimConfig(lr=None)", _optim(lr=None), "lr=None"),
+    ("OptimConfig(b1=1.0)", _optim(b1=1.0), "b1=1.0"),
+    ("OptimConfig(b2=-0.5)", _optim(b2=-0.5), "b2=-0.5"),
+    ("OptimConfig(eps=0.0)", _optim(eps=0.0), "eps=0.0"),
     ("OptimConfig(clip_norm=-1.0)", _optim(clip_norm=-1.0), "clip_norm=-1.0"),
     ("OptimConfig(clip_norm=inf)", _optim(clip_norm=inf), "clip_norm=inf"),
     ("OptimConfig(warmup_steps=1.5)", _optim(warmup_steps=1.5), "warmup_steps=1.5"),
@@ -272,10 +351,12 @@ api("LlamaConfig(hidden_size=0)", lambda: LlamaConfig(hidden_size=0), "hidden_si
 
 def _with_demo(fn):
     """fn(cfg, params) on the demo model, loaded once (about a second)."""
+
     def call():
         if "params" not in _DEMO:
             _DEMO["cfg"], _DEMO["params"] = lj.load_pretrained(DEMO_MODEL)
         return fn(_DEMO["cfg"], _DEMO["params"])
+
     return call
 
 
@@ -287,6 +368,7 @@ def _init_lora(**kw):
         import jax
 
         return lj.init_lora(params, LoraConfig(**kw), jax.random.key(0))
+
     return _with_demo(fn)
 
 
@@ -295,6 +377,7 @@ def _generate(prompts=((1, 5, 7),), **kw):
         from lora_jax.generate import generate
 
         return generate(cfg, params, [list(p) for p in prompts], **kw)
+
     return _with_demo(fn)
 
 
@@ -349,8 +432,7 @@ def files(tmp_path_factory):
     (d / "nonempty").mkdir()
     (d / "nonempty" / "x.txt").write_text("keep me\n")
     (d / "fake_run").mkdir()  # a run directory whose run never saved a checkpoint
-    (d / "fake_run" / "run.json").write_text(json.dumps({"run": demo_run_config().to_dict(),
-                                                         "model_path": DEMO_MODEL}))
+    (d / "fake_run" / "run.json").write_text(json.dumps({"run": demo_run_config().to_dict(), "model_path": DEMO_MODEL}))
     (d / "fake_run" / "metrics.jsonl").write_text("")
     return d
 
@@ -435,13 +517,17 @@ def _entry_point() -> list[str]:
     return [exe] if os.path.exists(exe) else helpers.CLI
 
 
-@pytest.mark.parametrize("argv, expect", [
-    (["train", "--set", "optim.lr=nan"], "optim.lr='nan'"),
-    (["train", "--config", "{tmp}/bad.yaml"], "(while parsing a flow sequence started at line 1, column 7)"),
-    (["generate", "--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens: -5"),
-    (["sweep", "--grid", "lora.r=0,4"], "r=0"),
-    (["export", "--checkpoint", "{tmp}/nope", "--peft", "{tmp}/p"], "nope"),
-], ids=["train-nan", "train-bad-yaml", "generate-max-new-tokens", "sweep-grid", "export-no-run"])
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["train", "--set", "optim.lr=nan"], "optim.lr='nan'"),
+        (["train", "--config", "{tmp}/bad.yaml"], "(while parsing a flow sequence started at line 1, column 7)"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens: -5"),
+        (["sweep", "--grid", "lora.r=0,4"], "r=0"),
+        (["export", "--checkpoint", "{tmp}/nope", "--peft", "{tmp}/p"], "nope"),
+    ],
+    ids=["train-nan", "train-bad-yaml", "generate-max-new-tokens", "sweep-grid", "export-no-run"],
+)
 def test_entry_point_bad_input(argv, expect, tmp_path):
     (tmp_path / "bad.yaml").write_text("lora: [r: 4\n")
     argv = [a.format(tmp=tmp_path) for a in argv]
@@ -467,11 +553,20 @@ def test_help_works(command, capsys):
 
 
 def test_set_parses_yaml_lists_maps_and_floats():
-    run = demo_run_config().with_overrides([
-        "lora.target_modules=[gate_proj, up_proj]", "mesh.rules={embed: tensor, mlp: [fsdp, tensor]}",
-        "optim.lr=1e-4", "optim.eps=1E-6", "lora.rank_pattern={q_proj: 4}", "train.output_dir=1e5",
-        "model.path=null", "data.eval_file=~", "optim.clip_norm=null", "lora.init_lora_weights=false",
-    ])
+    run = demo_run_config().with_overrides(
+        [
+            "lora.target_modules=[gate_proj, up_proj]",
+            "mesh.rules={embed: tensor, mlp: [fsdp, tensor]}",
+            "optim.lr=1e-4",
+            "optim.eps=1E-6",
+            "lora.rank_pattern={q_proj: 4}",
+            "train.output_dir=1e5",
+            "model.path=null",
+            "data.eval_file=~",
+            "optim.clip_norm=null",
+            "lora.init_lora_weights=false",
+        ]
+    )
     assert run.lora.target_modules == ("gate_proj", "up_proj")
     assert dict(run.mesh.rules) == {"embed": "tensor", "mlp": ("fsdp", "tensor")}
     assert run.optim.lr == 1e-4 and isinstance(run.optim.lr, float) and run.optim.eps == 1e-6
@@ -507,7 +602,20 @@ def test_warmup_longer_than_the_run_warns(capsys):
         run.warn_unusual()
     assert demo_run_config().warn_unusual() == []
     # in the CLI: one warning line, then the (here: bad) input's error line
-    assert main(["train", "--set", "train.steps=5", "--model", "/nonexistent/model", "--no-progress",
-                 "--output-dir", "/nonexistent/out"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--set",
+                "train.steps=5",
+                "--model",
+                "/nonexistent/model",
+                "--no-progress",
+                "--output-dir",
+                "/nonexistent/out",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("lora-jax: warning: optim.warmup_steps=20"), err

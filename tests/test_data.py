@@ -14,17 +14,32 @@ import re
 import numpy as np
 import pytest
 
-from lora_jax.data import (ROW_KEYS, DataConfig, DataLoader, batch_indices, build_datasets,
-                           detect_format, eval_batches, first_fit, pack_examples, pad_examples,
-                           read_jsonl, special_prefix, split_heldout, tokenize_record,
-                           truncate_examples)
+from lora_jax.data import (
+    ROW_KEYS,
+    DataConfig,
+    DataLoader,
+    batch_indices,
+    build_datasets,
+    detect_format,
+    eval_batches,
+    first_fit,
+    pack_examples,
+    pad_examples,
+    read_jsonl,
+    special_prefix,
+    split_heldout,
+    tokenize_record,
+    truncate_examples,
+)
 from lora_jax.errors import ConfigError, DataError
 from tests.helpers import write_jsonl
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
-                 "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def _make_tokenizer(bos: bool = True, chat_template: str | None = CHAT_TEMPLATE):
@@ -36,11 +51,11 @@ def _make_tokenizer(bos: bool = True, chat_template: str | None = CHAT_TEMPLATE)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                           special_tokens=[("<s>", 1)])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.add_special_tokens(SPECIALS)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                 pad_token="<pad>", unk_token="<unk>")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     hf.chat_template = chat_template
     return hf
 
@@ -56,9 +71,19 @@ def _pieces(tok, ids, mask):
 
 
 # ------------------------------------------------------------------------------------- config
-@pytest.mark.parametrize("bad", [dict(seq_len=1), dict(seq_len=True), dict(eval_fraction=1.0),
-                                 dict(eval_fraction=-0.1), dict(overlong="truncte"),
-                                 dict(packing="yes"), dict(seed=-1), dict(train_file="")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(seq_len=1),
+        dict(seq_len=True),
+        dict(eval_fraction=1.0),
+        dict(eval_fraction=-0.1),
+        dict(overlong="truncte"),
+        dict(packing="yes"),
+        dict(seed=-1),
+        dict(train_file=""),
+    ],
+)
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         DataConfig(**bad)
@@ -79,7 +104,7 @@ def test_prompt_completion_loss_only_on_completion_and_eos(tok):
     tokens = tok.convert_ids_to_tokens(ids.tolist())
     assert "".join(tokens) == "<s>Q: 2+2? A: 4</s>"
     assert _pieces(tok, ids, mask) == " A: 4</s>"
-    assert not mask[:1 + len("Q: 2+2?")].any() and mask[1 + len("Q: 2+2?"):].all()
+    assert not mask[: 1 + len("Q: 2+2?")].any() and mask[1 + len("Q: 2+2?") :].all()
     _, mask_all = tokenize_record(rec, "prompt_completion", tok, completion_only=False)
     assert mask_all.all()
     ids_no_eos, _ = tokenize_record(rec, "prompt_completion", tok, add_eos=False)
@@ -94,13 +119,18 @@ def test_no_bos_when_tokenizer_does_not_add_one():
 
 
 def test_messages_loss_only_on_assistant_turns(tok):
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2?"},
-                {"role": "assistant", "content": "4"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     ids, mask = tokenize_record({"messages": messages}, "messages", tok)
     assert "".join(tok.convert_ids_to_tokens(ids.tolist())) == (
         "<s><|system|>be brief<|end|><|user|>hi<|end|><|assistant|>yo<|end|>"
-        "<|user|>2+2?<|end|><|assistant|>4<|end|></s>")
+        "<|user|>2+2?<|end|><|assistant|>4<|end|></s>"
+    )
     # Assistant content and its end-of-turn token (and the final eos); headers are not trained.
     assert _pieces(tok, ids, mask) == "yo<|end|>4<|end|></s>"
     assert ids.tolist().count(tok.bos_token_id) == 1  # the template's bos, not a second one
@@ -113,16 +143,16 @@ def test_messages_loss_only_on_assistant_turns(tok):
 
 def test_messages_template_that_ends_with_eos_gets_no_second_eos():
     t = _make_tokenizer(chat_template=CHAT_TEMPLATE.replace("<|end|>", "</s>"))
-    ids, mask = tokenize_record({"messages": [{"role": "user", "content": "a"},
-                                              {"role": "assistant", "content": "b"}]},
-                                "messages", t)
+    ids, mask = tokenize_record(
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages", t
+    )
     assert ids.tolist().count(t.eos_token_id) == 2 and ids[-1] == t.eos_token_id
     assert _pieces(t, ids, mask) == "b</s>"
     # eos then a newline closes each turn: still no second eos after the newline.
     t = _make_tokenizer(chat_template=CHAT_TEMPLATE.replace("<|end|>", "{{ eos_token }}\n"))
-    ids, mask = tokenize_record({"messages": [{"role": "user", "content": "a"},
-                                              {"role": "assistant", "content": "b"}]},
-                                "messages", t)
+    ids, mask = tokenize_record(
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages", t
+    )
     tokens = "".join(t.convert_ids_to_tokens(ids.tolist()))
     assert tokens == "<s><|user|>a</s>\n<|assistant|>b</s>\n"
     assert _pieces(t, ids, mask) == "b</s>\n"
@@ -130,44 +160,64 @@ def test_messages_template_that_ends_with_eos_gets_no_second_eos():
 
 def test_messages_template_that_rewrites_earlier_turns_is_refused():
     # Renders a turn differently when it is the last one: assistant spans cannot be located.
-    t = _make_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}"
-                                      "{% if loop.last %}!{% endif %}{% endfor %}")
+    t = _make_tokenizer(
+        chat_template="{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{% endfor %}"
+    )
     with pytest.raises(DataError, match=r"^x:1: the chat template renders messages\[:2\]"):
-        tokenize_record({"messages": [{"role": "user", "content": "a"},
-                                      {"role": "assistant", "content": "b"},
-                                      {"role": "user", "content": "c"}]},
-                        "messages", t, where="x:1")
+        tokenize_record(
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ]
+            },
+            "messages",
+            t,
+            where="x:1",
+        )
 
 
 def test_messages_need_a_chat_template():
     t = _make_tokenizer(chat_template=None)
     with pytest.raises(DataError, match="^x:1: 'messages' records need a tokenizer with a chat"):
-        tokenize_record({"messages": [{"role": "assistant", "content": "b"}]}, "messages", t,
-                        where="x:1")
+        tokenize_record({"messages": [{"role": "assistant", "content": "b"}]}, "messages", t, where="x:1")
 
 
-@pytest.mark.parametrize("record, fmt", [
-    ({"text": "a", "id": 3}, "text"),
-    ({"prompt": "a", "completion": "b"}, "prompt_completion"),
-    ({"messages": [{"role": "user", "content": "a"}]}, "messages"),
-])
+@pytest.mark.parametrize(
+    "record, fmt",
+    [
+        ({"text": "a", "id": 3}, "text"),
+        ({"prompt": "a", "completion": "b"}, "prompt_completion"),
+        ({"messages": [{"role": "user", "content": "a"}]}, "messages"),
+    ],
+)
 def test_detect_format(record, fmt):
     assert detect_format(record, "f:1") == fmt
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"prompt": "a"}, "f:1: record has 'prompt' but no 'completion'; a prompt/completion record "
-                      'needs both: {"prompt": ..., "completion": ...}'),
-    ({"completion": "a"}, "f:1: record has 'completion' but no 'prompt'"),
-    ({"input": "a", "output": "b"}, "f:1: record has fields ['input', 'output']; expected "
-                                    '{"text": ...}, {"prompt": ..., "completion": ...} or'),
-    ({"text": "a", "messages": []}, "f:1: record has fields of several formats (text, messages)"),
-    ({"text": 3}, "f:1: 'text' is a JSON number, expected a string"),
-    ({"prompt": [], "completion": "b"}, "f:1: 'prompt' is a JSON array, expected a string"),
-    ({"messages": []}, "f:1: 'messages' must be a non-empty list"),
-    ({"messages": [{"role": "user"}]}, "f:1: messages[0] has no 'content'; each message needs"),
-    ({"messages": ["hi"]}, r"f:1: messages[0] is a JSON string; each message must be an object"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (
+            {"prompt": "a"},
+            "f:1: record has 'prompt' but no 'completion'; a prompt/completion record "
+            'needs both: {"prompt": ..., "completion": ...}',
+        ),
+        ({"completion": "a"}, "f:1: record has 'completion' but no 'prompt'"),
+        (
+            {"input": "a", "output": "b"},
+            "f:1: record has fields ['input', 'output']; expected "
+            '{"text": ...}, {"prompt": ..., "completion": ...} or',
+        ),
+        ({"text": "a", "messages": []}, "f:1: record has fields of several formats (text, messages)"),
+        ({"text": 3}, "f:1: 'text' is a JSON number, expected a string"),
+        ({"prompt": [], "completion": "b"}, "f:1: 'prompt' is a JSON array, expected a string"),
+        ({"messages": []}, "f:1: 'messages' must be a non-empty list"),
+        ({"messages": [{"role": "user"}]}, "f:1: messages[0] has no 'content'; each message needs"),
+        ({"messages": ["hi"]}, r"f:1: messages[0] is a JSON string; each message must be an object"),
+    ],
+)
 def test_detect_format_errors_name_the_line_and_fields(record, message):
     with pytest.raises(DataError) as e:
         detect_format(record, "f:1")
@@ -219,7 +269,7 @@ def test_packed_rows_keep_documents_whole_and_separate(rng):
         assert (np.diff(seg[seg > 0]) >= 0).all() and set(seg[seg > 0]) == set(range(1, n_docs + 1))
         pad = seg == 0
         if pad.any():
-            assert pad[np.argmax(pad):].all()
+            assert pad[np.argmax(pad) :].all()
         for k in ("input_ids", "targets", "loss_mask", "positions"):
             assert not row[k][pad].any()
         for s in range(1, n_docs + 1):
@@ -244,12 +294,14 @@ def test_pad_examples_one_document_per_row(rng):
     assert len(rows) == 5
     for row, (ids, _) in zip(rows, examples):
         assert set(row["segment_ids"].tolist()) <= {0, 1}
-        assert (row["input_ids"][:len(ids)] == ids).all() and not row["input_ids"][len(ids):].any()
+        assert (row["input_ids"][: len(ids)] == ids).all() and not row["input_ids"][len(ids) :].any()
 
 
 def test_truncate_counts_and_pack_refuses_overlong(rng):
-    examples = [(np.arange(1, 11, dtype=np.int32), np.ones(10, bool)),
-                (np.arange(1, 4, dtype=np.int32), np.ones(3, bool))]
+    examples = [
+        (np.arange(1, 11, dtype=np.int32), np.ones(10, bool)),
+        (np.arange(1, 4, dtype=np.int32), np.ones(3, bool)),
+    ]
     cut, n = truncate_examples(examples, 8)
     assert n == 1 and [len(i) for i, _ in cut] == [8, 3]
     with pytest.raises(DataError, match="example 0 has 10 tokens"):
@@ -258,8 +310,7 @@ def test_truncate_counts_and_pack_refuses_overlong(rng):
 
 # -------------------------------------------------------------------------------------- loader
 def _rows(n, seq_len=4):
-    return [{k: np.full(seq_len, i, np.float32 if k == "loss_mask" else np.int32)
-             for k in ROW_KEYS} for i in range(n)]
+    return [{k: np.full(seq_len, i, np.float32 if k == "loss_mask" else np.int32) for k in ROW_KEYS} for i in range(n)]
 
 
 def _ids(batch):
@@ -279,7 +330,7 @@ def test_loader_is_deterministic_and_covers_each_epoch():
     first = batches[0]
     assert set(first) == set(ROW_KEYS) and first["input_ids"].shape == (4, 4)
     assert first["loss_mask"].dtype == np.float32
-    epochs = [sum((_ids(x) for x in batches[e * 5:(e + 1) * 5]), []) for e in range(3)]
+    epochs = [sum((_ids(x) for x in batches[e * 5 : (e + 1) * 5]), []) for e in range(3)]
     for epoch in epochs:
         assert len(set(epoch)) == 20  # each epoch: distinct rows, remainder of 3 dropped
     assert epochs[0] != epochs[1]  # reshuffled per epoch
@@ -320,8 +371,7 @@ def test_process_shards_are_disjoint_and_form_the_global_batch():
 
 
 def test_loader_errors():
-    with pytest.raises(ConfigError, match="batch_size=6 is the global batch and must divide by "
-                                          "process_count=4"):
+    with pytest.raises(ConfigError, match="batch_size=6 is the global batch and must divide by process_count=4"):
         DataLoader(_rows(10), 6, seed=0, process_count=4)
     with pytest.raises(DataError, match="^3 training row\\(s\\) is fewer than batch_size=4; lower"):
         DataLoader(_rows(3), 4, seed=0)
@@ -339,8 +389,8 @@ def test_eval_batches_cover_every_row_once_and_pad_the_last():
     assert not batches[1]["loss_mask"][3].any() and not batches[1]["segment_ids"][3].any()
     halves = [list(eval_batches(rows, 4, p, 2)) for p in range(2)]
     np.testing.assert_array_equal(
-        np.concatenate([halves[0][1]["input_ids"], halves[1][1]["input_ids"]]),
-        batches[1]["input_ids"])
+        np.concatenate([halves[0][1]["input_ids"], halves[1][1]["input_ids"]]), batches[1]["input_ids"]
+    )
 
 
 # ---------------------------------------------------------------------------- build_datasets
@@ -359,22 +409,21 @@ def test_build_datasets_splits_before_packing(tmp_path, tok):
     assert eval_ids == set(split_heldout(40, 0.1, 5)[1].tolist())
     assert build_datasets(cfg, tok).eval_records == ds.eval_records  # deterministic by seed
     assert build_datasets(cfg.replace(seed=6), tok).eval_records != ds.eval_records
-    train_text = "".join(tok.convert_ids_to_tokens(
-        np.concatenate([r["input_ids"] for r in ds.train_rows]).tolist()))
+    train_text = "".join(tok.convert_ids_to_tokens(np.concatenate([r["input_ids"] for r in ds.train_rows]).tolist()))
     for i in range(40):
         assert (f"q{i}: a{i}</s>" in train_text) == (i not in eval_ids)
     assert sum(r["segment_ids"].max() for r in ds.eval_rows) == 4
     loss = sum(float(r["loss_mask"].sum()) for r in ds.train_rows)
-    assert loss == ds.stats["n_loss_tokens"] == sum(len(f" a{i}") + 1 for i in range(40)
-                                                   if i not in eval_ids)
+    assert loss == ds.stats["n_loss_tokens"] == sum(len(f" a{i}") + 1 for i in range(40) if i not in eval_ids)
     padded = build_datasets(cfg.replace(packing=False), tok)
     assert len(padded.train_rows) == 36
 
 
 def test_build_datasets_truncates_and_uses_eval_file(tmp_path, tok):
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": "x" * 50}, {"text": "short"}])
-    held = write_jsonl(tmp_path / "e.jsonl", [{"messages": [{"role": "user", "content": "a"},
-                                                            {"role": "assistant", "content": "b"}]}])
+    held = write_jsonl(
+        tmp_path / "e.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+    )
     ds = build_datasets(DataConfig(train_file=train, eval_file=held, seq_len=20), tok)
     assert ds.stats["n_truncated"] == 1 and ds.stats["n_train"] == 2 and ds.stats["n_eval"] == 1
     assert ds.stats["eval_format"] == "messages" and len(ds.eval_rows) == 1
@@ -396,23 +445,26 @@ def test_bad_inputs_give_one_clear_line(tmp_path, tok):
     ok = {"prompt": "a", "completion": "b"}
     assert _error(tmp_path, tok, None).startswith("data.jsonl: file not found; check the path")
     assert _error(tmp_path, tok, [ok, "", '{"prompt": "a" "completion": "b"}']) == (
-        "data.jsonl:3: malformed JSON (Expecting ',' delimiter at column 16); fix the line or "
-        "remove it")
-    assert _error(tmp_path, tok, [ok, "[1, 2]"]).startswith(
-        "data.jsonl:2: record is a JSON array, expected an object")
+        "data.jsonl:3: malformed JSON (Expecting ',' delimiter at column 16); fix the line or remove it"
+    )
+    assert _error(tmp_path, tok, [ok, "[1, 2]"]).startswith("data.jsonl:2: record is a JSON array, expected an object")
     assert _error(tmp_path, tok, [ok, {"prompt": "a"}]).startswith(
-        "data.jsonl:2: record has 'prompt' but no 'completion'")
+        "data.jsonl:2: record has 'prompt' but no 'completion'"
+    )
     assert _error(tmp_path, tok, ["", "  "]).startswith(
-        "data.jsonl: no records (empty file or only blank lines); add one JSON object per line")
+        "data.jsonl: no records (empty file or only blank lines); add one JSON object per line"
+    )
     assert _error(tmp_path, tok, [ok, ok, {"text": "c"}]) == (
         "data.jsonl:3: record is in 'text' format but line 1 is 'prompt_completion'; every record "
-        "of a file must use one format")
-    assert _error(tmp_path, tok, [ok, {"prompt": "p" * 30, "completion": "c"}], seq_len=16,
-                  overlong="error") == (
+        "of a file must use one format"
+    )
+    assert _error(tmp_path, tok, [ok, {"prompt": "p" * 30, "completion": "c"}], seq_len=16, overlong="error") == (
         "data.jsonl:2: record is 33 tokens, longer than seq_len=16; raise data.seq_len, shorten "
-        "the record, or set data.overlong=truncate")
+        "the record, or set data.overlong=truncate"
+    )
     assert _error(tmp_path, tok, [{"prompt": "p" * 30, "completion": "c"}], seq_len=16).startswith(
-        "data.jsonl: no training record has a loss token within seq_len=16")
+        "data.jsonl: no training record has a loss token within seq_len=16"
+    )
     with pytest.raises(DataError, match=r"1 record\(s\) is too few to hold out eval_fraction=0.05"):
         build_datasets(DataConfig(train_file=write_jsonl(tmp_path / "one.jsonl", [ok])), tok)
     with pytest.raises(ConfigError, match="data.train_file is not set"):

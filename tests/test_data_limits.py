@@ -39,8 +39,9 @@ def test_huge_record_refused_with_bounded_memory(big_file, demo_tokenizer):
         tracemalloc.stop()
     message = str(e.value)
     assert "\n" not in message
-    assert message.startswith(f"{path}:3: record is {size} bytes (4.8 MiB), over "
-                              f"data.max_record_bytes={LIMIT} (64.0 KiB)"), message
+    assert message.startswith(
+        f"{path}:3: record is {size} bytes (4.8 MiB), over data.max_record_bytes={LIMIT} (64.0 KiB)"
+    ), message
     assert "split it" in message and "--set data.max_record_bytes=8388608" in message
     assert peak < 3 * LIMIT + 256 * 1024, f"peak {peak} bytes while refusing a {size}-byte record"
 
@@ -75,8 +76,19 @@ def test_max_record_bytes_settable_and_cli_refusal_is_one_line(big_file, tmp_pat
     run = RunConfig().with_overrides([f"data.max_record_bytes={LIMIT}"])
     assert run.data.max_record_bytes == LIMIT
     out = tmp_path / "out"
-    err = cli_error(capsys, ["train", "--output-dir", str(out), "--no-progress", "--data", big_file[0],
-                             "--set", f"data.max_record_bytes={LIMIT}"])
+    err = cli_error(
+        capsys,
+        [
+            "train",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            "--data",
+            big_file[0],
+            "--set",
+            f"data.max_record_bytes={LIMIT}",
+        ],
+    )
     assert f"{big_file[0]}:3: record is" in err and "max_record_bytes" in err
     assert not out.exists()
 
@@ -84,8 +96,10 @@ def test_max_record_bytes_settable_and_cli_refusal_is_one_line(big_file, tmp_pat
 EMPTY = {
     "text": [{"text": ""}, {"text": "  \n"}, {"text": ""}],
     "prompt_completion": [{"prompt": "", "completion": ""}, {"prompt": "", "completion": " "}],
-    "messages": [{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]},
-                 {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": ""}]}],
+    "messages": [
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": ""}]},
+    ],
 }
 
 

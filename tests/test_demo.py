@@ -19,7 +19,7 @@ def _records(path):
 def _phrase(record):
     prompt = record["prompt"]
     assert prompt.startswith("shout: ") and prompt.endswith(" =>"), prompt
-    return prompt[len("shout: "):-len(" =>")]
+    return prompt[len("shout: ") : -len(" =>")]
 
 
 def _pairs(phrase):
@@ -56,6 +56,10 @@ def test_tokenizer_splits_a_phrase_and_its_shout_alike(demo_tokenizer):
 
 
 def test_demo_files_stay_small():
-    size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(DEMO_DIR)
-               for f in files if "__pycache__" not in root)
+    size = sum(
+        os.path.getsize(os.path.join(root, f))
+        for root, _, files in os.walk(DEMO_DIR)
+        for f in files
+        if "__pycache__" not in root
+    )
     assert size < 3_000_000

@@ -72,8 +72,9 @@ def test_lora_dense_with_dropout_equals_the_explicit_formula(out_features):
     for g, r in zip(jax.grad(ours, (0, 1, 2))(x, a, b), jax.grad(reference, (0, 1, 2))(x, a, b)):
         assert float(jnp.max(jnp.abs(r))) > 1e-2
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
-    traced = jax.jit(jax.grad(lambda x, r: jnp.sum(cot * lora_dense(x, w, a, b, scale, dropout_rng=key,
-                                                                     dropout_rate=r))))(x, jnp.float32(rate))
+    traced = jax.jit(
+        jax.grad(lambda x, r: jnp.sum(cot * lora_dense(x, w, a, b, scale, dropout_rng=key, dropout_rate=r)))
+    )(x, jnp.float32(rate))
     np.testing.assert_allclose(traced, jax.grad(reference)(x, a, b), rtol=1e-4, atol=1e-4)
 
 
@@ -86,8 +87,14 @@ def test_dropout_keeps_no_dropped_copy_for_the_backward_pass(capsys):
 
     x, w, a, b = jnp.ones((64, 32)), jnp.ones((32, 96)), jnp.ones((32, 4)), jnp.ones((4, 96))
     for fuse in (True, False):
-        print_saved_residuals(lambda x, a, b: jnp.sum(lora_dense(
-            x, w, a, b, 0.5, dropout_rng=jax.random.key(0), dropout_rate=0.1, fuse_wide=fuse)), x, a, b)
+        print_saved_residuals(
+            lambda x, a, b: jnp.sum(
+                lora_dense(x, w, a, b, 0.5, dropout_rng=jax.random.key(0), dropout_rate=0.1, fuse_wide=fuse)
+            ),
+            x,
+            a,
+            b,
+        )
         lines = capsys.readouterr().out.splitlines()
         token_sized = [ln for ln in lines if "[64,32]" in ln]
         assert len(token_sized) == 1 and "argument x" in token_sized[0], lines

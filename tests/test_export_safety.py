@@ -15,8 +15,19 @@ from lora_jax.export import export_checkpoint
 from lora_jax.hf.save import is_previous_export, parse_size
 from tests.helpers import cli_error
 
-QUICK = ["--set", "train.steps=2", "--set", "train.save_every=2", "--set", "train.batch_size=8",
-         "--set", "train.eval_generate=0", "--set", "train.eval_batches=1", "--no-progress"]
+QUICK = [
+    "--set",
+    "train.steps=2",
+    "--set",
+    "train.save_every=2",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_generate=0",
+    "--set",
+    "train.eval_batches=1",
+    "--no-progress",
+]
 
 
 def snapshot(root) -> dict:
@@ -200,8 +211,7 @@ def test_training_export_is_a_previous_export(run_dir, tmp_path):
     with pytest.raises(lj.ConfigError, match="--overwrite"):
         export_checkpoint(str(run_dir), peft_dir=str(adapter))
     assert snapshot(adapter) == before
-    written = export_checkpoint(str(run_dir), peft_dir=str(adapter), merged_dir=str(tmp_path / "m"),
-                                overwrite=True)
+    written = export_checkpoint(str(run_dir), peft_dir=str(adapter), merged_dir=str(tmp_path / "m"), overwrite=True)
     assert written == {"step": 2, "peft": str(adapter), "merged": str(tmp_path / "m")}
     assert snapshot(adapter) == before  # the same checkpoint, written again
     assert is_previous_export(tmp_path / "m", "model")
@@ -232,8 +242,9 @@ def test_cli_export_without_checkpoint_one_line(tmp_path, capsys):
 
 
 def test_cli_bad_shard_size_one_line(run_dir, tmp_path, capsys):
-    err = cli_error(capsys, ["export", "--checkpoint", str(run_dir), "--merged", str(tmp_path / "m"),
-                             "--max-shard-size", "lots"])
+    err = cli_error(
+        capsys, ["export", "--checkpoint", str(run_dir), "--merged", str(tmp_path / "m"), "--max-shard-size", "lots"]
+    )
     assert "max_shard_size (--max-shard-size)='lots' is not a size" in err and "5GB" in err
     assert os.listdir(tmp_path) == []
 

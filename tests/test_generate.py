@@ -33,8 +33,7 @@ def test_greedy_cache_matches_full_forward(tiny_llama):
     # the plain base, unscanned
     cfg2, params2 = lj.load_pretrained(tiny_llama, scan_layers=False)
     got = generate(cfg2, params2, prompts[:1], max_new_tokens=4, eos_token_id=-1)
-    assert got[0] == _reference_greedy(model, lambda x: lj.Llama(cfg2).apply({"params": params2}, x),
-                                       prompts[0], 4)
+    assert got[0] == _reference_greedy(model, lambda x: lj.Llama(cfg2).apply({"params": params2}, x), prompts[0], 4)
 
 
 def test_sampling_is_seeded_and_stops_at_eos(tiny_llama):

@@ -29,19 +29,28 @@ VARIANTS = {
     "plain": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "rslora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"], use_dora=True),
-    "patterns": dict(r=4, lora_alpha=8, target_modules="all-linear",
-                     rank_pattern={"model.layers.0.self_attn.q_proj": 2, "down_proj": 6},
-                     alpha_pattern={"v_proj": 3.0}),
-    "layers_to_transform": dict(r=4, lora_alpha=16, target_modules=["q_proj", "gate_proj"],
-                                layers_to_transform=[1]),
-    "dora_patterns_layers": dict(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"], use_dora=True,
-                                 rank_pattern={"down_proj": 2}, layers_to_transform=[0]),
+    "patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        rank_pattern={"model.layers.0.self_attn.q_proj": 2, "down_proj": 6},
+        alpha_pattern={"v_proj": 3.0},
+    ),
+    "layers_to_transform": dict(r=4, lora_alpha=16, target_modules=["q_proj", "gate_proj"], layers_to_transform=[1]),
+    "dora_patterns_layers": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["v_proj", "down_proj"],
+        use_dora=True,
+        rank_pattern={"down_proj": 2},
+        layers_to_transform=[0],
+    ),
     "regex": dict(r=3, lora_alpha=5, target_modules=r".*\.layers\.0\..*(k|up)_proj"),
 }
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(cfg, lcfg):
     model = lj.Llama(cfg)
     if lcfg is None:
@@ -77,8 +86,8 @@ def our_adapter(params, kw, seed=1):
     if lcfg.use_dora:
         rng = np.random.default_rng(seed)
         lora = jax.tree_util.tree_map_with_path(
-            lambda p, v: v * (1 + 0.3 * rng.uniform(-1, 1, v.shape)).astype(np.float32)
-            if p[-1].key == "m" else v, lora)
+            lambda p, v: v * (1 + 0.3 * rng.uniform(-1, 1, v.shape)).astype(np.float32) if p[-1].key == "m" else v, lora
+        )
     return lora, lcfg
 
 
@@ -90,8 +99,10 @@ def peft_adapter(base_dir, kw, seed=0, modules_to_save=None):
 
     torch.manual_seed(seed)
     kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
-    pm = peft.get_peft_model(hf_base(base_dir), peft.LoraConfig(
-        task_type="CAUSAL_LM", init_lora_weights=False, modules_to_save=modules_to_save, **kw)).eval()
+    pm = peft.get_peft_model(
+        hf_base(base_dir),
+        peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, modules_to_save=modules_to_save, **kw),
+    ).eval()
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_magnitude_vector" in name or "modules_to_save" in name:
@@ -111,9 +122,11 @@ def nothing_written(out_dir):
 
 def assert_same_targets(pm, targets):
     """PEFT built adapters on exactly the planned modules, with the same ranks and scales."""
-    got = {name.removeprefix("base_model.model."): (mod.r["default"], mod.scaling["default"])
-           for name, mod in pm.named_modules()
-           if hasattr(mod, "scaling") and "default" in getattr(mod, "r", {})}
+    got = {
+        name.removeprefix("base_model.model."): (mod.r["default"], mod.scaling["default"])
+        for name, mod in pm.named_modules()
+        if hasattr(mod, "scaling") and "default" in getattr(mod, "r", {})
+    }
     assert sorted(got) == sorted(t.hf_name for t in targets)
     for t in targets:
         assert got[t.hf_name][0] == t.r and got[t.hf_name][1] == pytest.approx(t.scale, rel=1e-6), t
@@ -190,7 +203,8 @@ def test_pissa_exported_relative_to_residual(tiny_llama, bases, tmp_path):
     lora0 = lj.init_lora(params, lcfg, jax.random.key(0))
     residual = lj.unmerge(params, lora0, lcfg)
     lora = jax.tree_util.tree_map_with_path(  # "training" moved B
-        lambda p, v: v * 1.2 + 0.01 if p[-1].key == "b" else v, lora0)
+        lambda p, v: v * 1.2 + 0.01 if p[-1].key == "b" else v, lora0
+    )
     expected = ours(cfg, residual, lora, lcfg)
     res_dir = lj.save_pretrained(tmp_path / "residual", residual, cfg)
     out = lj.save_peft(tmp_path / "adapter", lora, lcfg, cfg, base_model_name_or_path=res_dir)
@@ -247,9 +261,10 @@ def test_adapter_name_in_keys_tolerated(tiny_llama, bases, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- merged export
-@pytest.mark.parametrize("variant, scan, shard", [("plain", True, "30KB"), ("dora", True, None),
-                                                   ("dora_patterns_layers", False, None),
-                                                   ("patterns", False, "30KB")])
+@pytest.mark.parametrize(
+    "variant, scan, shard",
+    [("plain", True, "30KB"), ("dora", True, None), ("dora_patterns_layers", False, None), ("patterns", False, "30KB")],
+)
 def test_merged_export_loads_in_transformers(bases, tmp_path, variant, scan, shard):
     cfg, params = bases[scan]
     lora, lcfg = our_adapter(params, VARIANTS[variant])
@@ -298,8 +313,10 @@ def test_base_round_trip_is_exact(tiny_llama, tmp_path, variant):
         assert key in c
     assert c["architectures"] == ["LlamaForCausalLM"] and c["model_type"] == "llama"
     assert c["tie_word_embeddings"] == (variant == "tied") and c["dtype"] == "float32"
-    assert sorted(f for f in os.listdir(out) if f.startswith(("tokenizer", "special"))) == \
-        ["special_tokens_map.json", "tokenizer_config.json"]
+    assert sorted(f for f in os.listdir(out) if f.startswith(("tokenizer", "special"))) == [
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+    ]
 
 
 # -------------------------------------------------------------------------------------------- bf16
@@ -388,22 +405,25 @@ def _spoiled(src, dst, tensors=None, config=None):
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-@pytest.mark.parametrize("case, message", [
-    ("unexpected_lora", r"unexpected tensors: .*layers\.0\.self_attn\.k_proj\.lora_A\.weight.*different base"),
-    ("unexpected_other", r"unexpected tensors: base_model\.model\.junk\.weight"),
-    ("missing", rf"missing tensors: {Q0}\.lora_B\.weight"),
-    ("missing_magnitude", rf"missing tensors: {Q0}\.lora_magnitude_vector"),
-    ("shape", rf"{Q0}\.lora_A\.weight has shape \[5, 32\] but .* imply \[4, 32\]"),
-    ("peft_type", r"peft_type='IA3' is not supported"),
-    ("fan_in_fan_out", r"fan_in_fan_out=True .* is not supported"),
-    ("bias", r"bias='all' is not supported"),
-    ("layers_pattern", r"layers_pattern='h' is not supported"),
-    ("target_parameters", r"target_parameters=\['mlp.experts'\]"),
-    ("pissa", r"init_lora_weights='pissa' means the adapter is relative to a base"),
-    ("task_type", r"task_type='SEQ_CLS' is not supported"),
-    ("embeddings", r"LoRA on embeddings or lm_head is not supported"),
-    ("bad_json", r"is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unexpected_lora", r"unexpected tensors: .*layers\.0\.self_attn\.k_proj\.lora_A\.weight.*different base"),
+        ("unexpected_other", r"unexpected tensors: base_model\.model\.junk\.weight"),
+        ("missing", rf"missing tensors: {Q0}\.lora_B\.weight"),
+        ("missing_magnitude", rf"missing tensors: {Q0}\.lora_magnitude_vector"),
+        ("shape", rf"{Q0}\.lora_A\.weight has shape \[5, 32\] but .* imply \[4, 32\]"),
+        ("peft_type", r"peft_type='IA3' is not supported"),
+        ("fan_in_fan_out", r"fan_in_fan_out=True .* is not supported"),
+        ("bias", r"bias='all' is not supported"),
+        ("layers_pattern", r"layers_pattern='h' is not supported"),
+        ("target_parameters", r"target_parameters=\['mlp.experts'\]"),
+        ("pissa", r"init_lora_weights='pissa' means the adapter is relative to a base"),
+        ("task_type", r"task_type='SEQ_CLS' is not supported"),
+        ("embeddings", r"LoRA on embeddings or lm_head is not supported"),
+        ("bad_json", r"is not valid JSON"),
+    ],
+)
 def test_bad_adapter_refused(q_adapter, bases, tmp_path, case, message):
     _, params = bases[True]
     tensors = {
@@ -413,11 +433,16 @@ def test_bad_adapter_refused(q_adapter, bases, tmp_path, case, message):
         "missing_magnitude": lambda t: {k: v for k, v in t.items() if k != Q0 + ".lora_magnitude_vector"},
         "shape": lambda t: {**t, Q0 + ".lora_A.weight": np.zeros((5, 32), np.float32)},
     }.get(case)
-    config = {"peft_type": dict(peft_type="IA3"), "fan_in_fan_out": dict(fan_in_fan_out=True),
-              "bias": dict(bias="all"), "layers_pattern": dict(layers_pattern="h"),
-              "target_parameters": dict(target_parameters=["mlp.experts"]),
-              "pissa": dict(init_lora_weights="pissa"), "task_type": dict(task_type="SEQ_CLS"),
-              "embeddings": dict(target_modules=["q_proj", "embed_tokens"])}.get(case)
+    config = {
+        "peft_type": dict(peft_type="IA3"),
+        "fan_in_fan_out": dict(fan_in_fan_out=True),
+        "bias": dict(bias="all"),
+        "layers_pattern": dict(layers_pattern="h"),
+        "target_parameters": dict(target_parameters=["mlp.experts"]),
+        "pissa": dict(init_lora_weights="pissa"),
+        "task_type": dict(task_type="SEQ_CLS"),
+        "embeddings": dict(target_modules=["q_proj", "embed_tokens"]),
+    }.get(case)
     bad = _spoiled(q_adapter, tmp_path / "bad", tensors, config)
     if case == "bad_json":
         (bad / "adapter_config.json").write_text('{"peft_type": "LORA", ')
@@ -425,15 +450,19 @@ def test_bad_adapter_refused(q_adapter, bases, tmp_path, case, message):
     with pytest.raises(lj.CheckpointFormatError, match=message):
         lj.load_peft(bad, params)
     assert sorted(os.listdir(tmp_path)) == before and sorted(os.listdir(bad)) == sorted(
-        ["adapter_model.safetensors", "adapter_config.json"])
+        ["adapter_model.safetensors", "adapter_config.json"]
+    )
 
 
 def test_real_non_lora_adapter_refused(tiny_llama, bases, tmp_path):
     import peft
 
-    pm = peft.get_peft_model(hf_base(tiny_llama), peft.IA3Config(task_type="CAUSAL_LM",
-                                                                 target_modules=["k_proj", "down_proj"],
-                                                                 feedforward_modules=["down_proj"]))
+    pm = peft.get_peft_model(
+        hf_base(tiny_llama),
+        peft.IA3Config(
+            task_type="CAUSAL_LM", target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]
+        ),
+    )
     pm.save_pretrained(tmp_path / "ia3")
     with pytest.raises(lj.CheckpointFormatError, match="peft_type='IA3' is not supported; lora_jax loads LoRA"):
         lj.load_peft(tmp_path / "ia3", bases[True][1])
@@ -471,11 +500,14 @@ def other_bases(tmp_path_factory):
 
 def test_adapter_on_wrong_base_refused(q_adapter, other_bases, tmp_path):
     wide, shallow = other_bases
-    with pytest.raises(lj.CheckpointFormatError,
-                       match=rf"{Q0}\.lora_A\.weight has shape \[4, 32\] but .* imply \[4, 48\].*different base"):
+    with pytest.raises(
+        lj.CheckpointFormatError,
+        match=rf"{Q0}\.lora_A\.weight has shape \[4, 32\] but .* imply \[4, 48\].*different base",
+    ):
         lj.load_peft(q_adapter, wide)
-    with pytest.raises(lj.CheckpointFormatError,
-                       match=r"unexpected tensors: .*layers\.1\.self_attn\.q_proj.*different base model"):
+    with pytest.raises(
+        lj.CheckpointFormatError, match=r"unexpected tensors: .*layers\.1\.self_attn\.q_proj.*different base model"
+    ):
         lj.load_peft(q_adapter, shallow)
     layered = _spoiled(q_adapter, tmp_path / "layered", config=dict(layers_to_transform=[1]))
     with pytest.raises(lj.CheckpointFormatError, match=r"does not fit this base model: layers_to_transform"):
@@ -522,8 +554,7 @@ def test_failed_saves_write_nothing(bases, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ training gradients
-@pytest.mark.parametrize("variant,fuse", [("plain", True), ("plain", False), ("dora", True),
-                                          ("patterns", True)])
+@pytest.mark.parametrize("variant,fuse", [("plain", True), ("plain", False), ("dora", True), ("patterns", True)])
 def test_adapter_gradients_equal_peft(tiny_llama, bases, tmp_path, variant, fuse):
     """One loss's gradients w.r.t. every lora_A / lora_B (and DoRA magnitude) equal PEFT's under
     torch autograd: the whole backward pass (the loss's and the projections' hand-written VJPs,
@@ -540,26 +571,34 @@ def test_adapter_gradients_equal_peft(tiny_llama, bases, tmp_path, variant, fuse
     ids = random_ids(97, (2, 13), seed=3)
     out = pm(torch.from_numpy(ids).long(), labels=torch.from_numpy(ids).long())
     out.loss.backward()
-    expected = {k.replace(".default", "").replace("_vector.weight", "_vector"): p.grad.numpy()
-                for k, p in pm.named_parameters() if p.requires_grad}
+    expected = {
+        k.replace(".default", "").replace("_vector.weight", "_vector"): p.grad.numpy()
+        for k, p in pm.named_parameters()
+        if p.requires_grad
+    }
     pm.save_pretrained(tmp_path / "adapter")
     lora, lcfg = lj.load_peft(tmp_path / "adapter", params)
     split = lj.split_trainable(params, lora, lcfg)
-    batch = {"input_ids": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
-             "positions": jnp.broadcast_to(jnp.arange(12), (2, 12)),
-             "segment_ids": jnp.ones((2, 12), jnp.int32), "loss_mask": jnp.ones((2, 12))}
+    batch = {
+        "input_ids": jnp.asarray(ids[:, :-1]),
+        "targets": jnp.asarray(ids[:, 1:]),
+        "positions": jnp.broadcast_to(jnp.arange(12), (2, 12)),
+        "segment_ids": jnp.ones((2, 12), jnp.int32),
+        "loss_mask": jnp.ones((2, 12)),
+    }
 
     def mean_loss(tr):
-        total, n = _loss_sum(lj.Llama(cfg), cfg, lcfg, 8, False, tr, split.frozen, batch,
-                             jax.random.key(0), True)
+        total, n = _loss_sum(lj.Llama(cfg), cfg, lcfg, 8, False, tr, split.frozen, batch, jax.random.key(0), True)
         return total / n
 
     loss, grads = jax.value_and_grad(mean_loss)(split.trainable)
     report(f"loss vs PEFT {variant} fuse={fuse}", abs(float(loss) - out.loss.item()))
     _, grad_tree = lj.combine(grads, split.frozen)
-    saved = load_file(os.path.join(lj.save_peft(tmp_path / "grads", grad_tree, lcfg, cfg),
-                                   "adapter_model.safetensors"))
+    saved = load_file(os.path.join(lj.save_peft(tmp_path / "grads", grad_tree, lcfg, cfg), "adapter_model.safetensors"))
     assert sorted(saved) == sorted(expected)
     assert min(float(np.abs(v).max()) for v in expected.values()) > 1e-4  # every gradient is live
-    report(f"adapter gradients vs PEFT {variant} fuse={fuse}",
-           max(max_diff(saved[k], expected[k]) for k in expected), bound=1e-5)
+    report(
+        f"adapter gradients vs PEFT {variant} fuse={fuse}",
+        max(max_diff(saved[k], expected[k]) for k in expected),
+        bound=1e-5,
+    )

@@ -43,8 +43,11 @@ def test_projection_shapes_and_biases_are_transformers(variant):
     torch_model = _torch_model(**VARIANTS[variant])
     cfg = _cfg(**VARIANTS[variant])
     modules = dict(torch_model.named_modules())
-    linear = {n.rsplit(".", 1)[-1] for n, m in modules.items()
-              if type(m).__name__ == "Linear" and n.startswith(LLAMA_LAYOUT.hf_layers)}
+    linear = {
+        n.rsplit(".", 1)[-1]
+        for n, m in modules.items()
+        if type(m).__name__ == "Linear" and n.startswith(LLAMA_LAYOUT.hf_layers)
+    }
     assert linear == set(LLAMA_LAYOUT.names)  # every per-layer Linear is a projection, and back
     for layer in range(cfg.num_hidden_layers):
         for p in LLAMA_LAYOUT.projections:
@@ -88,9 +91,11 @@ def test_readers_cover_exactly_the_layout():
     assert ALL_LINEAR == names
     targets = plan_targets(shape_from_config(cfg), lj.LoraConfig(r=2, target_modules="all-linear"))
     assert [(t.layer, t.name, t.parent) for t in targets] == [
-        (i, p.name, p.parent) for i in range(cfg.num_hidden_layers) for p in LLAMA_LAYOUT.projections]
-    assert {t.hf_name for t in targets} == {n for n, _ in _torch_model().named_modules()
-                                           if n.rsplit(".", 1)[-1] in names}
+        (i, p.name, p.parent) for i in range(cfg.num_hidden_layers) for p in LLAMA_LAYOUT.projections
+    ]
+    assert {t.hf_name for t in targets} == {
+        n for n, _ in _torch_model().named_modules() if n.rsplit(".", 1)[-1] in names
+    }
     # FLOPs: the same names and shapes
     assert flops.ALL_TARGETS == names
     assert flops.projection_shapes(cfg) == LLAMA_LAYOUT.shapes(cfg)
@@ -138,12 +143,14 @@ def test_lora_and_quant_do_not_reach_into_hf():
 
 def test_flops_loads_by_path_without_jax():
     """experiments/bench/peft_bench.py loads flops.py by path in a torch-only process."""
-    code = ("import importlib.util, sys\n"
-            "spec = importlib.util.spec_from_file_location('f', 'lora_jax/flops.py')\n"
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-            "assert 'jax' not in sys.modules and 'lora_jax' not in sys.modules\n"
-            "print(m.ALL_TARGETS, m.flops_per_token(dict(hidden_size=64, intermediate_size=128, "
-            "num_attention_heads=4, num_hidden_layers=2, vocab_size=100), 16, 8))\n")
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('f', 'lora_jax/flops.py')\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "assert 'jax' not in sys.modules and 'lora_jax' not in sys.modules\n"
+        "print(m.ALL_TARGETS, m.flops_per_token(dict(hidden_size=64, intermediate_size=128, "
+        "num_attention_heads=4, num_hidden_layers=2, vocab_size=100), 16, 8))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     small = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=100)
     assert out.stdout.strip() == f"{flops.ALL_TARGETS} {flops.flops_per_token(small, 16, 8)}"

@@ -65,9 +65,11 @@ def test_missing_and_unexpected_keys_listed(model_copy):
         del t["model.layers.1.self_attn.k_proj.weight"]
 
     _edit_weights(model_copy, edit)
-    with pytest.raises(lj.CheckpointFormatError,
-                       match=r"missing tensors: model.layers.1.self_attn.k_proj.weight; "
-                             r"unexpected tensors: model.layers.0.mlp.extra.weight"):
+    with pytest.raises(
+        lj.CheckpointFormatError,
+        match=r"missing tensors: model.layers.1.self_attn.k_proj.weight; "
+        r"unexpected tensors: model.layers.0.mlp.extra.weight",
+    ):
         lj.load_pretrained(model_copy)
 
 

@@ -16,11 +16,14 @@ VARIANTS = {
     "plain": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "rslora": dict(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "down_proj"), use_rslora=True),
     "dora": dict(r=4, lora_alpha=8, target_modules=("q_proj", "o_proj", "up_proj"), use_dora=True),
-    "patterns": dict(r=4, lora_alpha=8, target_modules="all-linear",
-                     rank_pattern={"model.layers.0.self_attn.q_proj": 2, "down_proj": 6},
-                     alpha_pattern={"v_proj": 3.0}),
-    "layers_to_transform": dict(r=4, lora_alpha=16, target_modules=("q_proj", "gate_proj"),
-                                layers_to_transform=[1]),
+    "patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        rank_pattern={"model.layers.0.self_attn.q_proj": 2, "down_proj": 6},
+        alpha_pattern={"v_proj": 3.0},
+    ),
+    "layers_to_transform": dict(r=4, lora_alpha=16, target_modules=("q_proj", "gate_proj"), layers_to_transform=[1]),
     "regex": dict(r=3, lora_alpha=5, target_modules=r".*\.layers\.0\..*(k|up)_proj"),
 }
 
@@ -48,8 +51,7 @@ def test_intercepted_equals_merged(bases, variant, scan):
     lcfg = lj.LoraConfig(init_lora_weights=False, **VARIANTS[variant])  # random non-zero B
     lora = lj.init_lora(params, lcfg, jax.random.key(1))
     if lcfg.use_dora:  # move magnitudes away from the norms so DoRA's factor is not 1
-        lora = jax.tree_util.tree_map_with_path(
-            lambda p, v: v * 1.3 if p[-1].key == "m" else v, lora)
+        lora = jax.tree_util.tree_map_with_path(lambda p, v: v * 1.3 if p[-1].key == "m" else v, lora)
     model = lj.Llama(cfg)
     ours = lj.apply(model, params, lora, lcfg, tiny_ids())
     merged = model.apply({"params": lj.merge(params, lora, lcfg)}, tiny_ids())
@@ -67,8 +69,9 @@ def test_pattern_ranks_and_scales(bases):
     assert lora["layers_1"]["mlp"]["down_proj"]["b"].shape == (6, 32)
     assert float(lora["layers_0"]["self_attn"]["v_proj"]["scale"]) == pytest.approx(3.0 / 4)
     rs = lj.LoraConfig(r=4, lora_alpha=8, use_rslora=True)
-    assert float(lj.init_lora(params, rs, jax.random.key(0))["layers_0"]["self_attn"]["q_proj"]["scale"]) \
-        == pytest.approx(8 / 2.0)
+    assert float(
+        lj.init_lora(params, rs, jax.random.key(0))["layers_0"]["self_attn"]["q_proj"]["scale"]
+    ) == pytest.approx(8 / 2.0)
 
 
 @pytest.mark.parametrize("variant", ["plain", "dora", "patterns"])
@@ -133,8 +136,10 @@ def test_merge_bf16_casts_once(tiny_llama):
     merged = lj.merge(p16, lora, lcfg)
     k = merged["layers"]["self_attn"]["q_proj"]["kernel"]
     assert k.dtype == jnp.bfloat16
-    ref = (p16["layers"]["self_attn"]["q_proj"]["kernel"].astype(jnp.float32)
-           + lj.lora.tree._delta(lora["layers"]["self_attn"]["q_proj"])).astype(jnp.bfloat16)
+    ref = (
+        p16["layers"]["self_attn"]["q_proj"]["kernel"].astype(jnp.float32)
+        + lj.lora.tree._delta(lora["layers"]["self_attn"]["q_proj"])
+    ).astype(jnp.bfloat16)
     assert np.array_equal(np.asarray(k, np.float32), np.asarray(ref, np.float32))
 
 
@@ -233,23 +238,46 @@ def test_training_step_never_forms_full_size_update(tiny_llama, remat):
 
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(split.trainable).jaxpr
     shapes = _kernel_shapes(params) - {(cfg.hidden_size, cfg.vocab_size)}
-    allowed = {"convert_element_type", "copy", "copy_p", "pjit", "jit", "closed_call", "scan",
-               "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call", "transpose",
-               "dynamic_slice", "slice", "squeeze", "reshape", "broadcast_in_dim", "select_n"}
+    allowed = {
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "pjit",
+        "jit",
+        "closed_call",
+        "scan",
+        "remat",
+        "checkpoint",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "transpose",
+        "dynamic_slice",
+        "slice",
+        "squeeze",
+        "reshape",
+        "broadcast_in_dim",
+        "select_n",
+    }
     eqns = list(all_eqns(jaxpr))
 
     # the walk must reach the layers, in the scan's body (inside jit / remat / custom_vjp), or the
     # check below would pass on nothing: every adapted projection's x @ A ([B, T, r]) is among the
     # matmuls it visits, where the top level alone holds none of them
     def lora_products(eqns):
-        return [e for e in eqns if e.primitive.name == "dot_general"
-                and e.outvars[0].aval.shape == (*ids.shape, lcfg.r)]
+        return [
+            e for e in eqns if e.primitive.name == "dot_general" and e.outvars[0].aval.shape == (*ids.shape, lcfg.r)
+        ]
 
     assert len(lora_products(eqns)) >= len(lj.lora.tree.adapter_paths(lora)) == 7, len(lora_products(eqns))
     assert lora_products(jaxpr.eqns) == []
-    offenders = [(e.primitive.name, o.aval.shape) for e in eqns for o in e.outvars
-                 if tuple(getattr(o.aval, "shape", ()))[-2:] in shapes and len(o.aval.shape) >= 2
-                 and e.primitive.name not in allowed]
+    offenders = [
+        (e.primitive.name, o.aval.shape)
+        for e in eqns
+        for o in e.outvars
+        if tuple(getattr(o.aval, "shape", ()))[-2:] in shapes
+        and len(o.aval.shape) >= 2
+        and e.primitive.name not in allowed
+    ]
     assert not offenders, offenders
 
 
@@ -281,8 +309,13 @@ def test_optimizer_state_holds_nothing_for_frozen_leaves(bases):
 PEFT_CASES = {
     "all_linear": dict(r=8, lora_alpha=16, target_modules="all-linear"),
     "qv_dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
-    "patterns_layers": dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj", "o_proj"],
-                            rank_pattern={"up_proj": 2}, layers_to_transform=[0]),
+    "patterns_layers": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "up_proj", "o_proj"],
+        rank_pattern={"up_proj": 2},
+        layers_to_transform=[0],
+    ),
     "modules_to_save": dict(r=2, lora_alpha=4, target_modules=["k_proj"], modules_to_save=["lm_head"]),
 }
 
@@ -301,27 +334,33 @@ def test_trainable_counts_equal_peft(tiny_llama, case):
     assert ours == (peft_trainable, peft_total)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(r=0), "r=0"),
-    (dict(r=-2), "r=-2"),
-    (dict(lora_alpha=0), "lora_alpha=0"),
-    (dict(lora_dropout=1.0), "lora_dropout=1.0"),
-    (dict(lora_dropout=-0.1), "lora_dropout=-0.1"),
-    (dict(use_dora=True, init_lora_weights="pissa"), "use_dora=True"),
-    (dict(init_lora_weights="olora"), "init_lora_weights='olora'"),
-    (dict(target_modules=[]), "target_modules is empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(r=0), "r=0"),
+        (dict(r=-2), "r=-2"),
+        (dict(lora_alpha=0), "lora_alpha=0"),
+        (dict(lora_dropout=1.0), "lora_dropout=1.0"),
+        (dict(lora_dropout=-0.1), "lora_dropout=-0.1"),
+        (dict(use_dora=True, init_lora_weights="pissa"), "use_dora=True"),
+        (dict(init_lora_weights="olora"), "init_lora_weights='olora'"),
+        (dict(target_modules=[]), "target_modules is empty"),
+    ],
+)
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         lj.LoraConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(target_modules=["qproj"]), r"target_modules=\['qproj'\] matches no module.*q_proj, k_proj"),
-    (dict(rank_pattern={"nonexistent": 4}), "pattern key 'nonexistent' matches no module"),
-    (dict(alpha_pattern={"q_prj": 4}), "pattern key 'q_prj' matches no module"),
-    (dict(layers_to_transform=[5]), r"layers_to_transform=\[5\] includes \[5\].*0..1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target_modules=["qproj"]), r"target_modules=\['qproj'\] matches no module.*q_proj, k_proj"),
+        (dict(rank_pattern={"nonexistent": 4}), "pattern key 'nonexistent' matches no module"),
+        (dict(alpha_pattern={"q_prj": 4}), "pattern key 'q_prj' matches no module"),
+        (dict(layers_to_transform=[5]), r"layers_to_transform=\[5\] includes \[5\].*0..1"),
+    ],
+)
 def test_bad_targets(bases, kwargs, message):
     _, params = bases[True]
     with pytest.raises(ValueError, match=message):

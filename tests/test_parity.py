@@ -10,8 +10,14 @@ import pytest
 import lora_jax as lj
 from tests.helpers import FP32_ATOL, make_hf_llama, max_diff, random_ids, torch_logits
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 VARIANTS = {
     "gqa_untied": {},
@@ -106,8 +112,11 @@ def test_rms_norm_and_swiglu_vjps_equal_autodiff():
     assert bool(jnp.all(got_y == ref_y))
     for got, ref in zip(got_vjp(dy), ref_vjp(dy)):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    g, u, dh = (3 * jax.random.normal(k[3], (4, 256)), jax.random.normal(k[4], (4, 256)),
-                jax.random.normal(k[5], (4, 256)))
+    g, u, dh = (
+        3 * jax.random.normal(k[3], (4, 256)),
+        jax.random.normal(k[4], (4, 256)),
+        jax.random.normal(k[5], (4, 256)),
+    )
     got_h, got_vjp = jax.vjp(swiglu, g, u)
     ref_h, ref_vjp = jax.vjp(lambda g, u: nn.silu(g) * u, g, u)
     assert bool(jnp.all(got_h == ref_h))

@@ -27,8 +27,15 @@ from tests.helpers import CLI, cli_error, step_losses, steps_logged
 from tests.helpers import cli_env as _env
 
 STEPS = 10
-SETTINGS = [f"train.steps={STEPS}", "train.save_every=100", "train.batch_size=8", "train.eval_generate=0",
-            "train.eval_batches=1", "train.log_every=2", "optim.warmup_steps=2"]
+SETTINGS = [
+    f"train.steps={STEPS}",
+    "train.save_every=100",
+    "train.batch_size=8",
+    "train.eval_generate=0",
+    "train.eval_batches=1",
+    "train.log_every=2",
+    "optim.warmup_steps=2",
+]
 CLI_SETTINGS = [arg for kv in SETTINGS for arg in ("--set", kv)]
 
 
@@ -48,8 +55,7 @@ def reference(tmp_path_factory):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         train(_run(out), progress=True)
-    return {"out": str(out), "stderr": err.getvalue(), "losses": step_losses(out),
-            "adapter": _adapter_bytes(out)}
+    return {"out": str(out), "stderr": err.getvalue(), "losses": step_losses(out), "adapter": _adapter_bytes(out)}
 
 
 def _assert_resumes_to_reference(out, reference):
@@ -67,8 +73,13 @@ def test_progress_is_plain_lines_off_a_terminal(reference):
 
 def test_sigterm_saves_the_step_and_resumes_bit_exact(tmp_path, reference, capsys):
     out = tmp_path / "run"
-    proc = subprocess.Popen([*CLI, "train", "--output-dir", str(out), "--no-progress", *CLI_SETTINGS],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "train", "--output-dir", str(out), "--no-progress", *CLI_SETTINGS],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while steps_logged(out) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -141,8 +152,9 @@ def test_multihost_processes_agree_on_the_step(monkeypatch):
     from lora_jax.train import signals
 
     gathered = []
-    monkeypatch.setattr(multihost_utils, "process_allgather",
-                        lambda x: gathered.append(int(x)) or np.array([int(x), 0]))
+    monkeypatch.setattr(
+        multihost_utils, "process_allgather", lambda x: gathered.append(int(x)) or np.array([int(x), 0])
+    )
     monkeypatch.setattr(signals, "_preemption_service_running", lambda: False)
     stop = StopSignals(nproc=2, sync_every=4, last_step=10)
     with stop:
@@ -166,9 +178,23 @@ def test_multihost_processes_agree_on_the_step(monkeypatch):
 
 
 def test_divergence_without_a_checkpoint_says_so(tmp_path, capsys):
-    err = cli_error(capsys, ["train", "--output-dir", str(tmp_path / "nan"), "--no-progress", *CLI_SETTINGS,
-                             "--set", "optim.lr=1e30", "--set", "optim.clip_norm=null",
-                             "--set", "optim.warmup_steps=0"], code=1)
+    err = cli_error(
+        capsys,
+        [
+            "train",
+            "--output-dir",
+            str(tmp_path / "nan"),
+            "--no-progress",
+            *CLI_SETTINGS,
+            "--set",
+            "optim.lr=1e30",
+            "--set",
+            "optim.clip_norm=null",
+            "--set",
+            "optim.warmup_steps=0",
+        ],
+        code=1,
+    )
     assert "loss became" in err and "No checkpoint was written yet" in err and "[]" not in err, err
 
 

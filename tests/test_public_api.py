@@ -22,8 +22,14 @@ def test_all_names_resolve():
 
 def test_entry_points():
     assert lj.train is train and lj.generate is generate
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = lj.build_model(cfg)
     assert isinstance(model, Llama) and model.config is cfg
 
@@ -41,7 +47,6 @@ def test_config_shim_reexports_every_name():
 
 
 def test_import_leaves_out_plotting_and_torch():
-    code = ("import sys, lora_jax; print(' '.join(m for m in ('matplotlib', 'torch', 'peft') "
-            "if m in sys.modules))")
+    code = "import sys, lora_jax; print(' '.join(m for m in ('matplotlib', 'torch', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", out.stdout

@@ -27,11 +27,27 @@ from tests.helpers import FP32_ATOL, jaxprs, max_diff, random_ids, tiny_ids, tor
 # NF4 as published: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (NeurIPS 2023,
 # arXiv:2305.14314), Appendix E "NormalFloat 4-bit data type"; the same 16 float32 values are
 # bitsandbytes' `functional.get_4bit_type("nf4")`.
-PUBLISHED_NF4 = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0], np.float32)
+PUBLISHED_NF4 = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    np.float32,
+)
 
 
 # ----------------------------------------------------------------------------- numpy reference
@@ -65,9 +81,15 @@ def np_quantize_dequantize(w, kind, block=64, dq_block=256):
     code2 = np.argmin(np.abs(xn[..., None] - dmap), axis=-1)
     scales_hat = (dmap[code2] * s2).reshape(nb, -1)[:, :n_out] + offset
     w_hat = (values * scales_hat[:, None, :]).reshape(-1, n_out)[:n_in]
-    return {"codes": codes.reshape(-1, n_out)[:n_in], "x": x.reshape(-1, n_out)[:n_in], "w_hat": w_hat,
-            "absmax": absmax, "scale_codes": code2.reshape(nb, -1)[:, :n_out],
-            "xn": xn.reshape(nb, -1)[:, :n_out], "scales_hat": scales_hat}
+    return {
+        "codes": codes.reshape(-1, n_out)[:n_in],
+        "x": x.reshape(-1, n_out)[:n_in],
+        "w_hat": w_hat,
+        "absmax": absmax,
+        "scale_codes": code2.reshape(nb, -1)[:, :n_out],
+        "xn": xn.reshape(nb, -1)[:, :n_out],
+        "scales_hat": scales_hat,
+    }
 
 
 def unpacked_codes(q):
@@ -86,8 +108,9 @@ def np_dequantized_params(params, kind):
         if quant.is_projection_kernel(path):
             w = np.asarray(w)
             stack = w.reshape((-1,) + w.shape[-2:])
-            out[path] = jnp.asarray(np.stack([np_quantize_dequantize(s, kind)["w_hat"] for s in stack])
-                                    .reshape(w.shape))
+            out[path] = jnp.asarray(
+                np.stack([np_quantize_dequantize(s, kind)["w_hat"] for s in stack]).reshape(w.shape)
+            )
         else:
             out[path] = w
     return traverse_util.unflatten_dict(out)
@@ -98,8 +121,9 @@ _jq = jax.jit(quant.quantize, static_argnames="kind")
 
 def dequantized(params):
     """Plain fp32 params: every quantised kernel dequantised (on device, by the module)."""
-    return jax.tree.map(lambda v: v.astype(jnp.float32) if quant.is_quantized(v) else v, params,
-                        is_leaf=quant.is_quantized)
+    return jax.tree.map(
+        lambda v: v.astype(jnp.float32) if quant.is_quantized(v) else v, params, is_leaf=quant.is_quantized
+    )
 
 
 def _near_tie(x, table, tol=1e-6):
@@ -160,9 +184,11 @@ def test_quantize_matches_numpy_reference(kind, mae_range):
     assert n_w <= 2 and n_s <= 2, (n_w, n_s)  # of 192000 weights and 3840 scales
     ours = np.asarray(quant.dequantize(q))
     mae, ref_mae = float(np.mean(np.abs(ours - w))), float(np.mean(np.abs(ref - w)))
-    print(f"\n{kind}: mean |w - deq(q(w))| on N(0,1) = {mae:.5f} (numpy reference {ref_mae:.5f}); rms "
-          f"relative error {np.sqrt(np.mean((ours - w) ** 2) / np.mean(w ** 2)):.4f}; near-tie code "
-          f"differences: {n_w} weights, {n_s} scales")
+    print(
+        f"\n{kind}: mean |w - deq(q(w))| on N(0,1) = {mae:.5f} (numpy reference {ref_mae:.5f}); rms "
+        f"relative error {np.sqrt(np.mean((ours - w) ** 2) / np.mean(w**2)):.4f}; near-tie code "
+        f"differences: {n_w} weights, {n_s} scales"
+    )
     assert mae_range[0] < mae < mae_range[1]
     assert abs(mae - ref_mae) < 1e-6
 
@@ -174,8 +200,10 @@ def test_double_quantisation_round_trip():
     back = np.asarray(quant.dequantize_scales(q))
     rel = np.abs(back - true) / true
     ref = np_quantize_dequantize(w, "nf4")
-    print(f"\ndouble quantisation of absmax scales: max rel err {rel.max():.4f}, mean {rel.mean():.5f}; "
-          f"storage {q.nbytes / w.size * 8:.3f} bits per weight")
+    print(
+        f"\ndouble quantisation of absmax scales: max rel err {rel.max():.4f}, mean {rel.mean():.5f}; "
+        f"storage {q.nbytes / w.size * 8:.3f} bits per weight"
+    )
     assert rel.max() < 0.01 and rel.mean() < 0.002
     same = np.asarray(q.scales_q) == ref["scale_codes"]
     assert np.sum(~same) <= 2 and np.all(_near_tie(ref["xn"][~same], quant.dynamic_map(), tol=1e-5))
@@ -242,8 +270,15 @@ def test_quantized_logits(models, scan):
 def test_quantized_leaves_and_fingerprint(models, tiny_llama):
     _, qparams = models["nf4", True]
     cfg, _ = models["fp32"][True]
-    io = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
-          "gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32)}
+    io = {
+        "q_proj": (32, 32),
+        "k_proj": (32, 16),
+        "v_proj": (32, 16),
+        "o_proj": (32, 32),
+        "gate_proj": (32, 64),
+        "up_proj": (32, 64),
+        "down_proj": (64, 32),
+    }
     for name, (n_in, n_out) in io.items():
         k = qparams["layers"][projection_parent(name)][name]["kernel"]
         assert isinstance(k, lj.QuantizedKernel) and k.shape == (2, n_in, n_out)
@@ -260,16 +295,22 @@ def test_quantized_leaves_and_fingerprint(models, tiny_llama):
     fp = base_fingerprint(qparams)
     assert fingerprints_match(fp, base_fingerprint(lj.load_pretrained(tiny_llama, quantize="nf4")[1]))
     assert not fingerprints_match(fp, base_fingerprint(models["fp32"][True][1]))
-    assert "['kernel'].codes" in "".join(jax.tree_util.keystr(p) for p, _ in
-                                         jax.tree_util.tree_flatten_with_path(qparams)[0])
+    assert "['kernel'].codes" in "".join(
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(qparams)[0]
+    )
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
 def test_intercepted_equals_dequantized_merged(models, scan, dora):
     cfg, qparams = models["nf4", scan]
-    lcfg = lj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"),
-                         use_dora=dora, init_lora_weights=False)
+    lcfg = lj.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=("q_proj", "v_proj", "up_proj", "down_proj"),
+        use_dora=dora,
+        init_lora_weights=False,
+    )
     lora = lj.init_lora(qparams, lcfg, jax.random.key(1))
     if dora:
         lora = jax.tree_util.tree_map_with_path(lambda p, v: v * 1.3 if p[-1].key == "m" else v, lora)
@@ -347,8 +388,9 @@ def test_train_step_quantized(models):
     assert losses[2] < losses[0]  # the same batch again: lower loss
     after = jax.tree.map(np.asarray, state.trainable)
     assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
-    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(frozen_before),
-                                                                  jax.tree.leaves(frozen)))
+    assert all(
+        np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen))
+    )
     # the same step on the dequantised weights (plain kernels) gives the same loss and adapters
     dstate, dfrozen, dstep = _step_setup(cfg, dequantized(qparams), "full")
     dstate, dm = dstep(dstate, dfrozen, _batch(seed=0))
@@ -367,8 +409,9 @@ def test_merged_export_from_quantized_base_loads_in_transformers(models, tmp_pat
     out = lj.save_pretrained(str(tmp_path / "merged"), qparams, cfg, lora=lora, lcfg=lcfg)
     assert max_diff(torch_logits(out, ids), ours) <= FP32_ATOL
     base_dir = lj.save_pretrained(str(tmp_path / "base"), qparams, cfg)  # the dequantised base alone
-    assert max_diff(torch_logits(base_dir, ids), lj.apply(lj.Llama(cfg), qparams, {}, None, jnp.asarray(ids))) \
-        <= FP32_ATOL
+    assert (
+        max_diff(torch_logits(base_dir, ids), lj.apply(lj.Llama(cfg), qparams, {}, None, jnp.asarray(ids))) <= FP32_ATOL
+    )
     with open(os.path.join(out, "config.json")) as f:
         assert "quantization_config" not in json.load(f)  # a plain model: nothing quantised is written
 
@@ -403,8 +446,9 @@ def test_quantize_params_and_custom_place_equal_load(models, tiny_llama):
     cfg, fparams = models["fp32"][True]
     _, loaded = models["nf4", True]
     placed = []
-    host = lj.load_pretrained(tiny_llama, quantize="nf4",
-                              place=lambda path, a: placed.append(path) or jax.device_put(a))[1]
+    host = lj.load_pretrained(
+        tiny_llama, quantize="nf4", place=lambda path, a: placed.append(path) or jax.device_put(a)
+    )[1]
     assert ("layers", "mlp", "up_proj", "kernel") in placed  # each quantised array, at its kernel's path
     for tree in (lj.quantize_params(fparams, "nf4"), host):
         assert jax.tree.structure(tree) == jax.tree.structure(loaded)
@@ -427,16 +471,32 @@ def test_unmerge_keeps_the_base_quantized(models):
 
 
 def test_cli_train_and_export_with_quantized_base(tmp_path):
-    from lora_jax.cli import build_parser, main
-    from lora_jax.cli import _run_config
+    from lora_jax.cli import _run_config, build_parser, main
     from lora_jax.export import export_checkpoint
 
     args = build_parser().parse_args(["train", "--quantize", "nf4"])
     assert _run_config(args).model.quantize == "nf4"
     out = tmp_path / "run"
-    rc = main(["train", "--output-dir", str(out), "--quantize", "nf4", "--set", "train.steps=3",
-               "--set", "train.save_every=3", "--set", "train.batch_size=8", "--set", "train.eval_generate=0",
-               "--set", "train.eval_batches=1", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--output-dir",
+            str(out),
+            "--quantize",
+            "nf4",
+            "--set",
+            "train.steps=3",
+            "--set",
+            "train.save_every=3",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "train.eval_generate=0",
+            "--set",
+            "train.eval_batches=1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     with open(out / "summary.json") as f:
         summary = json.load(f)

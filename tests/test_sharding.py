@@ -81,8 +81,7 @@ def test_fsdp_memory_per_device_is_an_eighth():
     _, params = lj.load_pretrained(DEMO_MODEL, mesh=mesh)
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     dev0 = jax.devices()[0]
-    on_dev0 = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards
-                  if s.device == dev0)
+    on_dev0 = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards if s.device == dev0)
     ratio = on_dev0 / total
     print(f"\nper-device parameter bytes on the (1,8,1) mesh: {on_dev0} of {total} = {ratio:.4f}")
     assert ratio < 1 / 8 + 0.01  # norms (replicated) are the only excess
@@ -126,21 +125,47 @@ def test_two_processes_match_one(tmp_path):
 
     from lora_jax.session import load_run
 
-    args = ["--no-progress", "--set", "train.steps=4", "--set", "train.save_every=2", "--set",
-            "train.batch_size=8", "--set", "train.eval_generate=0", "--set", "train.eval_batches=1"]
+    args = [
+        "--no-progress",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.eval_generate=0",
+        "--set",
+        "train.eval_batches=1",
+    ]
     base_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([*CLI, "train", "--output-dir", str(tmp_path / "one"), *args],
-                              env=dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]
+    procs = [
+        subprocess.Popen(
+            [*CLI, "train", "--output-dir", str(tmp_path / "one"), *args],
+            env=dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    ]
     for pid in (0, 1):
-        env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   LORA_JAX_COORDINATOR=f"localhost:{port}", LORA_JAX_NUM_PROCESSES="2",
-                   LORA_JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([*CLI, "train", "--output-dir", str(tmp_path / "two"), *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = dict(
+            base_env,
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            LORA_JAX_COORDINATOR=f"localhost:{port}",
+            LORA_JAX_NUM_PROCESSES="2",
+            LORA_JAX_PROCESS_ID=str(pid),
+        )
+        procs.append(
+            subprocess.Popen(
+                [*CLI, "train", "--output-dir", str(tmp_path / "two"), *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out.decode()[-2000:]

@@ -27,8 +27,7 @@ import lora_jax
 from lora_jax.cli import main
 from lora_jax.demo import DEMO_MODEL, demo_run_config
 from lora_jax.errors import ConfigError
-from lora_jax.sweep import (ALLOWED_KEYS, expand_grid, parse_grid_args, stack_trees,
-                            unstack_tree)
+from lora_jax.sweep import ALLOWED_KEYS, expand_grid, parse_grid_args, stack_trees, unstack_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -39,15 +38,27 @@ ATOL, RTOL, REL_NORM = 1e-4, 1e-4, 5e-5
 # decay or dropout) cannot pass.
 POINTS = [
     {"lora.r": 2, "lora.lora_alpha": 4, "optim.lr": 2e-3},
-    {"lora.r": 4, "lora.lora_alpha": 16, "optim.lr": 5e-3, "optim.weight_decay": 0.1,
-     "lora.use_rslora": True, "lora.lora_dropout": 0.1},
-    {"lora.r": 8, "lora.lora_alpha": 8, "optim.lr": 1e-3, "optim.weight_decay": 0.05,
-     "lora.lora_dropout": 0.2},
+    {
+        "lora.r": 4,
+        "lora.lora_alpha": 16,
+        "optim.lr": 5e-3,
+        "optim.weight_decay": 0.1,
+        "lora.use_rslora": True,
+        "lora.lora_dropout": 0.1,
+    },
+    {"lora.r": 8, "lora.lora_alpha": 8, "optim.lr": 1e-3, "optim.weight_decay": 0.05, "lora.lora_dropout": 0.2},
 ]
 
 
-SETS = [f"train.steps={STEPS}", "train.batch_size=4", "train.eval_generate=4", "train.max_new_tokens=8",
-        "train.eval_batches=1", "optim.warmup_steps=3", "lora.target_modules=[q_proj,v_proj,down_proj]"]
+SETS = [
+    f"train.steps={STEPS}",
+    "train.batch_size=4",
+    "train.eval_generate=4",
+    "train.max_new_tokens=8",
+    "train.eval_batches=1",
+    "optim.warmup_steps=3",
+    "lora.target_modules=[q_proj,v_proj,down_proj]",
+]
 
 
 def _run():
@@ -86,8 +97,9 @@ def test_each_adapter_equals_its_single_run(swept):
         schedule = make_schedule(r.optim, r.train.steps)
         tx = make_tx(r.lora, r.optim, schedule)
         state = init_state(split.trainable, tx, r.train.seed)
-        step = make_train_step(model, cfg, r.lora, tx, schedule, chunk_tokens=r.model.loss_chunk_tokens,
-                               use_segments=r.data.packing)
+        step = make_train_step(
+            model, cfg, r.lora, tx, schedule, chunk_tokens=r.model.loss_chunk_tokens, use_segments=r.data.packing
+        )
         losses = []
         for batch in batches:
             state, metrics = step(state, split.frozen, batch)
@@ -99,12 +111,16 @@ def test_each_adapter_equals_its_single_run(swept):
         for path, got in jax.tree_util.tree_leaves_with_path(mine):
             want = _at(single, path)
             assert got.shape == want.shape, (point.name, path)
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{point.name} {jax.tree_util.keystr(path)}")
+            np.testing.assert_allclose(
+                np.asarray(got),
+                np.asarray(want),
+                rtol=RTOL,
+                atol=ATOL,
+                err_msg=f"{point.name} {jax.tree_util.keystr(path)}",
+            )
             diff = np.linalg.norm(np.asarray(got) - np.asarray(want))
             assert diff <= REL_NORM * np.linalg.norm(np.asarray(want)), (point.name, path, diff)
-        np.testing.assert_allclose(swept.train_loss[:, k], losses, rtol=0, atol=1e-5,
-                                   err_msg=point.name)
+        np.testing.assert_allclose(swept.train_loss[:, k], losses, rtol=0, atol=1e-5, err_msg=point.name)
         assert not np.allclose(np.asarray(jax.tree.leaves(mine)[1]), 0)  # b trained away from 0
 
 
@@ -118,8 +134,7 @@ def test_padded_rank_entries_stay_exactly_zero(swept):
     """r = 2, 4, 8 padded to 8: entries past each adapter's own rank, in A, B and both AdamW
     moments, are exactly 0 after training (with weight decay and dropout on one of them)."""
     rmax = max(p["lora.r"] for p in POINTS)
-    a_leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(swept.state.trainable)
-                if path[-1].key == "a"]
+    a_leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(swept.state.trainable) if path[-1].key == "a"]
     assert a_leaves and all(a.shape[-1] == rmax for a in a_leaves)
     checked = 0
     for path, x in jax.tree_util.tree_leaves_with_path(swept.state):
@@ -154,7 +169,10 @@ def test_exports_results_and_plots(swept):
         with open(os.path.join(d, "adapter_config.json")) as f:
             conf = json.load(f)
         assert (conf["r"], conf["lora_alpha"], conf["use_rslora"]) == (
-            point.run.lora.r, point.run.lora.lora_alpha, point.run.lora.use_rslora)
+            point.run.lora.r,
+            point.run.lora.lora_alpha,
+            point.run.lora.use_rslora,
+        )
         loaded, lcfg = load_peft(d, params)
         mine, _ = swept.adapter(k)
         for path, got in jax.tree_util.tree_leaves_with_path(loaded):
@@ -214,26 +232,29 @@ def test_sweep_file_text_values_are_parsed_by_their_field(tmp_path):
     from lora_jax.sweep_cli import build_sweep
 
     spec = tmp_path / "s.yaml"
-    spec.write_text('lora: {target_modules: "[q_proj, v_proj]"}\ntrain: {output_dir: "1e5"}\n'
-                    'grid: {lora.r: ["4", 8]}\n')
+    spec.write_text(
+        'lora: {target_modules: "[q_proj, v_proj]"}\ntrain: {output_dir: "1e5"}\ngrid: {lora.r: ["4", 8]}\n'
+    )
     run, grid, _ = build_sweep(build_parser().parse_args(["sweep", "--sweep", str(spec)]))
-    assert (run.lora.target_modules, run.train.output_dir, grid) == (("q_proj", "v_proj"), "1e5",
-                                                                    {"lora.r": [4, 8]})
+    assert (run.lora.target_modules, run.train.output_dir, grid) == (("q_proj", "v_proj"), "1e5", {"lora.r": [4, 8]})
     spec.write_text("optim: {lr: fast}\ngrid: {lora.r: [4]}\n")
     with pytest.raises(ConfigError, match=r"--sweep .*s.yaml: optim.lr='?fast'?; use a number"):
         build_sweep(build_parser().parse_args(["sweep", "--sweep", str(spec)]))
 
 
-@pytest.mark.parametrize("grid, match", [
-    ({"lora.target_modules": [["q_proj"]]}, "cannot be swept.*allowed keys: lora.r"),
-    ({"lora.rr": [4]}, "did you mean lora.r"),
-    ({"lora.r": []}, "no values"),
-    ({}, "grid is empty"),
-    ({"lora.r": [4, 4]}, "repeats"),
-    ({"lora.r": [0]}, "r=0 must be a positive integer"),
-    ({"optim.lr": ["fast"]}, "must be a number"),
-    ({"lora.use_rslora": [1]}, "true or false"),
-])
+@pytest.mark.parametrize(
+    "grid, match",
+    [
+        ({"lora.target_modules": [["q_proj"]]}, "cannot be swept.*allowed keys: lora.r"),
+        ({"lora.rr": [4]}, "did you mean lora.r"),
+        ({"lora.r": []}, "no values"),
+        ({}, "grid is empty"),
+        ({"lora.r": [4, 4]}, "repeats"),
+        ({"lora.r": [0]}, "r=0 must be a positive integer"),
+        ({"optim.lr": ["fast"]}, "must be a number"),
+        ({"lora.use_rslora": [1]}, "true or false"),
+    ],
+)
 def test_bad_grids_are_config_errors(grid, match):
     with pytest.raises(ConfigError, match=match):
         expand_grid(demo_run_config(), grid)
@@ -249,8 +270,9 @@ def test_missing_matplotlib_is_one_config_error_before_training(monkeypatch, tmp
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a)
+    )
     with pytest.raises(ConfigError, match="need matplotlib.*pip install 'matplotlib"):
         lora_jax.sweep(_run(), {"lora.r": [4]}, output_dir=str(tmp_path / "o"), progress=False)
     assert not (tmp_path / "o").exists()
@@ -268,17 +290,20 @@ def test_stack_unstack_round_trip():
 
 
 # -------------------------------------------------------------------------------------------- CLI
-@pytest.mark.parametrize("argv, message", [
-    (["--grid", "lora.r"], "is not KEY=V1,V2"),
-    (["--grid", "lora.r=4,,8"], "has an empty value"),
-    (["--grid", "lora.r="], "has an empty value"),
-    (["--grid", "=4,8"], "has no key"),
-    (["--grid", "lora.target_modules=q_proj"], "cannot be swept"),
-    (["--grid", "model.path=x"], "allowed keys: lora.r, lora.lora_alpha"),
-    (["--grid", "lora.r=4", "--grid", "lora.r=8"], "given twice"),
-    (["--sweep", "no/such/file.yaml"], "no such file"),
-    (["--adapters-per-pass", "0"], "--adapters-per-pass 0: use a positive integer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--grid", "lora.r"], "is not KEY=V1,V2"),
+        (["--grid", "lora.r=4,,8"], "has an empty value"),
+        (["--grid", "lora.r="], "has an empty value"),
+        (["--grid", "=4,8"], "has no key"),
+        (["--grid", "lora.target_modules=q_proj"], "cannot be swept"),
+        (["--grid", "model.path=x"], "allowed keys: lora.r, lora.lora_alpha"),
+        (["--grid", "lora.r=4", "--grid", "lora.r=8"], "given twice"),
+        (["--sweep", "no/such/file.yaml"], "no such file"),
+        (["--adapters-per-pass", "0"], "--adapters-per-pass 0: use a positive integer"),
+    ],
+)
 def test_cli_bad_grid_exits_2(argv, message, capsys, tmp_path):
     assert main(["sweep", "--output-dir", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -291,8 +316,9 @@ def test_sweep_file_layering(tmp_path):
     from lora_jax.sweep_cli import build_sweep
 
     path = os.path.join(REPO, "experiments", "sweeps", "demo_rank_alpha.yaml")
-    args = build_parser().parse_args(["sweep", "--sweep", path, "--grid", "optim.lr=1e-3,2e-3",
-                                      "--set", "train.steps=7"])
+    args = build_parser().parse_args(
+        ["sweep", "--sweep", path, "--grid", "optim.lr=1e-3,2e-3", "--set", "train.steps=7"]
+    )
     run, grid, out = build_sweep(args)
     assert grid == {"lora.r": [4, 8, 16, 32], "lora.lora_alpha": [8, 16, 32], "optim.lr": [1e-3, 2e-3]}
     assert (run.train.steps, run.train.batch_size, run.optim.warmup_steps) == (7, 32, 20)
@@ -307,8 +333,9 @@ def test_sweep_file_layering(tmp_path):
         build_sweep(build_parser().parse_args(["sweep", "--sweep", str(bad)]))
     for name in os.listdir(os.path.join(REPO, "experiments", "sweeps")):
         if name.endswith(".yaml"):  # every shipped sweep file parses and expands
-            run, grid, _ = build_sweep(build_parser().parse_args(
-                ["sweep", "--sweep", os.path.join(REPO, "experiments", "sweeps", name)]))
+            run, grid, _ = build_sweep(
+                build_parser().parse_args(["sweep", "--sweep", os.path.join(REPO, "experiments", "sweeps", name)])
+            )
             assert expand_grid(run, grid)
 
 
@@ -345,7 +372,7 @@ def test_sweep_axis_sharded_over_a_mesh(swept):
     summation order: |diff| <= 1e-4 on adapter entries, 1e-5 on losses)."""
     from lora_jax.sharding import make_mesh
 
-    mesh = make_mesh(data=len(POINTS), fsdp=1, tensor=1, devices=jax.devices()[:len(POINTS)])
+    mesh = make_mesh(data=len(POINTS), fsdp=1, tensor=1, devices=jax.devices()[: len(POINTS)])
     res = lora_jax.sweep(_run(), POINTS, progress=False, mesh=mesh)
     a = jax.tree.leaves(res.state.trainable)[0]
     assert a.sharding.spec[0] == "data" and len(a.sharding.device_set) == len(POINTS)
@@ -384,7 +411,8 @@ def test_bad_adapters_per_pass_is_a_config_error(value):
 
 
 def test_ranking_metric_is_one_that_tells_configurations_apart():
-    from lora_jax.sweep import metric_of as _metric_of, rank_rows as _rank
+    from lora_jax.sweep import metric_of as _metric_of
+    from lora_jax.sweep import rank_rows as _rank
 
     rows = [{"exact_match": 0.0, "eval_loss": 2.0}, {"exact_match": 0.0, "eval_loss": 1.5}]
     assert _metric_of(rows) == "eval_loss"
@@ -392,5 +420,4 @@ def test_ranking_metric_is_one_that_tells_configurations_apart():
     rows[0]["exact_match"] = 0.5
     assert _metric_of(rows) == "exact_match"
     assert _rank(rows, "exact_match")[0]["exact_match"] == 0.5
-    assert _metric_of([{"exact_match": None, "eval_loss": None, "train_loss_final": 1.0}]) == \
-        "train_loss_final"
+    assert _metric_of([{"exact_match": None, "eval_loss": None, "train_loss_final": 1.0}]) == "train_loss_final"

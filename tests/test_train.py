@@ -22,9 +22,21 @@ from lora_jax.demo import DEMO_MODEL, demo_run_config
 from tests.helpers import CLI, REPO, cli_error, step_losses, steps_logged, unpacked_batch
 from tests.helpers import cli_env as _env
 
-QUICK = ["--set", "train.steps=12", "--set", "train.save_every=4", "--set", "train.batch_size=8",
-         "--set", "train.eval_generate=0", "--set", "train.eval_batches=1", "--set", "train.log_every=1",
-         "--no-progress"]
+QUICK = [
+    "--set",
+    "train.steps=12",
+    "--set",
+    "train.save_every=4",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_generate=0",
+    "--set",
+    "train.eval_batches=1",
+    "--set",
+    "train.log_every=1",
+    "--no-progress",
+]
 
 
 def _train_cmd(out, *extra):
@@ -63,23 +75,30 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     kill_at = int(np.random.default_rng().integers(5, 11))
     deadline = time.time() + 300
     committed = killed / "checkpoints" / "4"  # Orbax renames the step directory when the save is complete
-    while (steps_logged(killed) < kill_at or not committed.is_dir()) and proc.poll() is None \
-            and time.time() < deadline:
+    while (steps_logged(killed) < kill_at or not committed.is_dir()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and 4 <= steps_logged(killed) < 12  # killed mid-run
-    r = subprocess.run([*CLI, "train", "--output-dir", str(killed), "--resume", "--no-progress"],
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [*CLI, "train", "--output-dir", str(killed), "--resume", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
     # killed inside a save (step 8's write in flight): resume falls back to step 4
     mid = tmp_path / "mid_save"
-    r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "train", "--output-dir", str(mid), *QUICK],
-                       env=env, capture_output=True)
+    r = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, "train", "--output-dir", str(mid), *QUICK],
+        env=env,
+        capture_output=True,
+    )
     assert r.returncode == -signal.SIGKILL
-    subprocess.run([*CLI, "train", "--output-dir", str(mid), "--resume", "--no-progress"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [*CLI, "train", "--output-dir", str(mid), "--resume", "--no-progress"], check=True, env=env, capture_output=True
+    )
 
     step_ref, lora_ref = _final_trainable(ref)
     for run in (killed, mid):
@@ -140,9 +159,11 @@ def test_grad_accumulation_equals_one_batch():
     sched = make_schedule(ocfg, 10)
     tx = make_tx(lcfg, ocfg, sched)
     rng = np.random.default_rng(0)
-    batch = unpacked_batch(rng.integers(5, 99, (8, 32)).astype(np.int32),
-                           rng.integers(5, 99, (8, 32)).astype(np.int32),
-                           (rng.random((8, 32)) > 0.3).astype(np.float32))
+    batch = unpacked_batch(
+        rng.integers(5, 99, (8, 32)).astype(np.int32),
+        rng.integers(5, 99, (8, 32)).astype(np.int32),
+        (rng.random((8, 32)) > 0.3).astype(np.float32),
+    )
     outs = []
     for accum in (1, 4):
         step = make_train_step(lj.Llama(cfg), cfg, lcfg, tx, sched, grad_accum=accum)
@@ -155,8 +176,7 @@ def test_grad_accumulation_equals_one_batch():
 
 def test_divergence_stops_with_the_step(tmp_path, capsys):
     out = tmp_path / "nan"
-    code = main(["train", "--output-dir", str(out), *QUICK, "--set", "optim.lr=1e30",
-                 "--set", "optim.clip_norm=null"])
+    code = main(["train", "--output-dir", str(out), *QUICK, "--set", "optim.lr=1e30", "--set", "optim.clip_norm=null"])
     err = capsys.readouterr().err
     assert code == 1
     assert "loss became" in err and "at step" in err
@@ -179,8 +199,21 @@ def _bad(tmp_path, name, text):
     return str(p)
 
 
-@pytest.mark.parametrize("case", ["missing_data", "malformed", "missing_fields", "empty", "overlong",
-                                  "no_config", "no_weights", "unknown_key", "bad_value", "bad_bool"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_data",
+        "malformed",
+        "missing_fields",
+        "empty",
+        "overlong",
+        "no_config",
+        "no_weights",
+        "unknown_key",
+        "bad_value",
+        "bad_bool",
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     out = tmp_path / "out"
     args = {
@@ -197,14 +230,31 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     }[case]
     if case == "no_weights":
         (tmp_path / "m").mkdir()
-        (tmp_path / "m" / "config.json").write_text(json.dumps(lj.LlamaConfig(
-            vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=2).to_hf_dict()))
+        (tmp_path / "m" / "config.json").write_text(
+            json.dumps(
+                lj.LlamaConfig(
+                    vocab_size=100,
+                    hidden_size=8,
+                    intermediate_size=16,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    num_key_value_heads=2,
+                ).to_hf_dict()
+            )
+        )
     err = cli_error(capsys, ["train", "--output-dir", str(out), "--no-progress", *args])
-    expected = {"missing_data": "nope.jsonl", "malformed": "bad.jsonl:2", "missing_fields": "completion",
-                "empty": "e.jsonl", "overlong": "seq_len", "no_config": "config.json",
-                "no_weights": "safetensors", "unknown_key": "did you mean lora.r",
-                "bad_value": "r=0", "bad_bool": "fuse_wide_adapters='maybe'; use true or false"}[case]
+    expected = {
+        "missing_data": "nope.jsonl",
+        "malformed": "bad.jsonl:2",
+        "missing_fields": "completion",
+        "empty": "e.jsonl",
+        "overlong": "seq_len",
+        "no_config": "config.json",
+        "no_weights": "safetensors",
+        "unknown_key": "did you mean lora.r",
+        "bad_value": "r=0",
+        "bad_bool": "fuse_wide_adapters='maybe'; use true or false",
+    }[case]
     assert expected in err, err
     assert not out.exists()
 
@@ -228,11 +278,36 @@ def test_export_from_a_run_needs_nothing_retyped(tmp_path, capsys):
     from lora_jax.session import load_run
 
     run = tmp_path / "run"
-    assert main(["train", "--output-dir", str(run), *QUICK, "--set", "train.steps=4",
-                 "--set", "lora.init_lora_weights=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--output-dir",
+                str(run),
+                *QUICK,
+                "--set",
+                "train.steps=4",
+                "--set",
+                "lora.init_lora_weights=false",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["export", "--checkpoint", str(run), "--peft", str(tmp_path / "adapter"),
-                 "--merged", str(tmp_path / "merged")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(run),
+                "--peft",
+                str(tmp_path / "adapter"),
+                "--merged",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     cfg, params, lora, lcfg, _, step, _ = load_run(str(run))
     assert step == 4
     ids = np.random.default_rng(0).integers(5, 99, (2, 17)).astype(np.int32)

@@ -26,31 +26,54 @@ CASES = {
     # plain LoRA on every projection; cosine after a warmup; decoupled weight decay; clipping binds
     # at every step (pre-clip norms are ~0.3); two accumulated micro-batches; packed-row attention
     "lora_cosine_warmup_decay_clip_accum": [
-        "lora.r=8", "lora.lora_alpha=16", "lora.target_modules=all-linear", "optim.lr=5e-3",
-        "optim.schedule=cosine", "optim.warmup_steps=5", "optim.weight_decay=0.1",
-        "optim.clip_norm=0.05", "train.grad_accum=2"],
+        "lora.r=8",
+        "lora.lora_alpha=16",
+        "lora.target_modules=all-linear",
+        "optim.lr=5e-3",
+        "optim.schedule=cosine",
+        "optim.warmup_steps=5",
+        "optim.weight_decay=0.1",
+        "optim.clip_norm=0.05",
+        "train.grad_accum=2",
+    ],
     # rsLoRA with per-module ranks and alphas; transformers' default schedule (linear, warmup);
     # no clipping; plain causal attention (segments off)
     "rslora_patterns_linear": [
-        "lora.use_rslora=true", "lora.target_modules=[q_proj, v_proj, up_proj, down_proj]",
+        "lora.use_rslora=true",
+        "lora.target_modules=[q_proj, v_proj, up_proj, down_proj]",
         "lora.rank_pattern={down_proj: 2, model.layers.0.self_attn.q_proj: 6}",
-        "lora.alpha_pattern={v_proj: 3}", "optim.lr=5e-3", "optim.schedule=linear",
-        "optim.warmup_steps=3", "optim.clip_norm=null", "data.packing=false"],
+        "lora.alpha_pattern={v_proj: 3}",
+        "optim.lr=5e-3",
+        "optim.schedule=linear",
+        "optim.warmup_steps=3",
+        "optim.clip_norm=null",
+        "data.packing=false",
+    ],
     # DoRA (the magnitude trains, and decays); a warmup longer than the run (it ends still warming
     # up, as transformers' schedule does); four micro-batches of one row each
     "dora_constant_long_warmup_accum": [
-        "lora.use_dora=true", "lora.target_modules=[q_proj, v_proj, o_proj, up_proj]",
-        "optim.lr=5e-3", "optim.schedule=constant", "optim.warmup_steps=25",
-        "optim.weight_decay=0.1", "train.grad_accum=4"],
+        "lora.use_dora=true",
+        "lora.target_modules=[q_proj, v_proj, o_proj, up_proj]",
+        "optim.lr=5e-3",
+        "optim.schedule=constant",
+        "optim.warmup_steps=25",
+        "optim.weight_decay=0.1",
+        "train.grad_accum=4",
+    ],
     # LoRA+ as create_loraplus_optimizer groups it: b, DoRA's magnitude and 1-d tensors (a
     # modules_to_save norm) at 4x the rate, a 2-d modules_to_save tensor (the head) at 1x; cosine
     # to a floor (cosine_with_min_lr); weight decay
     "loraplus_dora_cosine_min_lr": [
-        "lora.use_dora=true", "lora.loraplus_lr_ratio=4",
+        "lora.use_dora=true",
+        "lora.loraplus_lr_ratio=4",
         "lora.target_modules=[k_proj, v_proj, gate_proj, down_proj]",
-        "lora.modules_to_save=[lm_head, input_layernorm]", "optim.lr=2e-3",
-        "optim.schedule=cosine", "optim.min_lr_ratio=0.1", "optim.warmup_steps=2",
-        "optim.weight_decay=0.05"],
+        "lora.modules_to_save=[lm_head, input_layernorm]",
+        "optim.lr=2e-3",
+        "optim.schedule=cosine",
+        "optim.min_lr_ratio=0.1",
+        "optim.warmup_steps=2",
+        "optim.weight_decay=0.05",
+    ],
 }
 
 
@@ -60,8 +83,10 @@ def test_training_equals_transformers_peft(case, tmp_path):
     res = compare(run, steps=STEPS, seq_len=16, workdir=tmp_path)
     ours, theirs = res["ours"], res["theirs"]
     figures = " ".join(f"{k} {v:.1e}" for k, v in res["max_rel"].items())
-    print(f"[train parity] {case}: max rel diff {figures} (worst tensor {res['worst_tensor']}, worst "
-          f"element {res['elementwise']:.1e}); loss {ours['loss'][0]:.3f} -> {ours['loss'][-1]:.3f}")
+    print(
+        f"[train parity] {case}: max rel diff {figures} (worst tensor {res['worst_tensor']}, worst "
+        f"element {res['elementwise']:.1e}); loss {ours['loss'][0]:.3f} -> {ours['loss'][-1]:.3f}"
+    )
     for name, value in res["max_rel"].items():
         assert value <= TOLS[name], f"{case}: {name} differs by {value:.2e} > {TOLS[name]:g}"
     assert ours["loss"][-1] < 0.99 * ours["loss"][0]  # the run learns: the trajectory is not trivial

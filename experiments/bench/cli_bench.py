@@ -61,8 +61,10 @@ def make_model(shape: str, out: str) -> None:
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=f"w{hf.get('bos_token_id', 1)}",
-        eos_token=f"w{np.atleast_1d(hf.get('eos_token_id', 2))[0]}")
+        tokenizer_object=tok,
+        bos_token=f"w{hf.get('bos_token_id', 1)}",
+        eos_token=f"w{np.atleast_1d(hf.get('eos_token_id', 2))[0]}",
+    )
     fast.save_pretrained(tmp)
     os.replace(tmp, out)
 
@@ -105,8 +107,9 @@ def run(args) -> dict:
         t = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--make-model", args.shape, "--work", args.work], check=True)
         print(f"model written in {time.perf_counter() - t:.0f} s", flush=True)
-    run_cfg = load_run_config(args.config).with_overrides([
-        f"model.path={model_dir}", f"train.steps={args.steps}", *args.overrides])
+    run_cfg = load_run_config(args.config).with_overrides(
+        [f"model.path={model_dir}", f"train.steps={args.steps}", *args.overrides]
+    )
     seq, batch = run_cfg.data.seq_len, run_cfg.train.batch_size
     need = int(args.steps * batch * seq * 1.3 / (1 - run_cfg.data.eval_fraction)) + 2 * seq
     vocab = get_shape(args.shape)["vocab_size"]
@@ -115,21 +118,38 @@ def run(args) -> dict:
         make_corpus(data, need, tuple(args.doc_words), vocab)
     out = os.path.join(args.work, f"run-{args.shape}-{os.getpid()}")
     run_cfg = run_cfg.with_overrides([f"data.train_file={data}", f"train.output_dir={out}"])
-    result = {"system": "lora-jax train", "shape": args.shape, "config": os.path.relpath(args.config, _ROOT)
-              if args.config else "demo", "overrides": args.overrides, "batch": batch, "seq": seq,
-              "grad_accum": run_cfg.train.grad_accum, "packed": run_cfg.data.packing,
-              "doc_words": args.doc_words, "remat": run_cfg.model.remat_policy,
-              "attention": run_cfg.model.attention, "dropout": run_cfg.lora.lora_dropout,
-              "gpu": jax.devices()[0].device_kind, "jax": jax.__version__,
-              **({"cudnn_layout": "flat"} if args.cudnn_flat else {})}
+    result = {
+        "system": "lora-jax train",
+        "shape": args.shape,
+        "config": os.path.relpath(args.config, _ROOT) if args.config else "demo",
+        "overrides": args.overrides,
+        "batch": batch,
+        "seq": seq,
+        "grad_accum": run_cfg.train.grad_accum,
+        "packed": run_cfg.data.packing,
+        "doc_words": args.doc_words,
+        "remat": run_cfg.model.remat_policy,
+        "attention": run_cfg.model.attention,
+        "dropout": run_cfg.lora.lora_dropout,
+        "gpu": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        **({"cudnn_layout": "flat"} if args.cudnn_flat else {}),
+    }
     try:
         t = time.perf_counter()
         summary = train(run_cfg, progress=False)
-        result.update(status="ok", wall_s=time.perf_counter() - t, tokens_per_s=summary["tokens_per_s"],
-                      checkpoint_s=summary.get("checkpoint_s"),
-                      mfu_798=summary["mfu"], compile_s=summary["compile_s"], setup_s=summary["setup_s"],
-                      loss_first=summary["train_loss_first"], loss_last=summary["train_loss_last"],
-                      rows=summary["data"].get("n_train_rows"))
+        result.update(
+            status="ok",
+            wall_s=time.perf_counter() - t,
+            tokens_per_s=summary["tokens_per_s"],
+            checkpoint_s=summary.get("checkpoint_s"),
+            mfu_798=summary["mfu"],
+            compile_s=summary["compile_s"],
+            setup_s=summary["setup_s"],
+            loss_first=summary["train_loss_first"],
+            loss_last=summary["train_loss_last"],
+            rows=summary["data"].get("n_train_rows"),
+        )
         steps = _step_times(out)
         if steps:  # where the loop's time goes: a slow outlier shows against the median
             result["tokens_per_s_median_step"] = batch * seq / statistics.median(steps)
@@ -138,8 +158,9 @@ def run(args) -> dict:
             result["mfu_989"] = result["mfu_798"] * 798 / 989
     except Exception as e:  # an out-of-memory step is a result, not a crash of the suite
         msg = f"{type(e).__name__}: {e}"
-        result.update(status="OOM" if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
-                      else "error", error=msg[:2000])
+        result.update(
+            status="OOM" if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() else "error", error=msg[:2000]
+        )
         traceback.print_exc()
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -152,12 +173,21 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="1b", help="a shape of experiments/bench/shapes.py")
     p.add_argument("--config", default=None, help="a run config YAML (default: the demonstration's)")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--doc-words", type=int, nargs=2, default=[200, 1800], metavar=("MIN", "MAX"),
-                   help="document lengths in words = tokens (default 200 1800)")
+    p.add_argument(
+        "--doc-words",
+        type=int,
+        nargs=2,
+        default=[200, 1800],
+        metavar=("MIN", "MAX"),
+        help="document lengths in words = tokens (default 200 1800)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/lora_jax_bench"))
-    p.add_argument("--cudnn-flat", action="store_true",
-                   help="packed cuDNN attention over the whole batch as one row (the kernel's other layout)")
+    p.add_argument(
+        "--cudnn-flat",
+        action="store_true",
+        help="packed cuDNN attention over the whole batch as one row (the kernel's other layout)",
+    )
     p.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cudnn_flat:

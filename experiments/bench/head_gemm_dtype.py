@@ -31,11 +31,12 @@ def main() -> int:
     grad = jax.jit(jax.grad(lambda h: chunked_cross_entropy(h, w, 0, t, m, CHUNK)[0]))
     hlo = grad.lower(h).compile().as_text()
     shape = f"[{CHUNK},{VOCAB}]"
-    matmuls = [l.strip() for l in hlo.splitlines()
-               if shape in l and ("custom-call" in l or " dot(" in l)]
+    matmuls = [
+        line.strip() for line in hlo.splitlines() if shape in line and ("custom-call" in line or " dot(" in line)
+    ]
     for line in matmuls:
         print(line[:200])
-    bf16 = any(re.search(r"= \(?bf16" + re.escape(shape), l) for l in matmuls)
+    bf16 = any(re.search(r"= \(?bf16" + re.escape(shape), line) for line in matmuls)
     print("RESULT head matmul output:", "bf16" if bf16 else "f32", "on", jax.devices()[0].platform)
     return 0
 

@@ -33,11 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from shapes import get_shape  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
 from lora_jax import flops  # noqa: E402
 from lora_jax.train.step import init_state, make_schedule, make_train_step, make_tx  # noqa: E402
-from shapes import get_shape  # noqa: E402
 
 GIB = 2**30
 
@@ -49,11 +49,23 @@ def _versions() -> dict:
     return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
-def build(shape: str, remat: str, attention: str | None, scan: bool = True, quantize: str | None = None,
-          fuse_wide: bool = True):
-    cfg = lj.LlamaConfig.from_hf(get_shape(shape), dtype="bfloat16", param_dtype="bfloat16",
-                                 scan_layers=scan, remat_policy=remat, attention=attention or "auto",
-                                 fuse_wide_adapters=fuse_wide)
+def build(
+    shape: str,
+    remat: str,
+    attention: str | None,
+    scan: bool = True,
+    quantize: str | None = None,
+    fuse_wide: bool = True,
+):
+    cfg = lj.LlamaConfig.from_hf(
+        get_shape(shape),
+        dtype="bfloat16",
+        param_dtype="bfloat16",
+        scan_layers=scan,
+        remat_policy=remat,
+        attention=attention or "auto",
+        fuse_wide_adapters=fuse_wide,
+    )
     model = lj.Llama(cfg)
     init = lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]
     if quantize:
@@ -76,6 +88,7 @@ def init_quantized(init, kind: str, key):
     def quantized_leaf(k, shape, dtype):
         def one(kk):
             return quant.quantize((0.02 * jax.random.normal(kk, shape[-2:], jnp.float32)).astype(dtype), kind)
+
         if len(shape) == 2:
             return one(k)
         return jax.lax.map(one, jax.random.split(k, shape[0]))
@@ -96,13 +109,27 @@ def init_quantized(init, kind: str, key):
     return traverse_util.unflatten_dict(out)
 
 
-def measure(shape: str, batch: int, seq: int, remat: str, steps: int, warmup: int,
-            attention: str | None, chunk: int, r: int = 16, variant: str = "lora",
-            profile_dir: str | None = None, scan: bool = True, quantize: str | None = None,
-            fuse_wide: bool = True) -> dict:
+def measure(
+    shape: str,
+    batch: int,
+    seq: int,
+    remat: str,
+    steps: int,
+    warmup: int,
+    attention: str | None,
+    chunk: int,
+    r: int = 16,
+    variant: str = "lora",
+    profile_dir: str | None = None,
+    scan: bool = True,
+    quantize: str | None = None,
+    fuse_wide: bool = True,
+) -> dict:
     cfg, model, params = build(shape, remat, attention, scan, quantize, fuse_wide)
     base_gib = sum(x.nbytes for x in jax.tree.leaves(params)) / GIB
-    if variant == "nolora":  # the frozen model alone, full backward (only the per-layer input norms train): LoRA overhead
+    if (
+        variant == "nolora"
+    ):  # the frozen model alone, full backward (only the per-layer input norms train): LoRA overhead
         lcfg = lj.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", modules_to_save=("input_layernorm",))
         lora = {}
     else:
@@ -117,10 +144,13 @@ def measure(shape: str, batch: int, seq: int, remat: str, steps: int, warmup: in
     step = make_train_step(model, cfg, lcfg, tx, schedule, chunk_tokens=chunk, use_segments=False)
     key = jax.random.key(2)
     ids = jax.random.randint(key, (batch, seq), 0, cfg.vocab_size, jnp.int32)
-    data = {"input_ids": ids, "targets": jnp.roll(ids, -1, axis=1),
-            "loss_mask": jnp.ones((batch, seq), jnp.float32),
-            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
-            "segment_ids": jnp.ones((batch, seq), jnp.int32)}
+    data = {
+        "input_ids": ids,
+        "targets": jnp.roll(ids, -1, axis=1),
+        "loss_mask": jnp.ones((batch, seq), jnp.float32),
+        "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
+        "segment_ids": jnp.ones((batch, seq), jnp.int32),
+    }
     t0 = time.perf_counter()
     state, m = step(state, split.frozen, data)
     jax.block_until_ready(m["loss"])
@@ -140,15 +170,33 @@ def measure(shape: str, batch: int, seq: int, remat: str, steps: int, warmup: in
     fpt = flops.flops_per_token(cfg, seq, r)
     stats = jax.devices()[0].memory_stats() or {}
     return {
-        "system": "lora_jax", "mode": "jit", "shape": shape, "batch": batch, "seq": seq, "remat": remat,
-        "attention": attention or "auto", "scan": scan, "fuse_wide": fuse_wide, "tokens_per_s": tps,
+        "system": "lora_jax",
+        "mode": "jit",
+        "shape": shape,
+        "batch": batch,
+        "seq": seq,
+        "remat": remat,
+        "attention": attention or "auto",
+        "scan": scan,
+        "fuse_wide": fuse_wide,
+        "tokens_per_s": tps,
         "mfu_798": flops.mfu(tps, fpt, flops.PEAK_H100_MEASURED),
         "mfu_989": flops.mfu(tps, fpt, flops.PEAK_H100_DATASHEET),
-        "peak_gib": stats.get("peak_bytes_in_use", 0) / GIB, "compile_s": compile_s,
-        "step_ms_median": med * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
-        "loss": float(m["loss"]), "flops_per_token": fpt, "steps": steps, "lora_r": r,
-        "gpu": jax.devices()[0].device_kind, "status": "ok", "variant": variant, "quantize": quantize,
-        "base_gib": base_gib, **_versions(),
+        "peak_gib": stats.get("peak_bytes_in_use", 0) / GIB,
+        "compile_s": compile_s,
+        "step_ms_median": med * 1e3,
+        "step_ms_min": min(times) * 1e3,
+        "step_ms_max": max(times) * 1e3,
+        "loss": float(m["loss"]),
+        "flops_per_token": fpt,
+        "steps": steps,
+        "lora_r": r,
+        "gpu": jax.devices()[0].device_kind,
+        "status": "ok",
+        "variant": variant,
+        "quantize": quantize,
+        "base_gib": base_gib,
+        **_versions(),
         **({"kernels": kernels} if kernels else {}),
     }
 
@@ -181,19 +229,33 @@ def profile(step, state, frozen, data, out_dir: str, n: int = 3) -> dict:
     classes: Counter = Counter()
     for name, ms in by_name.items():
         low = name.lower()
-        key = ("attention(cudnn)" if ("cudnn" in low or "flash" in low or "fmha" in low or "sdpa" in low)
-               else "gemm" if ("gemm" in low or "cublas" in low or "cutlass" in low or "sm90_xmma" in low
-                               or "nvjet" in low or "triton_gemm" in low or "dot" in low)
-               else "memcpy" if "memcpy" in low or "memset" in low
-               else "fusion/other")
+        key = (
+            "attention(cudnn)"
+            if ("cudnn" in low or "flash" in low or "fmha" in low or "sdpa" in low)
+            else "gemm"
+            if (
+                "gemm" in low
+                or "cublas" in low
+                or "cutlass" in low
+                or "sm90_xmma" in low
+                or "nvjet" in low
+                or "triton_gemm" in low
+                or "dot" in low
+            )
+            else "memcpy"
+            if "memcpy" in low or "memset" in low
+            else "fusion/other"
+        )
         classes[key] += ms
     top = by_name.most_common(25)
     print("PROFILE per step (ms):", json.dumps({k: round(v, 2) for k, v in classes.items()}), flush=True)
     for name, ms in top:
         print(f"PROFILE {ms:8.3f} ms  {name[:140]}", flush=True)
-    return {"classes_ms": {k: round(v, 3) for k, v in classes.items()},
-            "total_ms": round(sum(by_name.values()), 3),
-            "top": [(n[:160], round(ms, 3)) for n, ms in top]}
+    return {
+        "classes_ms": {k: round(v, 3) for k, v in classes.items()},
+        "total_ms": round(sum(by_name.values()), 3),
+        "top": [(n[:160], round(ms, 3)) for n, ms in top],
+    }
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -211,11 +273,17 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default="cudnn", help="cudnn | xla | auto")
     p.add_argument("--chunk", type=int, default=2048, help="cross-entropy chunk, tokens")
-    p.add_argument("--stop-at-first-ok", action="store_true", help="longest-context search: seqs "
-                   "given longest first; stop at the first that trains")
+    p.add_argument(
+        "--stop-at-first-ok",
+        action="store_true",
+        help="longest-context search: seqs given longest first; stop at the first that trains",
+    )
     p.add_argument("--no-scan", action="store_true", help="unrolled layers (longer compile)")
-    p.add_argument("--no-fuse-wide", action="store_true",
-                   help="gate/up adapters beside the frozen matmul, not inside it (less peak memory)")
+    p.add_argument(
+        "--no-fuse-wide",
+        action="store_true",
+        help="gate/up adapters beside the frozen matmul, not inside it (less peak memory)",
+    )
     p.add_argument("--variant", default="lora", choices=("lora", "nolora"))
     p.add_argument("--profile-dir", help="also trace 3 steps and print device time per kernel")
     p.add_argument("--quantize", choices=("nf4", "int8"), help="QLoRA: a quantised frozen base")
@@ -224,15 +292,34 @@ def main(argv=None) -> int:
     attention = None if args.attention == "auto" else args.attention
     for seq in args.seq:
         try:
-            res = measure(args.shape, args.batch, seq, args.remat, args.steps, args.warmup, attention,
-                          args.chunk, variant=args.variant, profile_dir=args.profile_dir, scan=not args.no_scan,
-                          quantize=args.quantize, fuse_wide=not args.no_fuse_wide)
+            res = measure(
+                args.shape,
+                args.batch,
+                seq,
+                args.remat,
+                args.steps,
+                args.warmup,
+                attention,
+                args.chunk,
+                variant=args.variant,
+                profile_dir=args.profile_dir,
+                scan=not args.no_scan,
+                quantize=args.quantize,
+                fuse_wide=not args.no_fuse_wide,
+            )
         except Exception as e:  # noqa: BLE001 - report and go on to the next config
             status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
             if status != "OOM":
                 traceback.print_exc()
-            res = {"system": "lora_jax", "shape": args.shape, "batch": args.batch, "seq": seq,
-                   "remat": args.remat, "quantize": args.quantize, "status": status}
+            res = {
+                "system": "lora_jax",
+                "shape": args.shape,
+                "batch": args.batch,
+                "seq": seq,
+                "remat": args.remat,
+                "quantize": args.quantize,
+                "status": status,
+            }
         line = json.dumps(res)
         print("RESULT " + line, flush=True)
         if args.out:

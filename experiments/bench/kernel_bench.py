@@ -71,22 +71,33 @@ def bench_attention(args) -> list[dict]:
 
         def loss(q, k, v):
             return jnp.sum((w * attn(q, k, v)).astype(jnp.float32))
+
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     ref_val, ref_g = fwd_bwd("xla", seg)(q, k, v)
     rel = lambda a, r: float(jnp.linalg.norm((a - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
     out = []
-    for name, impl, segs in [("xla dense mask, packed", "xla", seg), ("pallas triton, packed", "pallas", seg),
-                             ("cudnn causal, unpacked", "cudnn", None),
-                             ("cudnn packed, per-row offsets", "cudnn rows", seg),
-                             ("cudnn packed, batch flattened", "cudnn flat", seg)]:
+    for name, impl, segs in [
+        ("xla dense mask, packed", "xla", seg),
+        ("pallas triton, packed", "pallas", seg),
+        ("cudnn causal, unpacked", "cudnn", None),
+        ("cudnn packed, per-row offsets", "cudnn rows", seg),
+        ("cudnn packed, batch flattened", "cudnn flat", seg),
+    ]:
         try:
             f = fwd_bwd(impl, segs)
             ms = timeit(f, q, k, v)
             val, g = f(q, k, v)
             err = max(rel(a, r) for a, r in zip(g, ref_g)) if segs is not None else None
-            out.append({"bench": "attention", "impl": name, "ms": ms, "grad_rel_err": err,
-                        "nan": bool(any(jnp.isnan(x).any() for x in g))})
+            out.append(
+                {
+                    "bench": "attention",
+                    "impl": name,
+                    "ms": ms,
+                    "grad_rel_err": err,
+                    "nan": bool(any(jnp.isnan(x).any() for x in g)),
+                }
+            )
         except Exception as e:  # a kernel the platform lacks is a row, not a crash
             out.append({"bench": "attention", "impl": name, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps(out[-1]), flush=True)
@@ -105,8 +116,15 @@ def bench_dropout(args) -> list[dict]:
             return jnp.where(keep, x / keep_p.astype(x.dtype), 0).astype(x.dtype)
 
         ms = timeit(ours, jax.random.key(0), x)
-        out.append({"bench": "dropout", "impl": "lora_jax dropout_keep_mask", "shape": [tokens, feat], "ms": ms,
-                    "drop_rate": 1 - float(jnp.mean(ours(jax.random.key(0), x) != 0))})
+        out.append(
+            {
+                "bench": "dropout",
+                "impl": "lora_jax dropout_keep_mask",
+                "shape": [tokens, feat],
+                "ms": ms,
+                "drop_rate": 1 - float(jnp.mean(ours(jax.random.key(0), x) != 0)),
+            }
+        )
         print(json.dumps(out[-1]), flush=True)
         for impl in ("threefry2x32", "philox4x32", "rbg"):
             try:
@@ -126,8 +144,7 @@ def bench_dropout(args) -> list[dict]:
                 for name, f in ((impl, drop), (impl + " 16-bit", drop16)):
                     ms = timeit(f, key, x)
                     rate = 1 - float(jnp.mean(f(key, x) != 0))
-                    out.append({"bench": "dropout", "impl": name, "shape": [tokens, feat], "ms": ms,
-                                "drop_rate": rate})
+                    out.append({"bench": "dropout", "impl": name, "shape": [tokens, feat], "ms": ms, "drop_rate": rate})
                     print(json.dumps(out[-1]), flush=True)
             except Exception as e:
                 out.append({"bench": "dropout", "impl": impl, "error": f"{type(e).__name__}: {e}"[:300]})

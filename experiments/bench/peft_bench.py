@@ -131,7 +131,7 @@ def _measure(shape, batch, seq, mode, grad_ckpt, device, steps, warmup, r, autoc
     optimizer = _make_optimizer(model, device)
     forward = torch.compile(model) if mode == "compile" else model
     input_ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext())
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
     def train_step():
         with amp:
@@ -173,9 +173,18 @@ def _measure(shape, batch, seq, mode, grad_ckpt, device, steps, warmup, r, autoc
     }
 
 
-def run_config(shape: str, batch: int, seq: int, mode: str = "eager", grad_ckpt: bool = False,
-               device: str | torch.device = "cuda", steps: int = 10, warmup: int | None = None,
-               r: int = 16, autocast: bool = True) -> dict:
+def run_config(
+    shape: str,
+    batch: int,
+    seq: int,
+    mode: str = "eager",
+    grad_ckpt: bool = False,
+    device: str | torch.device = "cuda",
+    steps: int = 10,
+    warmup: int | None = None,
+    r: int = 16,
+    autocast: bool = True,
+) -> dict:
     """Benchmark one config and return its result dict; never raises for OOM or runtime errors.
 
     Failures are reported in "status" ("OOM" or "error: ...") so a sweep can continue; memory is
@@ -186,12 +195,25 @@ def run_config(shape: str, batch: int, seq: int, mode: str = "eager", grad_ckpt:
     if warmup is None:
         warmup = 5 if mode == "compile" else 3
     result = {
-        "system": "pytorch-peft", "mode": mode, "shape": shape, "batch": batch, "seq": seq,
-        "remat": "full" if grad_ckpt else "none", "lora_r": r, "autocast_bf16": autocast,
-        "steps": steps, "warmup": warmup, "status": "ok",
-        "tokens_per_s": None, "mfu_798": None, "mfu_989": None, "peak_gib": None,
-        "compile_s": None, "step_ms_median": None,
-        **_versions(), "gpu": _device_name(device),
+        "system": "pytorch-peft",
+        "mode": mode,
+        "shape": shape,
+        "batch": batch,
+        "seq": seq,
+        "remat": "full" if grad_ckpt else "none",
+        "lora_r": r,
+        "autocast_bf16": autocast,
+        "steps": steps,
+        "warmup": warmup,
+        "status": "ok",
+        "tokens_per_s": None,
+        "mfu_798": None,
+        "mfu_989": None,
+        "peak_gib": None,
+        "compile_s": None,
+        "step_ms_median": None,
+        **_versions(),
+        "gpu": _device_name(device),
     }
     try:
         result.update(_measure(shape, batch, seq, mode, grad_ckpt, device, steps, warmup, r, autocast))
@@ -210,9 +232,17 @@ def run_config(shape: str, batch: int, seq: int, mode: str = "eager", grad_ckpt:
     return result
 
 
-def max_seq_search(shape: str = "8b", seqs=MAX_SEQ_SEARCH_DEFAULT, mode: str = "eager",
-                   device: str | torch.device = "cuda", steps: int = 2, warmup: int = 1,
-                   r: int = 16, autocast: bool = True, emit=print):
+def max_seq_search(
+    shape: str = "8b",
+    seqs=MAX_SEQ_SEARCH_DEFAULT,
+    mode: str = "eager",
+    device: str | torch.device = "cuda",
+    steps: int = 2,
+    warmup: int = 1,
+    r: int = 16,
+    autocast: bool = True,
+    emit=print,
+):
     """Longest context that trains at batch 1 with gradient checkpointing, trying seqs ascending.
 
     Stops at the first failure, since memory grows with seq; returns (largest ok seq, results).
@@ -236,26 +266,35 @@ def _emitter(out_path: str | None):
         if out_path:
             with open(out_path, "a") as f:
                 f.write(line + "\n")
+
     return emit
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                   help="model shape (default: 1b, or 8b with --max-seq-search)")
+    p.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="model shape (default: 1b, or 8b with --max-seq-search)"
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[8])
-    p.add_argument("--seq", type=int, nargs="+", default=None,
-                   help="sequence length(s) (default 2048, or the search list with --max-seq-search)")
+    p.add_argument(
+        "--seq",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sequence length(s) (default 2048, or the search list with --max-seq-search)",
+    )
     p.add_argument("--mode", choices=["eager", "compile"], nargs="+", default=["eager"])
     p.add_argument("--grad-ckpt", action="store_true", help="non-reentrant gradient checkpointing")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 2 in search)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="warm-up steps (default 3 eager / 5 compile; 1 in search)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3 eager / 5 compile; 1 in search)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast: fp32 adapter matmuls")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--max-seq-search", action="store_true",
-                   help=f"batch 1, grad ckpt, largest of --seq (default {list(MAX_SEQ_SEARCH_DEFAULT)}) that fits")
+    p.add_argument(
+        "--max-seq-search",
+        action="store_true",
+        help=f"batch 1, grad ckpt, largest of --seq (default {list(MAX_SEQ_SEARCH_DEFAULT)}) that fits",
+    )
     p.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     args = p.parse_args(argv)
     cap = os.environ.get("BENCH_MEMORY_GIB")  # emulate a smaller card (e.g. 79.6 GiB, an H100 80GB)
@@ -269,12 +308,26 @@ def main(argv=None) -> int:
     if args.max_seq_search:
         for mode in args.mode:
             best, results = max_seq_search(
-                args.shape or "8b", args.seq or MAX_SEQ_SEARCH_DEFAULT, mode, args.device,
-                steps=args.steps or 2, warmup=1 if args.warmup is None else args.warmup,
-                r=args.rank, autocast=autocast, emit=emit)
-            summary = {"search": "max_seq_summary", "system": "pytorch-peft", "mode": mode,
-                       "shape": args.shape or "8b", "batch": 1, "remat": "full", "max_seq": best,
-                       "tried": [(r_["seq"], r_["status"]) for r_ in results]}
+                args.shape or "8b",
+                args.seq or MAX_SEQ_SEARCH_DEFAULT,
+                mode,
+                args.device,
+                steps=args.steps or 2,
+                warmup=1 if args.warmup is None else args.warmup,
+                r=args.rank,
+                autocast=autocast,
+                emit=emit,
+            )
+            summary = {
+                "search": "max_seq_summary",
+                "system": "pytorch-peft",
+                "mode": mode,
+                "shape": args.shape or "8b",
+                "batch": 1,
+                "remat": "full",
+                "max_seq": best,
+                "tried": [(r_["seq"], r_["status"]) for r_ in results],
+            }
             emit(summary)
             failed |= any(r_["status"].startswith("error") for r_ in results)
         return int(failed)
@@ -282,8 +335,18 @@ def main(argv=None) -> int:
     for mode in args.mode:
         for batch in args.batch:
             for seq in args.seq or [2048]:
-                res = run_config(args.shape or "1b", batch, seq, mode, args.grad_ckpt, args.device,
-                                 args.steps or 10, args.warmup, args.rank, autocast)
+                res = run_config(
+                    args.shape or "1b",
+                    batch,
+                    seq,
+                    mode,
+                    args.grad_ckpt,
+                    args.device,
+                    args.steps or 10,
+                    args.warmup,
+                    args.rank,
+                    autocast,
+                )
                 emit(res)
                 failed |= res["status"].startswith("error")
     return int(failed)

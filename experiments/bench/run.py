@@ -51,10 +51,15 @@ SUITES = {
     ],
 }
 
-SCRIPTS = {"cli": os.path.join(_HERE, "cli_bench.py"), "jax": os.path.join(_HERE, "jax_bench.py"),
-           "peft": os.path.join(_HERE, "peft_bench.py")}
-JAX_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")}
+SCRIPTS = {
+    "cli": os.path.join(_HERE, "cli_bench.py"),
+    "jax": os.path.join(_HERE, "jax_bench.py"),
+    "peft": os.path.join(_HERE, "peft_bench.py"),
+}
+JAX_ENV = {
+    "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95",
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true"),
+}
 
 
 def run_one(side: str, args: list[str], log) -> list[dict]:
@@ -63,12 +68,27 @@ def run_one(side: str, args: list[str], log) -> list[dict]:
         env.update(JAX_ENV)
         cap = os.environ.get("BENCH_MEMORY_GIB")  # both sides capped to the same memory
         if cap:
-            total = float(subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                                         capture_output=True, text=True).stdout.split()[0]) / 1024
+            total = (
+                float(
+                    subprocess.run(
+                        ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                        capture_output=True,
+                        text=True,
+                    ).stdout.split()[0]
+                )
+                / 1024
+            )
             env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(float(cap) / total, 0.95):.4f}"
     cmd = [PY, SCRIPTS[side], *args]
     print("+", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(_HERE)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=os.path.dirname(os.path.dirname(_HERE)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     results = []
     for line in proc.stdout:
         log.write(line)
@@ -80,15 +100,19 @@ def run_one(side: str, args: list[str], log) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| system | mode | shape | batch x seq | packed | remat | tokens/s | MFU (798) | MFU (989) "
-            "| peak GiB | compile s | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| system | mode | shape | batch x seq | packed | remat | tokens/s | MFU (798) | MFU (989) "
+        "| peak GiB | compile s | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     rows, notes = [], []
     for r in results:
         if r.get("search") == "max_seq_summary":  # a search's verdict, not a measurement
-            notes.append(f"{r.get('system')} {r.get('mode')}, {r.get('shape')}, batch {r.get('batch')}: "
-                         f"longest sequence that trains {r.get('max_seq')} (tried {r.get('tried')})")
+            notes.append(
+                f"{r.get('system')} {r.get('mode')}, {r.get('shape')}, batch {r.get('batch')}: "
+                f"longest sequence that trains {r.get('max_seq')} (tried {r.get('tried')})"
+            )
             continue
-        f = lambda k, fmt: (fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-")
+        f = lambda k, fmt: fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"
         if r.get("system") == "lora-jax train":
             mode = f"CLI, {r.get('config')}" + (f" {' '.join(r['overrides'])}" if r.get("overrides") else "")
             packed = f"yes ({r['doc_words'][0]}-{r['doc_words'][1]} tokens/doc)" if r.get("packed") else "no"
@@ -96,10 +120,12 @@ def table(results: list[dict]) -> str:
             mode = r.get("mode", "-") + (" +ckpt" if r.get("grad_ckpt") else "")
             packed = "no"
         batch = f"{r.get('batch')}" + (f" ({r['grad_accum']} micro)" if r.get("grad_accum", 1) > 1 else "")
-        rows.append(f"| {r.get('system')} | {mode} | {r.get('shape')} | {batch} x {r.get('seq')} | {packed} | "
-                    f"{r.get('remat', r.get('grad_ckpt', '-'))} | {f('tokens_per_s', '{:,.0f}')} | "
-                    f"{f('mfu_798', '{:.3f}')} | {f('mfu_989', '{:.3f}')} | {f('peak_gib', '{:.1f}')} | "
-                    f"{f('compile_s', '{:.1f}')} | {r.get('status', 'ok')} |")
+        rows.append(
+            f"| {r.get('system')} | {mode} | {r.get('shape')} | {batch} x {r.get('seq')} | {packed} | "
+            f"{r.get('remat', r.get('grad_ckpt', '-'))} | {f('tokens_per_s', '{:,.0f}')} | "
+            f"{f('mfu_798', '{:.3f}')} | {f('mfu_989', '{:.3f}')} | {f('peak_gib', '{:.1f}')} | "
+            f"{f('compile_s', '{:.1f}')} | {r.get('status', 'ok')} |"
+        )
     return head + "\n".join(rows) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 

@@ -30,8 +30,13 @@ SHAPES: dict[str, dict] = {
         num_attention_heads=32,
         head_dim=64,
         max_position_embeddings=131072,
-        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=8192),
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
         tie_word_embeddings=True,
     ),
     # meta-llama/Meta-Llama-3-8B: untied LM head, plain RoPE.

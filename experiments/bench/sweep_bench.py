@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax_bench import build  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
-from jax_bench import build  # noqa: E402
 from lora_jax.config import OptimConfig  # noqa: E402
 from lora_jax.sweep import init_stacked, make_sweep_step  # noqa: E402
 from lora_jax.train.step import init_state, make_schedule, make_tx  # noqa: E402
@@ -33,10 +33,13 @@ from lora_jax.train.step import init_state, make_schedule, make_tx  # noqa: E402
 
 def _batch(vocab, batch, seq):
     ids = jax.random.randint(jax.random.key(2), (batch, seq), 0, vocab, jnp.int32)
-    return {"input_ids": ids, "targets": jnp.roll(ids, -1, axis=1),
-            "loss_mask": jnp.ones((batch, seq), jnp.float32),
-            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
-            "segment_ids": jnp.ones((batch, seq), jnp.int32)}
+    return {
+        "input_ids": ids,
+        "targets": jnp.roll(ids, -1, axis=1),
+        "loss_mask": jnp.ones((batch, seq), jnp.float32),
+        "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
+        "segment_ids": jnp.ones((batch, seq), jnp.int32),
+    }
 
 
 def measure(shape, k, batch, seq, remat, scan, steps=8, chunk=2048):
@@ -47,7 +50,8 @@ def measure(shape, k, batch, seq, remat, scan, steps=8, chunk=2048):
     del params
     tx = make_tx(lcfgs[0], ocfg, make_schedule(ocfg, 1000))
     state = jax.vmap(lambda t, s: init_state(t, tx, 0)._replace(rng=s))(
-        trainable, jnp.stack([jax.random.key_data(jax.random.key(0))] * k))
+        trainable, jnp.stack([jax.random.key_data(jax.random.key(0))] * k)
+    )
     hyper = {"lr": jnp.full((k,), 1e-4), "weight_decay": jnp.zeros((k,)), "lora_dropout": jnp.zeros((k,))}
     step = make_sweep_step(model, cfg, lcfgs[0], ocfg, 1000, chunk_tokens=chunk, use_segments=False)
     data = _batch(cfg.vocab_size, batch // k, seq)
@@ -63,11 +67,20 @@ def measure(shape, k, batch, seq, remat, scan, steps=8, chunk=2048):
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     stats = jax.devices()[0].memory_stats() or {}
-    return {"system": "lora_jax-sweep", "shape": shape, "k": k, "batch_per_adapter": batch // k, "seq": seq,
-            "adapter_tokens_per_s": k * (batch // k) * seq / med, "step_ms_median": med * 1e3,
-            "compile_s": compile_s, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
-            "traces": step.traces, "loss": np.asarray(m["loss"]).tolist(),
-            "gpu": jax.devices()[0].device_kind}
+    return {
+        "system": "lora_jax-sweep",
+        "shape": shape,
+        "k": k,
+        "batch_per_adapter": batch // k,
+        "seq": seq,
+        "adapter_tokens_per_s": k * (batch // k) * seq / med,
+        "step_ms_median": med * 1e3,
+        "compile_s": compile_s,
+        "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "traces": step.traces,
+        "loss": np.asarray(m["loss"]).tolist(),
+        "gpu": jax.devices()[0].device_kind,
+    }
 
 
 def main(argv=None):

@@ -44,9 +44,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            rms_norm_eps=1e-5, tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 PAD = 0
 # Relative tolerances. lr (on the peak rate's scale): fp32 schedule arithmetic against transformers'
 # float64 (<= 1.3e-7 measured). loss: fp32 round-off of two implementations (<= 1e-6 measured).
@@ -98,19 +106,20 @@ def make_batches(steps: int, batch_size: int, seq_len: int, vocab: int, seed: in
         is_target = np.zeros((batch_size, seq_len), bool)
         for r, d in enumerate(rng.choice(len(pool), batch_size, replace=False)):
             doc, prompt = pool[d]
-            ids[r, :len(doc)] = doc
-            is_target[r, prompt:len(doc)] = True  # token t is predicted from t - 1
+            ids[r, : len(doc)] = doc
+            is_target[r, prompt : len(doc)] = True  # token t is predicted from t - 1
         doc = ids != PAD
-        out.append({
-            "input_ids": ids,
-            "targets": np.concatenate([ids[:, 1:], np.full((batch_size, 1), PAD, np.int32)], 1),
-            "loss_mask": np.concatenate([is_target[:, 1:], np.zeros((batch_size, 1), bool)], 1
-                                        ).astype(np.float32),
-            "segment_ids": doc.astype(np.int32),
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape).copy(),
-            "labels": np.where(is_target, ids, -100).astype(np.int64),
-            "attention_mask": doc.astype(np.int64),
-        })
+        out.append(
+            {
+                "input_ids": ids,
+                "targets": np.concatenate([ids[:, 1:], np.full((batch_size, 1), PAD, np.int32)], 1),
+                "loss_mask": np.concatenate([is_target[:, 1:], np.zeros((batch_size, 1), bool)], 1).astype(np.float32),
+                "segment_ids": doc.astype(np.int32),
+                "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape).copy(),
+                "labels": np.where(is_target, ids, -100).astype(np.int64),
+                "attention_mask": doc.astype(np.int64),
+            }
+        )
     return out
 
 
@@ -120,18 +129,24 @@ OURS_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 def check_comparable(run, steps: int) -> None:
     """Refuse what the two sides cannot run identically."""
     if run.lora.lora_dropout:
-        raise Unsupported(f"lora.lora_dropout={run.lora.lora_dropout}: the two sides draw different "
-                          "dropout masks; set lora.lora_dropout=0")
+        raise Unsupported(
+            f"lora.lora_dropout={run.lora.lora_dropout}: the two sides draw different "
+            "dropout masks; set lora.lora_dropout=0"
+        )
     if run.lora.init_lora_weights == "pissa":
         raise Unsupported("lora.init_lora_weights=pissa changes the base model; not compared here")
     if run.model.quantize:
-        raise Unsupported(f"model.quantize={run.model.quantize}: a quantised base has no PEFT "
-                          "counterpart here; set model.quantize=null")
+        raise Unsupported(
+            f"model.quantize={run.model.quantize}: a quantised base has no PEFT "
+            "counterpart here; set model.quantize=null"
+        )
     o = run.optim
     if o.schedule == "linear" and o.min_lr_ratio and warmup_of(o, steps):
-        raise Unsupported("optim.schedule=linear with optim.min_lr_ratio > 0 and a warmup has no "
-                          "transformers counterpart (its warmup_stable_decay warms up from "
-                          "min_lr_ratio * lr, not from 0); drop the warmup or the floor")
+        raise Unsupported(
+            "optim.schedule=linear with optim.min_lr_ratio > 0 and a warmup has no "
+            "transformers counterpart (its warmup_stable_decay warms up from "
+            "min_lr_ratio * lr, not from 0); drop the warmup or the floor"
+        )
 
 
 def warmup_of(ocfg, steps: int) -> int:
@@ -151,17 +166,36 @@ def run_ours(model_dir: str, run, steps: int, batches: list[dict], adapter_dir: 
     from lora_jax.train.step import init_state, make_schedule, make_train_step, make_tx
 
     lcfg, ocfg, tcfg = run.lora, run.optim, run.train
-    cfg, params = lj.load_pretrained(model_dir, dtype="float32", scan_layers=run.model.scan_layers,
-                                     remat_policy=run.model.remat_policy, attention=run.model.attention)
+    cfg, params = lj.load_pretrained(
+        model_dir,
+        dtype="float32",
+        scan_layers=run.model.scan_layers,
+        remat_policy=run.model.remat_policy,
+        attention=run.model.attention,
+    )
     lora = lj.init_lora(params, lcfg, jax.random.key(tcfg.seed))
-    lj.save_peft(os.path.join(adapter_dir, "init"), lora, lcfg, cfg, base_model_name_or_path=model_dir,
-                 params=params if lcfg.modules_to_save else None)
+    lj.save_peft(
+        os.path.join(adapter_dir, "init"),
+        lora,
+        lcfg,
+        cfg,
+        base_model_name_or_path=model_dir,
+        params=params if lcfg.modules_to_save else None,
+    )
     split = lj.split_trainable(params, lora, lcfg)
     schedule = make_schedule(ocfg, steps)
     tx = make_tx(lcfg, ocfg, schedule)
     state = init_state(split.trainable, tx, tcfg.seed)
-    step = make_train_step(lj.Llama(cfg), cfg, lcfg, tx, schedule, grad_accum=tcfg.grad_accum,
-                           chunk_tokens=run.model.loss_chunk_tokens, use_segments=run.data.packing)
+    step = make_train_step(
+        lj.Llama(cfg),
+        cfg,
+        lcfg,
+        tx,
+        schedule,
+        grad_accum=tcfg.grad_accum,
+        chunk_tokens=run.model.loss_chunk_tokens,
+        use_segments=run.data.packing,
+    )
     hist: dict[str, list[float]] = {"loss": [], "lr": [], "grad_norm": []}
     for batch in batches:
         state, m = step(state, split.frozen, {k: batch[k] for k in OURS_KEYS})
@@ -169,8 +203,13 @@ def run_ours(model_dir: str, run, steps: int, batches: list[dict], adapter_dir: 
         for k in hist:
             hist[k].append(float(m[k]))
     trained_params, trained_lora = lj.combine(state.trainable, split.frozen)
-    lj.save_peft(os.path.join(adapter_dir, "final"), trained_lora, lcfg, cfg,
-                 params=trained_params if lcfg.modules_to_save else None)
+    lj.save_peft(
+        os.path.join(adapter_dir, "final"),
+        trained_lora,
+        lcfg,
+        cfg,
+        params=trained_params if lcfg.modules_to_save else None,
+    )
     return {k: np.asarray(v) for k, v in hist.items()}
 
 
@@ -185,13 +224,23 @@ def hf_scheduler(optimizer, ocfg, steps: int):
     if ocfg.schedule == "linear":
         if not ratio:
             return transformers.get_linear_schedule_with_warmup(optimizer, warmup, steps)
-        return transformers.get_wsd_schedule(optimizer, num_warmup_steps=0, num_decay_steps=steps,
-                                             num_stable_steps=0, decay_type="linear", min_lr_ratio=ratio)
+        return transformers.get_wsd_schedule(
+            optimizer,
+            num_warmup_steps=0,
+            num_decay_steps=steps,
+            num_stable_steps=0,
+            decay_type="linear",
+            min_lr_ratio=ratio,
+        )
     if not ratio:
         return transformers.get_cosine_schedule_with_warmup(optimizer, warmup, steps)
-    return transformers.get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup,
-                                      num_training_steps=steps,
-                                      scheduler_specific_kwargs={"min_lr_rate": ratio})
+    return transformers.get_scheduler(
+        "cosine_with_min_lr",
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=steps,
+        scheduler_specific_kwargs={"min_lr_rate": ratio},
+    )
 
 
 def run_peft(model_dir: str, run, steps: int, batches: list[dict], adapter_dir: str) -> dict:
@@ -214,16 +263,22 @@ def _run_peft(model_dir: str, run, steps: int, batches: list[dict], adapter_dir:
     from peft.optimizers import create_loraplus_optimizer
 
     lcfg, ocfg, tcfg = run.lora, run.optim, run.train
-    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                            attn_implementation="eager")
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     pm = peft.PeftModel.from_pretrained(base, os.path.join(adapter_dir, "init"), is_trainable=True)
     pm.train()
     trainable = [p for p in pm.parameters() if p.requires_grad]
     adam = dict(betas=(ocfg.b1, ocfg.b2), eps=ocfg.eps)
     if lcfg.loraplus_lr_ratio:
-        opt = create_loraplus_optimizer(pm, torch.optim.AdamW, lr=ocfg.lr,
-                                        loraplus_lr_ratio=lcfg.loraplus_lr_ratio,
-                                        loraplus_weight_decay=ocfg.weight_decay, **adam)
+        opt = create_loraplus_optimizer(
+            pm,
+            torch.optim.AdamW,
+            lr=ocfg.lr,
+            loraplus_lr_ratio=lcfg.loraplus_lr_ratio,
+            loraplus_weight_decay=ocfg.weight_decay,
+            **adam,
+        )
     else:
         opt = torch.optim.AdamW(trainable, lr=ocfg.lr, weight_decay=ocfg.weight_decay, **adam)
     sched = hf_scheduler(opt, ocfg, steps)
@@ -246,9 +301,10 @@ def _run_peft(model_dir: str, run, steps: int, batches: list[dict], adapter_dir:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    return {"hist": {k: np.asarray(v) for k, v in hist.items()},
-            "state": {k: v.detach().numpy().copy()
-                      for k, v in peft.get_peft_model_state_dict(pm).items()}}
+    return {
+        "hist": {k: np.asarray(v) for k, v in hist.items()},
+        "state": {k: v.detach().numpy().copy() for k, v in peft.get_peft_model_state_dict(pm).items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------- compare
@@ -275,8 +331,9 @@ def scalar_rel_diff(a, b, scale=None) -> float:
     return float(np.max(np.where((a == b), 0.0, np.abs(a - b) / scale)))
 
 
-def compare(run, steps: int = 20, seq_len: int = 16, model_seed: int = 0, data_seed: int = 0,
-            workdir: str | None = None) -> dict:
+def compare(
+    run, steps: int = 20, seq_len: int = 16, model_seed: int = 0, data_seed: int = 0, workdir: str | None = None
+) -> dict:
     """Train both sides; return the largest relative differences and both trajectories."""
     from safetensors.numpy import load_file
 
@@ -290,19 +347,28 @@ def compare(run, steps: int = 20, seq_len: int = 16, model_seed: int = 0, data_s
         final = load_file(os.path.join(tmp, "adapter", "final", "adapter_model.safetensors"))
     peft_state = theirs["state"]
     if sorted(final) != sorted(peft_state):
-        raise AssertionError(f"adapter keys differ: ours only {sorted(set(final) - set(peft_state))[:4]}; "
-                             f"PEFT only {sorted(set(peft_state) - set(final))[:4]}")
+        raise AssertionError(
+            f"adapter keys differ: ours only {sorted(set(final) - set(peft_state))[:4]}; "
+            f"PEFT only {sorted(set(peft_state) - set(final))[:4]}"
+        )
     adapters = {k: rel_diff(final[k], peft_state[k]) for k in final}
     h = theirs["hist"]
-    result = {"loss": scalar_rel_diff(ours["loss"], h["loss"]),
-              "lr": scalar_rel_diff(ours["lr"], h["lr"], scale=np.max(np.abs(h["lr"]))),
-              "grad_norm": scalar_rel_diff(ours["grad_norm"], h["grad_norm"])}
+    result = {
+        "loss": scalar_rel_diff(ours["loss"], h["loss"]),
+        "lr": scalar_rel_diff(ours["lr"], h["lr"], scale=np.max(np.abs(h["lr"]))),
+        "grad_norm": scalar_rel_diff(ours["grad_norm"], h["grad_norm"]),
+    }
     result["adapters"] = max(adapters.values())
     # the same difference relative to what training changed: ||ours - PEFT|| / ||PEFT - initial||
     result["update"] = max(rel_diff(final[k] - init[k], peft_state[k] - init[k]) for k in init)
-    return {"max_rel": result, "worst_tensor": max(adapters, key=adapters.get),
-            "elementwise": max(max_rel_diff(final[k], peft_state[k]) for k in final),
-            "ours": ours, "theirs": theirs["hist"], "per_tensor": adapters}
+    return {
+        "max_rel": result,
+        "worst_tensor": max(adapters, key=adapters.get),
+        "elementwise": max(max_rel_diff(final[k], peft_state[k]) for k in final),
+        "ours": ours,
+        "theirs": theirs["hist"],
+        "per_tensor": adapters,
+    }
 
 
 def run_config(sets: list[str], path: str | None = None):
@@ -321,17 +387,32 @@ def _load_config(path: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
     ap.add_argument("--seq-len", type=int, default=16, help="tokens per row (default 16)")
-    ap.add_argument("--config", default=None, metavar="RUN.yaml",
-                    help="a run config file, as `lora-jax train --config` takes (default: RunConfig())")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a run-config override, as in `lora-jax train --set` (repeatable)")
-    ap.add_argument("--tol", type=float, default=None,
-                    help="one relative tolerance for every figure (default: " +
-                    ", ".join(f"{k} {v:g}" for k, v in TOLS.items()) + ")")
+    ap.add_argument(
+        "--config",
+        default=None,
+        metavar="RUN.yaml",
+        help="a run config file, as `lora-jax train --config` takes (default: RunConfig())",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config override, as in `lora-jax train --set` (repeatable)",
+    )
+    ap.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="one relative tolerance for every figure (default: "
+        + ", ".join(f"{k} {v:g}" for k, v in TOLS.items())
+        + ")",
+    )
     ap.add_argument("--model-seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="print both trajectories step by step")
@@ -353,22 +434,31 @@ def main(argv=None) -> int:
         o, t = res["ours"], res["theirs"]
         print("step  loss (ours, PEFT)        lr (ours, PEFT)            grad_norm (ours, PEFT)")
         for i in range(args.steps):
-            print(f"{i:4d}  {o['loss'][i]:.7f} {t['loss'][i]:.7f}  {o['lr'][i]:.6e} {t['lr'][i]:.6e}  "
-                  f"{o['grad_norm'][i]:.6e} {t['grad_norm'][i]:.6e}")
+            print(
+                f"{i:4d}  {o['loss'][i]:.7f} {t['loss'][i]:.7f}  {o['lr'][i]:.6e} {t['lr'][i]:.6e}  "
+                f"{o['grad_norm'][i]:.6e} {t['grad_norm'][i]:.6e}"
+            )
     lc = run.lora
-    print(f"steps={args.steps} batch_size={run.train.batch_size} grad_accum={run.train.grad_accum} "
-          f"seq_len={args.seq_len} packing={run.data.packing} | lora r={lc.r} alpha={lc.lora_alpha} "
-          f"targets={lc.target_modules} rslora={lc.use_rslora} dora={lc.use_dora} "
-          f"loraplus_lr_ratio={lc.loraplus_lr_ratio}")
+    print(
+        f"steps={args.steps} batch_size={run.train.batch_size} grad_accum={run.train.grad_accum} "
+        f"seq_len={args.seq_len} packing={run.data.packing} | lora r={lc.r} alpha={lc.lora_alpha} "
+        f"targets={lc.target_modules} rslora={lc.use_rslora} dora={lc.use_dora} "
+        f"loraplus_lr_ratio={lc.loraplus_lr_ratio}"
+    )
     print("optim " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(run.optim).items()))
     o = res["ours"]
-    print(f"loss {o['loss'][0]:.4f} -> {o['loss'][-1]:.4f}; lr {o['lr'][0]:.3g} -> {o['lr'][-1]:.3g}; "
-          f"pre-clip grad norm {o['grad_norm'].min():.3g}..{o['grad_norm'].max():.3g}")
+    print(
+        f"loss {o['loss'][0]:.4f} -> {o['loss'][-1]:.4f}; lr {o['lr'][0]:.3g} -> {o['lr'][-1]:.3g}; "
+        f"pre-clip grad norm {o['grad_norm'].min():.3g}..{o['grad_norm'].max():.3g}"
+    )
     bad = []
     for name, v in res["max_rel"].items():
         tol = TOLS[name] if args.tol is None else args.tol
-        note = (f"  [{res['worst_tensor']}; worst element {res['elementwise']:.2e} of its tensor's max]"
-                if name == "adapters" else "")
+        note = (
+            f"  [{res['worst_tensor']}; worst element {res['elementwise']:.2e} of its tensor's max]"
+            if name == "adapters"
+            else ""
+        )
         print(f"max rel diff {name:<9s} {v:.2e}  (tol {tol:g}) {'ok' if v <= tol else 'ABOVE'}{note}")
         if v > tol:
             bad.append(name)

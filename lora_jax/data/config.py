@@ -72,13 +72,12 @@ class DataConfig:
                 raise ConfigError(f"data.{name}={value!r} must be a path to a JSONL file or null")
         frac = self.eval_fraction
         if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0.0 <= frac < 1.0:
-            raise ConfigError(
-                f"data.eval_fraction={frac!r} must be a number in [0, 1) (0 = no held-out eval)")
+            raise ConfigError(f"data.eval_fraction={frac!r} must be a number in [0, 1) (0 = no held-out eval)")
         object.__setattr__(self, "eval_fraction", float(frac))
         if not _is_int(self.seq_len) or self.seq_len < 2:
             raise ConfigError(
-                f"data.seq_len={self.seq_len!r} must be an integer >= 2 (a row needs a token and "
-                "its next-token target)")
+                f"data.seq_len={self.seq_len!r} must be an integer >= 2 (a row needs a token and its next-token target)"
+            )
         for name in ("packing", "completion_only_loss", "add_eos"):
             value = getattr(self, name)
             if not isinstance(value, bool):
@@ -88,9 +87,11 @@ class DataConfig:
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"data.seed={self.seed!r} must be a non-negative integer")
         if not _is_int(self.max_record_bytes) or self.max_record_bytes < 2:
-            raise ConfigError(f"data.max_record_bytes={self.max_record_bytes!r} must be an integer number "
-                              f"of bytes >= 2 (the longest JSONL line read), e.g. {DEFAULT_MAX_RECORD_BYTES} "
-                              "(1 MiB, the default)")
+            raise ConfigError(
+                f"data.max_record_bytes={self.max_record_bytes!r} must be an integer number "
+                f"of bytes >= 2 (the longest JSONL line read), e.g. {DEFAULT_MAX_RECORD_BYTES} "
+                "(1 MiB, the default)"
+            )
 
-    def replace(self, **changes) -> "DataConfig":
+    def replace(self, **changes) -> DataConfig:
         return dataclasses.replace(self, **changes)

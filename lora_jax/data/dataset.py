@@ -7,7 +7,8 @@ a row (or a loss) with training data.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,8 +54,10 @@ def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 def build_datasets(cfg: DataConfig, tokenizer) -> Datasets:
     """Read, check, split, tokenize and pack ``cfg.train_file`` (and ``cfg.eval_file``)."""
     if not cfg.train_file:
-        raise ConfigError("data.train_file is not set; point it at a JSONL file of "
-                          '{"text"}, {"prompt", "completion"} or {"messages"} records')
+        raise ConfigError(
+            "data.train_file is not set; point it at a JSONL file of "
+            '{"text"}, {"prompt", "completion"} or {"messages"} records'
+        )
     train = read_jsonl_lines(cfg.train_file, cfg.max_record_bytes)
     fmt = detect_file_format(train, cfg.train_file)
     train_where = [f"{cfg.train_file}:{line}" for line, _ in train]
@@ -71,7 +74,8 @@ def build_datasets(cfg: DataConfig, tokenizer) -> Datasets:
             raise DataError(
                 f"{cfg.train_file}: {len(train)} record(s) is too few to hold out "
                 f"eval_fraction={cfg.eval_fraction} and still train; add records, set "
-                "data.eval_fraction=0, or give data.eval_file")
+                "data.eval_fraction=0, or give data.eval_file"
+            )
         eval_where = [train_where[i] for i in eval_idx]
         eval_records = [train_records[i] for i in eval_idx]
         train_where = [train_where[i] for i in train_idx]
@@ -81,17 +85,18 @@ def build_datasets(cfg: DataConfig, tokenizer) -> Datasets:
     if n_empty == len(train_records):
         raise DataError(_all_empty(cfg, fmt, len(train_records)))
     if cfg.add_eos and tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no eos_token, so data.add_eos cannot append one; set "
-                        "data.add_eos=false or use a tokenizer that defines eos")
+        raise DataError(
+            "the tokenizer has no eos_token, so data.add_eos cannot append one; set "
+            "data.add_eos=false or use a tokenizer that defines eos"
+        )
     prefix = special_prefix(tokenizer)
-    train_ex, n_cut_train, n_drop_train = _examples(train_records, train_where, fmt, tokenizer,
-                                                    cfg, prefix)
-    eval_ex, n_cut_eval, n_drop_eval = _examples(eval_records, eval_where, eval_fmt, tokenizer,
-                                                 cfg, prefix)
+    train_ex, n_cut_train, n_drop_train = _examples(train_records, train_where, fmt, tokenizer, cfg, prefix)
+    eval_ex, n_cut_eval, n_drop_eval = _examples(eval_records, eval_where, eval_fmt, tokenizer, cfg, prefix)
     if not train_ex:
         raise DataError(
             f"{cfg.train_file}: no training record has a loss token within seq_len={cfg.seq_len} "
-            "(prompts too long, or no assistant turn); raise seq_len or check the records")
+            "(prompts too long, or no assistant turn); raise seq_len or check the records"
+        )
     rows_of = pack_examples if cfg.packing else pad_examples
     train_rows = rows_of(train_ex, cfg.seq_len)
     eval_rows = rows_of(eval_ex, cfg.seq_len)
@@ -122,22 +127,32 @@ def has_content(record: dict, fmt: str, completion_only: bool = True) -> bool:
         return bool(record["text"].strip())
     if fmt == "prompt_completion":
         return bool(record["completion"].strip() or (not completion_only and record["prompt"].strip()))
-    return any(m["content"].strip() for m in record["messages"]
-               if not completion_only or m["role"] == "assistant")
+    return any(m["content"].strip() for m in record["messages"] if not completion_only or m["role"] == "assistant")
 
 
 def _all_empty(cfg: DataConfig, fmt: str, n: int) -> str:
-    what = {"text": "every 'text' is empty or blank",
-            "prompt_completion": ("every 'completion' is empty or blank" if cfg.completion_only_loss
-                                  else "every 'prompt' and 'completion' is empty or blank"),
-            "messages": ("no assistant message has content" if cfg.completion_only_loss
-                         else "every message's 'content' is empty or blank")}[fmt]
-    return (f"{cfg.train_file}: no trainable tokens: {what} in all {n} training record(s), so only eos "
-            "would be learned; fill in the records (check the field names and the file written)")
+    what = {
+        "text": "every 'text' is empty or blank",
+        "prompt_completion": (
+            "every 'completion' is empty or blank"
+            if cfg.completion_only_loss
+            else "every 'prompt' and 'completion' is empty or blank"
+        ),
+        "messages": (
+            "no assistant message has content"
+            if cfg.completion_only_loss
+            else "every message's 'content' is empty or blank"
+        ),
+    }[fmt]
+    return (
+        f"{cfg.train_file}: no trainable tokens: {what} in all {n} training record(s), so only eos "
+        "would be learned; fill in the records (check the field names and the file written)"
+    )
 
 
-def _examples(records: Sequence[dict], where: Sequence[str], fmt: str, tokenizer, cfg: DataConfig,
-              prefix: Sequence[int]) -> tuple[list[Example], int, int]:
+def _examples(
+    records: Sequence[dict], where: Sequence[str], fmt: str, tokenizer, cfg: DataConfig, prefix: Sequence[int]
+) -> tuple[list[Example], int, int]:
     """Tokenized examples that keep at least one loss target, the number cut, the number dropped.
 
     A record whose loss tokens all fall past ``seq_len`` (or at position 0, which nothing
@@ -145,12 +160,15 @@ def _examples(records: Sequence[dict], where: Sequence[str], fmt: str, tokenizer
     """
     examples = []
     for record, at in zip(records, where):
-        ids, mask = tokenize_record(record, fmt, tokenizer, cfg.completion_only_loss, cfg.add_eos,
-                                    where=at, bos_prefix=prefix)
+        ids, mask = tokenize_record(
+            record, fmt, tokenizer, cfg.completion_only_loss, cfg.add_eos, where=at, bos_prefix=prefix
+        )
         if len(ids) > cfg.seq_len and cfg.overlong == "error":
-            raise DataError(f"{at}: record is {len(ids)} tokens, longer than "
-                            f"seq_len={cfg.seq_len}; raise data.seq_len, shorten the record, or "
-                            "set data.overlong=truncate")
+            raise DataError(
+                f"{at}: record is {len(ids)} tokens, longer than "
+                f"seq_len={cfg.seq_len}; raise data.seq_len, shorten the record, or "
+                "set data.overlong=truncate"
+            )
         examples.append((ids, mask))
     examples, n_truncated = truncate_examples(examples, cfg.seq_len)
     kept = [(ids, mask) for ids, mask in examples if mask[1:].any()]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, BinaryIO, Iterator, Mapping, NoReturn
+from collections.abc import Iterator, Mapping
+from typing import Any, BinaryIO, NoReturn
 
 from lora_jax.data.config import DEFAULT_MAX_RECORD_BYTES
 from lora_jax.errors import DataError
@@ -17,12 +18,12 @@ __all__ = ["FORMATS", "read_jsonl", "read_jsonl_lines", "detect_format", "detect
 
 FORMATS = ("text", "prompt_completion", "messages")
 
-_EXPECTED = ('{"text": ...}, {"prompt": ..., "completion": ...} or '
-             '{"messages": [{"role": ..., "content": ...}, ...]}')
+_EXPECTED = '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}'
 
 
-def read_jsonl_lines(path: str | os.PathLike,
-                     max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> list[tuple[int, dict]]:
+def read_jsonl_lines(
+    path: str | os.PathLike, max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES
+) -> list[tuple[int, dict]]:
     """``(line_number, record)`` per non-blank line (1-based), so later errors can name the line.
 
     The file is read line by line, and a line longer than ``max_record_bytes`` (``None``: no limit)
@@ -32,8 +33,7 @@ def read_jsonl_lines(path: str | os.PathLike,
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise DataError(f"{path}: file not found; check the path (relative paths are from "
-                        f"{os.getcwd()})")
+        raise DataError(f"{path}: file not found; check the path (relative paths are from {os.getcwd()})")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory; give a JSONL file (one JSON object per line)")
     records: list[tuple[int, dict]] = []
@@ -48,8 +48,9 @@ def read_jsonl_lines(path: str | os.PathLike,
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); check its permissions") from None
     if not records:
-        raise DataError(f"{path}: no records (empty file or only blank lines); add one JSON "
-                        f"object per line, such as {_EXPECTED}")
+        raise DataError(
+            f"{path}: no records (empty file or only blank lines); add one JSON object per line, such as {_EXPECTED}"
+        )
     return records
 
 
@@ -99,10 +100,12 @@ def _drain(f: BinaryIO, seen: int, chunk_bytes: int) -> int:
 def _too_long(path: str, lineno: int, size: int, limit: int) -> NoReturn:
     over = "more than " if size > _MEASURE_AT_MOST else ""
     fits = 1 << max(size - 1, 1).bit_length()
-    raise DataError(f"{path}:{lineno}: record is {over}{size} bytes ({_human(size)}), over "
-                    f"data.max_record_bytes={limit} ({_human(limit)}), so it is refused before "
-                    "tokenizing; split it into smaller records, or raise the limit if records this "
-                    f"long are meant (e.g. --set data.max_record_bytes={fits})")
+    raise DataError(
+        f"{path}:{lineno}: record is {over}{size} bytes ({_human(size)}), over "
+        f"data.max_record_bytes={limit} ({_human(limit)}), so it is refused before "
+        "tokenizing; split it into smaller records, or raise the limit if records this "
+        f"long are meant (e.g. --set data.max_record_bytes={fits})"
+    )
 
 
 def _human(n: int) -> str:
@@ -117,37 +120,48 @@ def _parse_line(raw: bytes, path: str, lineno: int) -> dict | None:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); "
-                        "save the file as UTF-8") from None
+        raise DataError(
+            f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"
+        ) from None
     if not line.strip():
         return None
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                        "fix the line or remove it") from None
+        raise DataError(
+            f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix the line or remove it"
+        ) from None
     if not isinstance(record, dict):
-        raise DataError(f"{path}:{lineno}: record is a JSON {_json_type(record)}, expected an "
-                        f"object such as {_EXPECTED}; write one JSON object per line")
+        raise DataError(
+            f"{path}:{lineno}: record is a JSON {_json_type(record)}, expected an "
+            f"object such as {_EXPECTED}; write one JSON object per line"
+        )
     return record
 
 
 def detect_format(record: Mapping[str, Any], where: str) -> str:
-    """"text", "prompt_completion" or "messages", after checking the fields' types.
+    """ "text", "prompt_completion" or "messages", after checking the fields' types.
 
     ``where`` (``"data.jsonl:17"``) prefixes every error. Extra fields (``id``, ``meta``) are
     ignored; fields of two formats at once are refused, since silently preferring one would train
     on something other than what the user meant.
     """
-    families = [name for name, keys in (("text", ("text",)),
-                                         ("prompt_completion", ("prompt", "completion")),
-                                         ("messages", ("messages",)))
-                if any(k in record for k in keys)]
+    families = [
+        name
+        for name, keys in (
+            ("text", ("text",)),
+            ("prompt_completion", ("prompt", "completion")),
+            ("messages", ("messages",)),
+        )
+        if any(k in record for k in keys)
+    ]
     if not families:
         raise DataError(f"{where}: record has fields {sorted(record)}; expected {_EXPECTED}")
     if len(families) > 1:
-        raise DataError(f"{where}: record has fields of several formats ({', '.join(families)}); "
-                        f"keep the fields of one: {_EXPECTED}")
+        raise DataError(
+            f"{where}: record has fields of several formats ({', '.join(families)}); "
+            f"keep the fields of one: {_EXPECTED}"
+        )
     fmt = families[0]
     if fmt == "text":
         _check_str(record, "text", where)
@@ -155,13 +169,16 @@ def detect_format(record: Mapping[str, Any], where: str) -> str:
         for key in ("prompt", "completion"):
             if key not in record:
                 other = "completion" if key == "prompt" else "prompt"
-                raise DataError(f"{where}: record has '{other}' but no '{key}'; a "
-                                'prompt/completion record needs both: '
-                                '{"prompt": ..., "completion": ...}')
+                raise DataError(
+                    f"{where}: record has '{other}' but no '{key}'; a "
+                    "prompt/completion record needs both: "
+                    '{"prompt": ..., "completion": ...}'
+                )
             if not isinstance(record[key], str):
                 raise DataError(
                     f"{where}: '{key}' is a JSON {_json_type(record[key])}, expected a string "
-                    '(for conversations use {"messages": [{"role": ..., "content": ...}, ...]})')
+                    '(for conversations use {"messages": [{"role": ..., "content": ...}, ...]})'
+                )
     else:
         _check_messages(record["messages"], where)
     return fmt
@@ -178,8 +195,10 @@ def detect_file_format(records: list[tuple[int, dict]], path: str) -> str:
     for lineno, record in records[1:]:
         other = detect_format(record, f"{path}:{lineno}")
         if other != fmt:
-            raise DataError(f"{path}:{lineno}: record is in '{other}' format but line {first_line} "
-                            f"is '{fmt}'; every record of a file must use one format")
+            raise DataError(
+                f"{path}:{lineno}: record is in '{other}' format but line {first_line} "
+                f"is '{fmt}'; every record of a file must use one format"
+            )
     return fmt
 
 
@@ -190,23 +209,25 @@ def _check_str(record: Mapping[str, Any], key: str, where: str) -> None:
 
 def _check_messages(messages: Any, where: str) -> None:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of "
-                        '{"role": ..., "content": ...} objects')
+        raise DataError(f'{where}: \'messages\' must be a non-empty list of {{"role": ..., "content": ...}} objects')
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: messages[{i}] is a JSON {_json_type(message)}; each message "
-                            'must be an object {"role": ..., "content": ...}')
+            raise DataError(
+                f"{where}: messages[{i}] is a JSON {_json_type(message)}; each message "
+                'must be an object {"role": ..., "content": ...}'
+            )
         for key in ("role", "content"):
             if key not in message:
-                raise DataError(f"{where}: messages[{i}] has no '{key}'; each message needs "
-                                '{"role": ..., "content": ...}')
+                raise DataError(
+                    f'{where}: messages[{i}] has no \'{key}\'; each message needs {{"role": ..., "content": ...}}'
+                )
             if not isinstance(message[key], str):
-                raise DataError(f"{where}: messages[{i}].{key} is a JSON "
-                                f"{_json_type(message[key])}, expected a string")
+                raise DataError(f"{where}: messages[{i}].{key} is a JSON {_json_type(message[key])}, expected a string")
 
 
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
-            dict: "object"}.get(type(value), type(value).__name__)
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )

@@ -16,18 +16,31 @@ Documents are never split across rows; over-long ones are cut or refused before 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from lora_jax.errors import DataError
 
-__all__ = ["ROW_KEYS", "ROW_DTYPES", "Example", "truncate_examples", "first_fit", "pack_examples",
-           "pad_examples", "empty_row"]
+__all__ = [
+    "ROW_KEYS",
+    "ROW_DTYPES",
+    "Example",
+    "truncate_examples",
+    "first_fit",
+    "pack_examples",
+    "pad_examples",
+    "empty_row",
+]
 
 ROW_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
-ROW_DTYPES = {"input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32,
-              "segment_ids": np.int32, "positions": np.int32}
+ROW_DTYPES = {
+    "input_ids": np.int32,
+    "targets": np.int32,
+    "loss_mask": np.float32,
+    "segment_ids": np.int32,
+    "positions": np.int32,
+}
 
 Example = tuple[np.ndarray, np.ndarray]  # (ids int32 [n], loss_mask bool [n]) from tokenize_record
 
@@ -59,8 +72,10 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     bins: list[list[int]] = []
     for index, length in enumerate(lengths):
         if not 0 < length <= capacity:
-            raise DataError(f"example {index} has {length} tokens; each must have 1..seq_len="
-                            f"{capacity} (truncate over-long examples before packing)")
+            raise DataError(
+                f"example {index} has {length} tokens; each must have 1..seq_len="
+                f"{capacity} (truncate over-long examples before packing)"
+            )
         node = 1
         while node < size:
             node = 2 * node if free[2 * node] >= length else 2 * node + 1
@@ -85,8 +100,10 @@ def pad_examples(examples: Sequence[Example], seq_len: int) -> list[dict[str, np
     """One document per row, padded to ``seq_len``."""
     for index, (ids, _) in enumerate(examples):
         if not 0 < len(ids) <= seq_len:
-            raise DataError(f"example {index} has {len(ids)} tokens; each must have 1..seq_len="
-                            f"{seq_len} (truncate over-long examples before padding)")
+            raise DataError(
+                f"example {index} has {len(ids)} tokens; each must have 1..seq_len="
+                f"{seq_len} (truncate over-long examples before padding)"
+            )
     return _build_rows(examples, [[i] for i in range(len(examples))], seq_len)
 
 
@@ -95,8 +112,7 @@ def empty_row(seq_len: int) -> dict[str, np.ndarray]:
     return {k: np.zeros(seq_len, ROW_DTYPES[k]) for k in ROW_KEYS}
 
 
-def _build_rows(examples: Sequence[Example], bins: list[list[int]],
-                seq_len: int) -> list[dict[str, np.ndarray]]:
+def _build_rows(examples: Sequence[Example], bins: list[list[int]], seq_len: int) -> list[dict[str, np.ndarray]]:
     # One contiguous [n_rows, seq_len] block per field; rows are views into it (cheap to hold
     # hundreds of thousands, and one allocation instead of five per row).
     block = {k: np.zeros((len(bins), seq_len), ROW_DTYPES[k]) for k in ROW_KEYS}
@@ -107,8 +123,8 @@ def _build_rows(examples: Sequence[Example], bins: list[list[int]],
             n = len(ids)
             sl = slice(offset, offset + n)
             block["input_ids"][r, sl] = ids
-            block["targets"][r, offset:offset + n - 1] = ids[1:]
-            block["loss_mask"][r, offset:offset + n - 1] = mask[1:]
+            block["targets"][r, offset : offset + n - 1] = ids[1:]
+            block["loss_mask"][r, offset : offset + n - 1] = mask[1:]
             block["segment_ids"][r, sl] = segment
             block["positions"][r, sl] = np.arange(n, dtype=np.int32)
             offset += n

@@ -17,7 +17,8 @@ prefix property; that is detected and refused rather than mis-masked.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,14 +39,21 @@ def special_prefix(tokenizer) -> list[int]:
     plain = _encode(tokenizer, _PROBE)
     full = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
     for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
+        if full[start : start + len(plain)] == plain:
             return full[:start]
     return []
 
 
-def tokenize_record(record: Mapping[str, Any], fmt: str, tokenizer, completion_only: bool = True,
-                    add_eos: bool = True, *, where: str = "record",
-                    bos_prefix: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_record(
+    record: Mapping[str, Any],
+    fmt: str,
+    tokenizer,
+    completion_only: bool = True,
+    add_eos: bool = True,
+    *,
+    where: str = "record",
+    bos_prefix: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(ids int32 [n], loss_mask bool [n])`` for one record of format ``fmt``.
 
     text: loss on every token. prompt_completion: prompt and completion are tokenized separately
@@ -69,26 +77,29 @@ def tokenize_record(record: Mapping[str, Any], fmt: str, tokenizer, completion_o
         mask = [not completion_only] * len(prompt) + [True] * len(completion)
         eos_loss = True
     elif fmt == "messages":
-        ids, mask, has_eos = _tokenize_messages(record["messages"], tokenizer, completion_only,
-                                                where)
+        ids, mask, has_eos = _tokenize_messages(record["messages"], tokenizer, completion_only, where)
         eos_loss = not completion_only or record["messages"][-1]["role"] == "assistant"
         add_eos = add_eos and not has_eos
     else:
-        raise DataError(f"{where}: unknown record format {fmt!r}; expected one of "
-                        "'text', 'prompt_completion', 'messages'")
+        raise DataError(
+            f"{where}: unknown record format {fmt!r}; expected one of 'text', 'prompt_completion', 'messages'"
+        )
     if add_eos:
         eos = tokenizer.eos_token_id
         if eos is None:
-            raise DataError("the tokenizer has no eos_token, so data.add_eos cannot append one; "
-                            "set data.add_eos=false or use a tokenizer that defines eos")
+            raise DataError(
+                "the tokenizer has no eos_token, so data.add_eos cannot append one; "
+                "set data.add_eos=false or use a tokenizer that defines eos"
+            )
         if not ids or ids[-1] != eos:
             ids = ids + [eos]
             mask = list(mask) + [eos_loss]
     return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)
 
 
-def assistant_spans(messages: Sequence[Mapping[str, str]], tokenizer,
-                    where: str = "record") -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    messages: Sequence[Mapping[str, str]], tokenizer, where: str = "record"
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the ``[start, end)`` character span of each assistant turn.
 
     A span runs from the end of the generation prompt before the turn (so the ``assistant`` header
@@ -100,13 +111,14 @@ def assistant_spans(messages: Sequence[Mapping[str, str]], tokenizer,
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        upto = _render(tokenizer, messages[:i + 1], False, where)
+        upto = _render(tokenizer, messages[: i + 1], False, where)
         if not full.startswith(upto):
             raise DataError(
                 f"{where}: the chat template renders messages[:{i + 1}] differently from the start "
                 "of the full conversation, so assistant turns cannot be located; use a template "
                 "whose earlier turns do not depend on later ones, or set "
-                "data.completion_only_loss=false")
+                "data.completion_only_loss=false"
+            )
         start = 0
         for generation_prompt in (True, False):
             try:
@@ -122,20 +134,22 @@ def assistant_spans(messages: Sequence[Mapping[str, str]], tokenizer,
             raise DataError(
                 f"{where}: the chat template's rendering of messages[:{i}] is not a prefix of "
                 f"messages[:{i + 1}], so assistant turn {i} cannot be located; set "
-                "data.completion_only_loss=false or fix the template")
+                "data.completion_only_loss=false or fix the template"
+            )
         spans.append((start, len(upto)))
     return full, spans
 
 
-def _tokenize_messages(messages, tokenizer, completion_only: bool,
-                       where: str) -> tuple[list[int], list[bool], bool]:
+def _tokenize_messages(messages, tokenizer, completion_only: bool, where: str) -> tuple[list[int], list[bool], bool]:
     """ids, loss mask, and whether the template already closes the last assistant turn with eos
     (then ``add_eos`` adds nothing: templates that write ``eos`` then a newline would otherwise get
     a second eos after the newline)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: 'messages' records need a tokenizer with a chat_template and "
-                        "this one has none; use the chat/instruct model's tokenizer or convert the "
-                        'records to {"prompt", "completion"}')
+        raise DataError(
+            f"{where}: 'messages' records need a tokenizer with a chat_template and "
+            "this one has none; use the chat/instruct model's tokenizer or convert the "
+            'records to {"prompt", "completion"}'
+        )
     text, spans = assistant_spans(messages, tokenizer, where)
     # The rendered text already holds the template's special tokens (bos included), so the
     # tokenizer must not add its own.
@@ -146,7 +160,7 @@ def _tokenize_messages(messages, tokenizer, completion_only: bool,
     in_spans = [(ends > lo) & (starts < hi) for lo, hi in spans]  # a straddling token counts
     has_eos = False
     if spans and in_spans[-1].any():
-        has_eos = tokenizer.eos_token_id in ids[int(np.argmax(in_spans[-1])):]
+        has_eos = tokenizer.eos_token_id in ids[int(np.argmax(in_spans[-1])) :]
     if not completion_only:
         return ids, [True] * len(ids), has_eos
     mask = np.logical_or.reduce(in_spans) if spans else np.zeros(len(ids), dtype=bool)
@@ -155,14 +169,19 @@ def _tokenize_messages(messages, tokenizer, completion_only: bool,
 
 def _render(tokenizer, messages, add_generation_prompt: bool, where: str) -> str:
     try:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as e:  # jinja2 TemplateError, raise_exception() in templates, ValueError
-        raise DataError(f"{where}: the chat template failed ({type(e).__name__}: {e}); check the "
-                        "roles and their order against what the model's template accepts") from None
+        raise DataError(
+            f"{where}: the chat template failed ({type(e).__name__}: {e}); check the "
+            "roles and their order against what the model's template accepts"
+        ) from None
     if not isinstance(text, str):
-        raise DataError(f"{where}: apply_chat_template returned {type(text).__name__}, expected a "
-                        "string; pass a transformers tokenizer")
+        raise DataError(
+            f"{where}: apply_chat_template returned {type(text).__name__}, expected a "
+            "string; pass a transformers tokenizer"
+        )
     return text
 
 

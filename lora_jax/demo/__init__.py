@@ -26,6 +26,13 @@ def demo_run_config():
         lora=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
         data=DataConfig(train_file=DEMO_TRAIN, eval_file=DEMO_EVAL, seq_len=48, packing=False),
         optim=OptimConfig(lr=2e-3, schedule="cosine", warmup_steps=20, weight_decay=0.0),
-        train=TrainConfig(steps=300, batch_size=32, log_every=10, save_every=100, eval_generate=64,
-                          max_new_tokens=32, output_dir="runs/demo"),
+        train=TrainConfig(
+            steps=300,
+            batch_size=32,
+            log_every=10,
+            save_every=100,
+            eval_generate=64,
+            max_new_tokens=32,
+            output_dir="runs/demo",
+        ),
     )

@@ -15,7 +15,8 @@ import functools
 import json
 import os
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,21 +45,25 @@ def np_dtype(name: str):
 def weight_files(path: str) -> list[str]:
     """The safetensors files of a HF model directory (index-aware); refuses pickled checkpoints."""
     if not os.path.isdir(path):
-        raise CheckpointFormatError(f"model directory {path!r} does not exist; pass a Hugging Face "
-                                    "model directory (config.json + *.safetensors)")
+        raise CheckpointFormatError(
+            f"model directory {path!r} does not exist; pass a Hugging Face "
+            "model directory (config.json + *.safetensors)"
+        )
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointFormatError(f"{index} is not a valid safetensors index ({e!r}); "
-                                        "re-export the model") from None
+            raise CheckpointFormatError(
+                f"{index} is not a valid safetensors index ({e!r}); re-export the model"
+            ) from None
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
-            raise CheckpointFormatError(f"{index} names files that are not there: {missing}; "
-                                        "copy the whole model directory")
+            raise CheckpointFormatError(
+                f"{index} names files that are not there: {missing}; copy the whole model directory"
+            )
         return [os.path.join(path, f) for f in files]
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
@@ -68,17 +73,21 @@ def weight_files(path: str) -> list[str]:
         raise CheckpointFormatError(
             f"{path} holds only pickled weights ({', '.join(sorted(pickled))}); lora_jax never "
             "unpickles. Convert them once with transformers: "
-            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
-    raise CheckpointFormatError(f"no model.safetensors or model.safetensors.index.json in {path}; "
-                                "pass a Hugging Face model directory saved with save_pretrained")
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+        )
+    raise CheckpointFormatError(
+        f"no model.safetensors or model.safetensors.index.json in {path}; "
+        "pass a Hugging Face model directory saved with save_pretrained"
+    )
 
 
 def _open(file: str):
     try:
         return safe_open(file, framework="np")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointFormatError(f"cannot read {file}: {e}. The file is truncated or not "
-                                    "safetensors; copy or export it again") from None
+        raise CheckpointFormatError(
+            f"cannot read {file}: {e}. The file is truncated or not safetensors; copy or export it again"
+        ) from None
 
 
 def _index_tensors(files: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -95,8 +104,13 @@ def check_tensors(cfg: LlamaConfig, found: dict[str, tuple[str, tuple[int, ...]]
     """Refuses missing or unexpected keys and shape mismatches, naming each."""
     entries = hf_entries(cfg)
     expected = {e.hf_key for e in entries}
-    extra = sorted(k for k in found if k not in expected and not k.endswith(IGNORED_SUFFIXES)
-                   and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
+    extra = sorted(
+        k
+        for k in found
+        if k not in expected
+        and not k.endswith(IGNORED_SUFFIXES)
+        and not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    )
     missing = sorted(expected - set(found))
     if missing or extra:
         parts = []
@@ -104,13 +118,17 @@ def check_tensors(cfg: LlamaConfig, found: dict[str, tuple[str, tuple[int, ...]]
             parts.append(f"missing tensors: {_short(missing)}")
         if extra:
             parts.append(f"unexpected tensors: {_short(extra)}")
-        raise CheckpointFormatError("; ".join(parts) + ". The weights do not match config.json "
-                                    "(wrong config, or not a LlamaForCausalLM checkpoint)")
+        raise CheckpointFormatError(
+            "; ".join(parts) + ". The weights do not match config.json "
+            "(wrong config, or not a LlamaForCausalLM checkpoint)"
+        )
     for e in entries:
         shape = found[e.hf_key][1]
         if shape != e.hf_shape:
-            raise CheckpointFormatError(f"tensor {e.hf_key} has shape {list(shape)} but config.json "
-                                        f"implies {list(e.hf_shape)}; the config and weights disagree")
+            raise CheckpointFormatError(
+                f"tensor {e.hf_key} has shape {list(shape)} but config.json "
+                f"implies {list(e.hf_shape)}; the config and weights disagree"
+            )
     return entries
 
 
@@ -129,10 +147,20 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
     return tree
 
 
-def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: bool = True,
-                    remat_policy: str = "none", compute_dtype: Any = None, rules=None,
-                    quantize: str | None = None, fuse_wide_adapters: bool = True,
-                    attention: str = "auto", place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None):
+def load_pretrained(
+    path: str,
+    dtype: Any = None,
+    mesh=None,
+    *,
+    scan_layers: bool = True,
+    remat_policy: str = "none",
+    compute_dtype: Any = None,
+    rules=None,
+    quantize: str | None = None,
+    fuse_wide_adapters: bool = True,
+    attention: str = "auto",
+    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+):
     """Load a HF Llama directory -> `(LlamaConfig, params)`.
 
     dtype: parameter dtype (`"float32"`, `"bfloat16"`); None keeps the checkpoint's own.
@@ -151,8 +179,10 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
     check_kind(quantize)
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise CheckpointFormatError(f"model directory {path!r} does not exist; pass a Hugging Face "
-                                    "model directory (config.json + *.safetensors)")
+        raise CheckpointFormatError(
+            f"model directory {path!r} does not exist; pass a Hugging Face "
+            "model directory (config.json + *.safetensors)"
+        )
     hf_cfg = LlamaConfig.from_hf(path)  # validates model type and options before reading weights
     files = weight_files(path)
     found = _index_tensors(files)
@@ -163,9 +193,14 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
         dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(stored)
         if dtype is None:
             raise ConfigError(f"checkpoint dtype {stored} is not supported; pass dtype='float32' or 'bfloat16'")
-    cfg = hf_cfg.replace(param_dtype=dtype, dtype=compute_dtype or dtype, scan_layers=scan_layers,
-                         remat_policy=remat_policy, fuse_wide_adapters=fuse_wide_adapters,
-                         attention=attention)
+    cfg = hf_cfg.replace(
+        param_dtype=dtype,
+        dtype=compute_dtype or dtype,
+        scan_layers=scan_layers,
+        remat_policy=remat_policy,
+        fuse_wide_adapters=fuse_wide_adapters,
+        attention=attention,
+    )
     target = np_dtype(cfg.param_dtype)
     quantizer = None
     if quantize is not None:
@@ -191,8 +226,9 @@ def load_pretrained(path: str, dtype: Any = None, mesh=None, *, scan_layers: boo
                 try:
                     tensor = f.get_tensor(e.hf_key)
                 except (SafetensorError, OSError, ValueError) as err:
-                    raise CheckpointFormatError(f"cannot read tensor {e.hf_key} from {file}: {err}; "
-                                                "the file is truncated or corrupt") from None
+                    raise CheckpointFormatError(
+                        f"cannot read tensor {e.hf_key} from {file}: {err}; the file is truncated or corrupt"
+                    ) from None
                 if e.transpose:
                     tensor = tensor.T
                 tensor = tensor.astype(target)
@@ -240,8 +276,9 @@ class _Quantizer:
         """Quantise one tensor: the whole leaf (layer None) or layer `layer` of a stacked leaf."""
         n = self.cfg.num_hidden_layers if layer is not None else None
         module = leaf[-3:] if self.mesh is not None else None  # programs depend on the path only via shardings
-        x_sh, quant, zeros, set_layer = _programs(self.kind, module, tensor.shape, tensor.dtype.name, n,
-                                                  self.mesh, self.rules)
+        x_sh, quant, zeros, set_layer = _programs(
+            self.kind, module, tensor.shape, tensor.dtype.name, n, self.mesh, self.rules
+        )
         if self.place is not None:
             return self._add_host(leaf, layer, jax.device_get(quant(tensor)))
         x = jax.device_put(tensor, x_sh)
@@ -258,8 +295,7 @@ class _Quantizer:
             return
         if leaf not in self.buffers:
             n = self.cfg.num_hidden_layers
-            self.buffers[leaf] = QuantizedKernel(*(np.zeros((n,) + a.shape, a.dtype) for a in q.arrays()),
-                                                 q.spec)
+            self.buffers[leaf] = QuantizedKernel(*(np.zeros((n,) + a.shape, a.dtype) for a in q.arrays()), q.spec)
         for buf, part in zip(self.buffers[leaf].arrays(), q.arrays()):
             buf[layer] = part
 
@@ -272,8 +308,9 @@ class _Quantizer:
 
 
 @functools.lru_cache(maxsize=64)
-def _programs(kind: str, module_path: tuple[str, ...], shape: tuple[int, ...], dtype: str,
-              layers: int | None, mesh, rules: tuple):
+def _programs(
+    kind: str, module_path: tuple[str, ...], shape: tuple[int, ...], dtype: str, layers: int | None, mesh, rules: tuple
+):
     """(sharding of one [in, out] tensor, jitted quantiser, jitted zeros of the stacked leaf, jitted
     "quantise into layer i" with the leaf donated), with shardings from the logical-axis rules of the
     kernel's path (`layers`: the stack depth of a scanned leaf, None for a leaf that is one tensor)."""
@@ -291,10 +328,8 @@ def _programs(kind: str, module_path: tuple[str, ...], shape: tuple[int, ...], d
         if layers is not None:  # a layer slice shards like the stacked leaf without its layer axis
             drop = lambda s: NamedSharding(mesh, PartitionSpec(*s.spec[1:]))
             x_sh, slice_sh = drop(x_sh), jax.tree.map(drop, leaf_sh)
-    zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(lead + a.shape, a.dtype), abstract),
-                    out_shardings=leaf_sh)
-    set_layer = jax.jit(lambda buf, x, i: _set_layer(buf, quant(x), i), donate_argnums=(0,),
-                        out_shardings=leaf_sh)
+    zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(lead + a.shape, a.dtype), abstract), out_shardings=leaf_sh)
+    set_layer = jax.jit(lambda buf, x, i: _set_layer(buf, quant(x), i), donate_argnums=(0,), out_shardings=leaf_sh)
     return x_sh, jax.jit(quant, out_shardings=slice_sh), zeros, set_layer
 
 

@@ -13,8 +13,16 @@ from typing import NamedTuple
 from lora_jax.models.layout import LLAMA_LAYOUT, Layout
 from lora_jax.models.llama_config import LlamaConfig
 
-__all__ = ["Entry", "hf_entries", "flax_path", "projection_parent", "PROJECTIONS", "ATTENTION_PROJECTIONS",
-           "MLP_PROJECTIONS", "IGNORED_SUFFIXES"]
+__all__ = [
+    "Entry",
+    "hf_entries",
+    "flax_path",
+    "projection_parent",
+    "PROJECTIONS",
+    "ATTENTION_PROJECTIONS",
+    "MLP_PROJECTIONS",
+    "IGNORED_SUFFIXES",
+]
 
 # Views of the layout, kept for callers that import them from here.
 PROJECTIONS = LLAMA_LAYOUT.names
@@ -49,11 +57,13 @@ def hf_entries(cfg: LlamaConfig, layout: Layout = LLAMA_LAYOUT) -> list[Entry]:
         prefix = f"{layout.hf_layers}.{i}"
         for p in layout.projections:
             fan_in, fan_out = shapes[p.name]
-            entries.append(Entry(f"{prefix}.{p.parent}.{p.name}.weight", (p.parent, p.name, "kernel"), i, True,
-                                 (fan_out, fan_in)))
+            entries.append(
+                Entry(f"{prefix}.{p.parent}.{p.name}.weight", (p.parent, p.name, "kernel"), i, True, (fan_out, fan_in))
+            )
             if p.has_bias(cfg):
-                entries.append(Entry(f"{prefix}.{p.parent}.{p.name}.bias", (p.parent, p.name, "bias"), i, False,
-                                     (fan_out,)))
+                entries.append(
+                    Entry(f"{prefix}.{p.parent}.{p.name}.bias", (p.parent, p.name, "bias"), i, False, (fan_out,))
+                )
         for norm in layout.layer_norms:
             entries.append(Entry(f"{prefix}.{norm}.weight", (norm, "scale"), i, False, (d,)))
     entries.append(Entry(f"{base}.{layout.final_norm}.weight", (layout.final_norm, "scale"), None, False, (d,)))

@@ -56,14 +56,14 @@ from lora_jax.lora.tree import adapter_paths, build_tree
 from lora_jax.models.layout import LLAMA_LAYOUT, Layout, get_path
 from lora_jax.models.llama_config import LlamaConfig
 
-__all__ = ["save_peft", "load_peft", "apply_modules_to_save", "read_peft_config",
-           "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
+__all__ = ["save_peft", "load_peft", "apply_modules_to_save", "read_peft_config", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
 
 PREFIX = "base_model.model."
 _DTYPES = ("float32", "bfloat16", "float16")
 _LORA_KEY = re.compile(
     rf"^{re.escape(PREFIX + LLAMA_LAYOUT.hf_layers)}\.(?P<layer>\d+)\.(?P<parent>{'|'.join(LLAMA_LAYOUT.parents)})\."
-    rf"(?P<name>{'|'.join(LLAMA_LAYOUT.names)})\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+    rf"(?P<name>{'|'.join(LLAMA_LAYOUT.names)})\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
+)
 
 
 # ------------------------------------------------------------------------------------ base entries
@@ -77,10 +77,17 @@ def _config_from_params(params, layout: Layout = LLAMA_LAYOUT) -> LlamaConfig:
     vocab, hidden = params[layout.embed]["embedding"].shape
     head_dim = math.gcd(sizes["heads"], sizes["kv_heads"])
     return LlamaConfig(
-        vocab_size=int(vocab), hidden_size=int(hidden), intermediate_size=sizes["mlp"],
-        num_hidden_layers=shape.num_layers, num_attention_heads=sizes["heads"] // head_dim,
-        num_key_value_heads=sizes["kv_heads"] // head_dim, head_dim=head_dim,
-        tie_word_embeddings=layout.lm_head not in params, scan_layers=shape.scan_layers, **biases)
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        intermediate_size=sizes["mlp"],
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=sizes["heads"] // head_dim,
+        num_key_value_heads=sizes["kv_heads"] // head_dim,
+        head_dim=head_dim,
+        tie_word_embeddings=layout.lm_head not in params,
+        scan_layers=shape.scan_layers,
+        **biases,
+    )
 
 
 def _module_of(hf_key: str) -> str:
@@ -93,8 +100,10 @@ def _saved_entries(cfg: LlamaConfig, modules) -> list[Entry]:
     unmatched = [m for m in modules if not any(_module_of(e.hf_key).endswith(m) for e in entries)]
     if unmatched:
         tied = " (lm_head is tied to embed_tokens in this model)" if cfg.tie_word_embeddings else ""
-        raise ConfigError(f"modules_to_save={list(modules)}: {unmatched} match no module of the model{tied}; "
-                          "modules are e.g. 'lm_head', 'embed_tokens', 'norm', 'input_layernorm'")
+        raise ConfigError(
+            f"modules_to_save={list(modules)}: {unmatched} match no module of the model{tied}; "
+            "modules are e.g. 'lm_head', 'embed_tokens', 'norm', 'input_layernorm'"
+        )
     return entries
 
 
@@ -109,8 +118,9 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x), np.float32)
 
 
-def _adapter_tensors(lora, lcfg: LoraConfig, targets: list[Target], target_dtype,
-                     layout: Layout = LLAMA_LAYOUT) -> dict[str, np.ndarray]:
+def _adapter_tensors(
+    lora, lcfg: LoraConfig, targets: list[Target], target_dtype, layout: Layout = LLAMA_LAYOUT
+) -> dict[str, np.ndarray]:
     """PEFT tensors of the real (layer, projection) entries, checked against `lcfg` first."""
     scan = layout.layers in lora
     have = set(adapter_paths(lora))
@@ -118,13 +128,17 @@ def _adapter_tensors(lora, lcfg: LoraConfig, targets: list[Target], target_dtype
     if have != want:
         parts = []
         if want - have:
-            parts.append(f"lcfg targets {_short('/'.join(p) for p in sorted(want - have))} but the adapter "
-                         "tree has no entry there")
+            parts.append(
+                f"lcfg targets {_short('/'.join(p) for p in sorted(want - have))} but the adapter "
+                "tree has no entry there"
+            )
         if have - want:
-            parts.append(f"the adapter tree holds {_short('/'.join(p) for p in sorted(have - want))}, which "
-                         "lcfg does not target")
-        raise ConfigError("; ".join(parts) + ". Pass the LoraConfig the adapters were made with (and the "
-                          "LlamaConfig of their base)")
+            parts.append(
+                f"the adapter tree holds {_short('/'.join(p) for p in sorted(have - want))}, which lcfg does not target"
+            )
+        raise ConfigError(
+            "; ".join(parts) + ". Pass the LoraConfig the adapters were made with (and the LlamaConfig of their base)"
+        )
     out: dict[str, np.ndarray] = {}
     by_path: dict[tuple, list[Target]] = defaultdict(list)
     for t in targets:
@@ -133,39 +147,58 @@ def _adapter_tensors(lora, lcfg: LoraConfig, targets: list[Target], target_dtype
         mod = get_path(lora, path)
         where = "/".join(path)
         if lcfg.use_dora != ("m" in mod):
-            raise ConfigError(f"adapter {where} {'lacks' if lcfg.use_dora else 'has'} a DoRA magnitude 'm' "
-                              f"but lcfg.use_dora={lcfg.use_dora}; pass the LoraConfig the adapters were made with")
+            raise ConfigError(
+                f"adapter {where} {'lacks' if lcfg.use_dora else 'has'} a DoRA magnitude 'm' "
+                f"but lcfg.use_dora={lcfg.use_dora}; pass the LoraConfig the adapters were made with"
+            )
         leaves = {k: _host(v) for k, v in mod.items()}
         if scan:
             active = {t.layer for t in ts}
             stray = [i for i, s in enumerate(leaves["scale"]) if i not in active and s != 0]
             if stray:
-                raise ConfigError(f"adapter {where} is active (scale != 0) in layers {stray}, which lcfg does "
-                                  "not target; pass the LoraConfig the adapters were made with")
+                raise ConfigError(
+                    f"adapter {where} is active (scale != 0) in layers {stray}, which lcfg does "
+                    "not target; pass the LoraConfig the adapters were made with"
+                )
         for t in ts:
             one = {k: (v[t.layer] if scan else v) for k, v in leaves.items()}
             a, b = one["a"], one["b"]
             if a.shape[0] != t.fan_in or b.shape[-1] != t.fan_out or a.shape[1] < t.r or b.shape[0] != a.shape[1]:
-                raise ConfigError(f"adapter {where} (layer {t.layer}) has a {list(a.shape)}, b {list(b.shape)}, "
-                                  f"which do not fit [{t.fan_in}, {t.r}] / [{t.r}, {t.fan_out}] of the model "
-                                  "and LoraConfig given; pass the configs the adapters were made with")
-            if np.any(a[:, t.r:]) or np.any(b[t.r:]):
-                raise ConfigError(f"adapter {where} (layer {t.layer}) has non-zero entries beyond its rank "
-                                  f"r={t.r} (padding); slicing them off would change the model")
+                raise ConfigError(
+                    f"adapter {where} (layer {t.layer}) has a {list(a.shape)}, b {list(b.shape)}, "
+                    f"which do not fit [{t.fan_in}, {t.r}] / [{t.r}, {t.fan_out}] of the model "
+                    "and LoraConfig given; pass the configs the adapters were made with"
+                )
+            if np.any(a[:, t.r :]) or np.any(b[t.r :]):
+                raise ConfigError(
+                    f"adapter {where} (layer {t.layer}) has non-zero entries beyond its rank "
+                    f"r={t.r} (padding); slicing them off would change the model"
+                )
             if not math.isclose(float(one["scale"]), t.scale, rel_tol=1e-5):
-                raise ConfigError(f"adapter {where} (layer {t.layer}) has scale {float(one['scale'])!r}, but "
-                                  f"lcfg implies {t.scale!r} (lora_alpha/r{'' if not lcfg.use_rslora else ' with rsLoRA'}); "
-                                  "pass the LoraConfig the adapters were made with")
+                raise ConfigError(
+                    f"adapter {where} (layer {t.layer}) has scale {float(one['scale'])!r}, but "
+                    f"lcfg implies {t.scale!r} (lora_alpha/r{'' if not lcfg.use_rslora else ' with rsLoRA'}); "
+                    "pass the LoraConfig the adapters were made with"
+                )
             key = PREFIX + t.hf_name
-            out[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[:, :t.r].T.astype(target_dtype))
-            out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[:t.r].T.astype(target_dtype))
+            out[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[:, : t.r].T.astype(target_dtype))
+            out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[: t.r].T.astype(target_dtype))
             if lcfg.use_dora:
                 out[f"{key}.lora_magnitude_vector"] = np.ascontiguousarray(one["m"].astype(target_dtype))
     return out
 
 
-def save_peft(out_dir: str, lora, lcfg: LoraConfig, cfg: LlamaConfig, base_model_name_or_path: str | None = None,
-              dtype: str = "float32", params=None, *, overwrite: bool = False) -> str:
+def save_peft(
+    out_dir: str,
+    lora,
+    lcfg: LoraConfig,
+    cfg: LlamaConfig,
+    base_model_name_or_path: str | None = None,
+    dtype: str = "float32",
+    params=None,
+    *,
+    overwrite: bool = False,
+) -> str:
     """Write `lora` as a PEFT adapter directory that `peft.PeftModel.from_pretrained` loads.
 
     cfg: the base model's LlamaConfig (fixes the shapes targets are planned against).
@@ -186,16 +219,20 @@ def save_peft(out_dir: str, lora, lcfg: LoraConfig, cfg: LlamaConfig, base_model
     tensors = _adapter_tensors(lora, lcfg, targets, target)
     if lcfg.modules_to_save:
         if params is None:
-            raise ConfigError(f"lcfg.modules_to_save={list(lcfg.modules_to_save)}: pass params= (the trained "
-                              "parameters) so save_peft can write those modules' weights")
+            raise ConfigError(
+                f"lcfg.modules_to_save={list(lcfg.modules_to_save)}: pass params= (the trained "
+                "parameters) so save_peft can write those modules' weights"
+            )
         scan = LLAMA_LAYOUT.layers in params
         for e in _saved_entries(cfg, lcfg.modules_to_save):
             leaf = get_path(params, flax_path(e, scan))
             t = np.asarray(jax.device_get(leaf[e.layer] if (scan and e.layer is not None) else leaf))
             t = t.T if e.transpose else t
             if t.shape != e.hf_shape:
-                raise ConfigError(f"params tensor for {e.hf_key} has shape {list(t.shape)} but cfg implies "
-                                  f"{list(e.hf_shape)}; pass the params and LlamaConfig of one model")
+                raise ConfigError(
+                    f"params tensor for {e.hf_key} has shape {list(t.shape)} but cfg implies "
+                    f"{list(e.hf_shape)}; pass the params and LlamaConfig of one model"
+                )
             tensors[PREFIX + e.hf_key] = np.ascontiguousarray(t.astype(target))
     config = peft_config_dict(lcfg, None if base_model_name_or_path is None else os.fspath(base_model_name_or_path))
     with atomic_dir(out_dir, "peft", overwrite) as tmp:
@@ -222,23 +259,28 @@ def _read_tensors(adapter_dir: str) -> dict[str, np.ndarray]:
             raise CheckpointFormatError(
                 f"{adapter_dir} holds only a pickled adapter ({', '.join(pickled)}); lora_jax never unpickles. "
                 "Convert it once with peft: PeftModel.from_pretrained(base, dir).save_pretrained(dir, "
-                "safe_serialization=True)")
-        raise CheckpointFormatError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}; pass a directory written by "
-                                    "peft's save_pretrained or lora_jax.save_peft")
+                "safe_serialization=True)"
+            )
+        raise CheckpointFormatError(
+            f"no {ADAPTER_WEIGHTS} in {adapter_dir}; pass a directory written by "
+            "peft's save_pretrained or lora_jax.save_peft"
+        )
     out: dict[str, np.ndarray] = {}
     try:
         with safe_open(path, framework="np") as f:
             for key in f.keys():
                 canon = _canonical(key)
                 if canon in out:
-                    raise CheckpointFormatError(f"{path} holds {key!r} twice (with and without the adapter "
-                                                "name); keep one")
+                    raise CheckpointFormatError(
+                        f"{path} holds {key!r} twice (with and without the adapter name); keep one"
+                    )
                 out[canon] = f.get_tensor(key)
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, CheckpointFormatError):
             raise
-        raise CheckpointFormatError(f"cannot read {path}: {e}. The file is truncated or not safetensors; "
-                                    "copy or export the adapter again") from None
+        raise CheckpointFormatError(
+            f"cannot read {path}: {e}. The file is truncated or not safetensors; copy or export the adapter again"
+        ) from None
     return out
 
 
@@ -263,8 +305,11 @@ def _read_checked(adapter_dir, params):
     base_cfg = _config_from_params(params)
     base = {PREFIX + e.hf_key: e for e in hf_entries(base_cfg)}
     try:
-        saved = {PREFIX + e.hf_key: e for e in _saved_entries(base_cfg, lcfg.modules_to_save)} \
-            if lcfg.modules_to_save else {}
+        saved = (
+            {PREFIX + e.hf_key: e for e in _saved_entries(base_cfg, lcfg.modules_to_save)}
+            if lcfg.modules_to_save
+            else {}
+        )
     except ConfigError as e:
         raise CheckpointFormatError(f"adapter {adapter_dir}: {e}") from None
     # PEFT's save_embedding_layers writes embed_tokens / lm_head weights without modules_to_save;
@@ -284,8 +329,10 @@ def _read_checked(adapter_dir, params):
         if extra:
             hint = ""
             if any(_LORA_KEY.match(k) for k in extra):
-                hint = (" (adapter weights for modules or layers that adapter_config.json does not target on "
-                        "this base: a different base model, or a config that does not match the weights)")
+                hint = (
+                    " (adapter weights for modules or layers that adapter_config.json does not target on "
+                    "this base: a different base model, or a config that does not match the weights)"
+                )
             elif any(k.startswith(PREFIX) and k in base for k in extra):
                 hint = " (base weights for modules not in modules_to_save)"
             parts.append(f"unexpected tensors: {_short(extra)}{hint}")
@@ -296,7 +343,8 @@ def _read_checked(adapter_dir, params):
             raise CheckpointFormatError(
                 f"adapter {adapter_dir}: tensor {key} has shape {list(got)} but this base model and "
                 f"{ADAPTER_CONFIG} imply {list(want)}; the adapter was made for a different base model "
-                "(or its config does not match its weights)")
+                "(or its config does not match its weights)"
+            )
     module_tensors = {saved[k]: tensors[k] for k in saved}
     return lcfg, shape, targets, tensors, module_tensors
 
@@ -316,10 +364,14 @@ def load_peft(adapter_dir: str, params, *, dtype: Any = jnp.float32, return_para
     if return_params:
         return lora, lcfg, _apply_modules(params, module_tensors)
     if module_tensors:
-        warnings.warn(f"adapter {os.fspath(adapter_dir)} holds trained weights for "
-                      f"{sorted({_module_of(e.hf_key) for e in module_tensors})} (modules_to_save), which "
-                      "load_peft does not apply to params; use load_peft(..., return_params=True) or "
-                      "apply_modules_to_save(params, adapter_dir)", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"adapter {os.fspath(adapter_dir)} holds trained weights for "
+            f"{sorted({_module_of(e.hf_key) for e in module_tensors})} (modules_to_save), which "
+            "load_peft does not apply to params; use load_peft(..., return_params=True) or "
+            "apply_modules_to_save(params, adapter_dir)",
+            UserWarning,
+            stacklevel=2,
+        )
     return lora, lcfg
 
 
@@ -332,10 +384,13 @@ def apply_modules_to_save(params, adapter_dir: str):
 
 def _tree_from_tensors(lcfg: LoraConfig, shape, targets: list[Target], tensors, dtype) -> dict:
     """The adapter tree of validated PEFT tensors (transposed to Flax's `[in, r]` / `[r, out]`)."""
+
     def leaves_of(t: Target) -> dict[str, np.ndarray]:
         key = PREFIX + t.hf_name
-        out = {"a": tensors[f"{key}.lora_A.weight"].astype(np.float32).T,
-               "b": tensors[f"{key}.lora_B.weight"].astype(np.float32).T}
+        out = {
+            "a": tensors[f"{key}.lora_A.weight"].astype(np.float32).T,
+            "b": tensors[f"{key}.lora_B.weight"].astype(np.float32).T,
+        }
         if lcfg.use_dora:
             out["m"] = tensors[f"{key}.lora_magnitude_vector"].astype(np.float32)
         return out

@@ -97,12 +97,16 @@ def read_peft_config(adapter_dir: str) -> LoraConfig:
     """The `LoraConfig` of a PEFT adapter directory; refuses what lora_jax does not implement."""
     adapter_dir = os.fspath(adapter_dir)
     if not os.path.isdir(adapter_dir):
-        raise CheckpointFormatError(f"adapter directory {adapter_dir!r} does not exist; pass a PEFT "
-                                    f"adapter directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+        raise CheckpointFormatError(
+            f"adapter directory {adapter_dir!r} does not exist; pass a PEFT "
+            f"adapter directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})"
+        )
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(path):
-        raise CheckpointFormatError(f"no {ADAPTER_CONFIG} in {adapter_dir}; pass a directory written by "
-                                    "peft's save_pretrained or lora_jax.save_peft")
+        raise CheckpointFormatError(
+            f"no {ADAPTER_CONFIG} in {adapter_dir}; pass a directory written by "
+            "peft's save_pretrained or lora_jax.save_peft"
+        )
     try:
         with open(path) as f:
             d = json.load(f)
@@ -113,35 +117,48 @@ def read_peft_config(adapter_dir: str) -> LoraConfig:
 
     peft_type = d.get("peft_type")
     if peft_type != "LORA":
-        raise CheckpointFormatError(f"{path}: peft_type={peft_type!r} is not supported; lora_jax loads "
-                                    "LoRA adapters (peft_type 'LORA', DoRA included) only")
+        raise CheckpointFormatError(
+            f"{path}: peft_type={peft_type!r} is not supported; lora_jax loads "
+            "LoRA adapters (peft_type 'LORA', DoRA included) only"
+        )
     task = d.get("task_type")
     if task not in (None, "CAUSAL_LM"):
-        raise CheckpointFormatError(f"{path}: task_type={task!r} is not supported; lora_jax runs "
-                                    "LlamaForCausalLM, so the adapter must be task_type 'CAUSAL_LM'")
+        raise CheckpointFormatError(
+            f"{path}: task_type={task!r} is not supported; lora_jax runs "
+            "LlamaForCausalLM, so the adapter must be task_type 'CAUSAL_LM'"
+        )
     for field, off, what in _UNSUPPORTED:
         value = d.get(field, off)
         if value not in (off, None, False, [], {}):
-            raise CheckpointFormatError(f"{path}: {field}={value!r} ({what}) is not supported by lora_jax; "
-                                        f"only adapters with {field}={off!r} can be loaded")
+            raise CheckpointFormatError(
+                f"{path}: {field}={value!r} ({what}) is not supported by lora_jax; "
+                f"only adapters with {field}={off!r} can be loaded"
+            )
     bias = d.get("bias", "none")
     if bias != "none":
-        raise CheckpointFormatError(f"{path}: bias={bias!r} is not supported; lora_jax trains no biases, "
-                                    "so only adapters saved with bias='none' can be loaded")
+        raise CheckpointFormatError(
+            f"{path}: bias={bias!r} is not supported; lora_jax trains no biases, "
+            "so only adapters saved with bias='none' can be loaded"
+        )
     pattern = d.get("layers_pattern")
     if pattern not in (None, "layers", ["layers"], []):
-        raise CheckpointFormatError(f"{path}: layers_pattern={pattern!r} is not supported; a Llama's "
-                                    "layer list is 'layers' (use null or 'layers')")
+        raise CheckpointFormatError(
+            f"{path}: layers_pattern={pattern!r} is not supported; a Llama's "
+            "layer list is 'layers' (use null or 'layers')"
+        )
     init = d.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise CheckpointFormatError(
             f"{path}: init_lora_weights={init!r} means the adapter is relative to a base that PEFT "
             "rewrites when it loads (W minus the initial adapter), which lora_jax does not do. Convert it "
             "to plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...), "
-            "or, if you load it onto the saved residual base, set init_lora_weights to true")
+            "or, if you load it onto the saved residual base, set init_lora_weights to true"
+        )
     if init not in _PLAIN_INITS:
-        raise CheckpointFormatError(f"{path}: init_lora_weights={init!r} is not supported; lora_jax "
-                                    f"loads adapters initialised with one of {list(_PLAIN_INITS)}")
+        raise CheckpointFormatError(
+            f"{path}: init_lora_weights={init!r} is not supported; lora_jax "
+            f"loads adapters initialised with one of {list(_PLAIN_INITS)}"
+        )
     if init in ("eva", "orthogonal"):  # only the starting point differed; the trained adapter is plain
         init = True
 
@@ -153,16 +170,24 @@ def read_peft_config(adapter_dir: str) -> LoraConfig:
             raise CheckpointFormatError(f"{path}: target_modules={targets!r} must be a list or a regex")
         embeds = [t for t in targets if t.split(".")[-1] in ("embed_tokens", "lm_head")]
         if embeds:
-            raise CheckpointFormatError(f"{path}: target_modules names {embeds}; LoRA on embeddings or "
-                                        "lm_head is not supported (use modules_to_save for them)")
+            raise CheckpointFormatError(
+                f"{path}: target_modules names {embeds}; LoRA on embeddings or "
+                "lm_head is not supported (use modules_to_save for them)"
+            )
     try:
         return LoraConfig(
-            r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
-            target_modules=targets, exclude_modules=d.get("exclude_modules"),
+            r=d.get("r", 8),
+            lora_alpha=d.get("lora_alpha", 8),
+            lora_dropout=d.get("lora_dropout", 0.0),
+            target_modules=targets,
+            exclude_modules=d.get("exclude_modules"),
             layers_to_transform=d.get("layers_to_transform"),
-            rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
-            use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
-            init_lora_weights=init, modules_to_save=d.get("modules_to_save") or ())
+            rank_pattern=d.get("rank_pattern") or {},
+            alpha_pattern=d.get("alpha_pattern") or {},
+            use_rslora=bool(d.get("use_rslora", False)),
+            use_dora=bool(d.get("use_dora", False)),
+            init_lora_weights=init,
+            modules_to_save=d.get("modules_to_save") or (),
+        )
     except ConfigError as e:
         raise CheckpointFormatError(f"{path}: {e}") from None
-

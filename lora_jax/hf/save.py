@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +34,38 @@ from lora_jax.models.layout import get_path
 from lora_jax.models.llama_config import LlamaConfig
 from lora_jax.quant import dequantize, is_quantized
 
-__all__ = ["save_pretrained", "parse_size", "atomic_dir", "check_export_target", "is_previous_export",
-           "EXPORT_KINDS", "TOKENIZER_FILES"]
+__all__ = [
+    "save_pretrained",
+    "parse_size",
+    "atomic_dir",
+    "check_export_target",
+    "is_previous_export",
+    "EXPORT_KINDS",
+    "TOKENIZER_FILES",
+]
 
 _NP_DTYPE_NAMES = ("float32", "bfloat16", "float16")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 # ------------------------------------------------------------------------------------------ sizes
-_UNITS = (("TIB", 2**40), ("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("TB", 10**12), ("GB", 10**9),
-          ("MB", 10**6), ("KB", 10**3), ("B", 1))
+_UNITS = (
+    ("TIB", 2**40),
+    ("GIB", 2**30),
+    ("MIB", 2**20),
+    ("KIB", 2**10),
+    ("TB", 10**12),
+    ("GB", 10**9),
+    ("MB", 10**6),
+    ("KB", 10**3),
+    ("B", 1),
+)
 _SIZE = re.compile(r"(?P<num>\d+(\.\d*)?|\.\d+)\s*(?P<unit>[KMGT]I?B|B)?")
 
 
@@ -118,11 +140,14 @@ def check_export_target(out_dir, kind: str, overwrite: bool = False) -> str:
     what = EXPORT_KINDS[kind]
     out = os.path.abspath(os.fspath(out_dir))
     if os.path.islink(out):
-        raise ConfigError(f"{out} is a symbolic link; refusing to replace it. Export to the directory "
-                          f"it points to ({os.path.realpath(out)}) or to a new path")
+        raise ConfigError(
+            f"{out} is a symbolic link; refusing to replace it. Export to the directory "
+            f"it points to ({os.path.realpath(out)}) or to a new path"
+        )
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"{out} is a file, not a directory; refusing to replace it with a {what}. "
-                          "Choose a new or empty directory")
+        raise ConfigError(
+            f"{out} is a file, not a directory; refusing to replace it with a {what}. Choose a new or empty directory"
+        )
     if not os.path.isdir(out):
         parent = os.path.dirname(out)
         while parent and not os.path.exists(parent):
@@ -137,15 +162,19 @@ def check_export_target(out_dir, kind: str, overwrite: bool = False) -> str:
     if not names:
         return out
     if not overwrite:
-        raise ConfigError(f"{out} is not empty; refusing to export a {what} over it (nothing was "
-                          "changed). Choose a new or empty directory, or pass --overwrite "
-                          "(overwrite=True) to replace a previous export there")
+        raise ConfigError(
+            f"{out} is not empty; refusing to export a {what} over it (nothing was "
+            "changed). Choose a new or empty directory, or pass --overwrite "
+            "(overwrite=True) to replace a previous export there"
+        )
     if not is_previous_export(out, kind):
         _, foreign = _export_names(kind, set(names))
         held = f"it holds {_short(foreign)}, which" if foreign else "its contents"
-        raise ConfigError(f"{out} is not a previous {what} export ({held} an export never writes); "
-                          "refusing to replace it even with --overwrite (nothing was changed). "
-                          "Choose a new or empty directory")
+        raise ConfigError(
+            f"{out} is not a previous {what} export ({held} an export never writes); "
+            "refusing to replace it even with --overwrite (nothing was changed). "
+            "Choose a new or empty directory"
+        )
     return out
 
 
@@ -224,9 +253,16 @@ def hf_tensors(params, cfg: LlamaConfig, dtype: str, entries=None) -> Iterator[t
         yield e.hf_key, np.ascontiguousarray(t.astype(target))
 
 
-def write_model(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], cfg: LlamaConfig, dtype: str,
-                max_shard_size: int | str = "5GB", tokenizer_dir: str | None = None, *,
-                overwrite: bool = False) -> None:
+def write_model(
+    out_dir: str,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    cfg: LlamaConfig,
+    dtype: str,
+    max_shard_size: int | str = "5GB",
+    tokenizer_dir: str | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
     limit = parse_size(max_shard_size)
     weight_map: dict[str, str] = {}
     total = 0
@@ -259,8 +295,7 @@ def write_model(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], cfg: Ll
             os.rename(os.path.join(tmp, f"shard-{i:05d}.safetensors"), os.path.join(tmp, final))
             names[f"shard-{i:05d}.safetensors"] = final
         if n > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {k: names[v] for k, v in weight_map.items()}}
+            index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in weight_map.items()}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -272,9 +307,18 @@ def write_model(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], cfg: Ll
                     shutil.copy2(src, os.path.join(tmp, name))
 
 
-def save_pretrained(out_dir: str, params, cfg: LlamaConfig, lora=None, lcfg=None, *,
-                    dtype: str | None = None, max_shard_size: int | str = "5GB",
-                    tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
+def save_pretrained(
+    out_dir: str,
+    params,
+    cfg: LlamaConfig,
+    lora=None,
+    lcfg=None,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    tokenizer_dir: str | None = None,
+    overwrite: bool = False,
+) -> str:
     """Write a transformers-loadable model directory; with `lora`, the merged model (W + s*A@B, DoRA:
     m * (W + s*A@B) / ||W + s*A@B||, as `lora_jax.merge`), folded in fp32 and cast once to `dtype`.
 
@@ -311,14 +355,18 @@ def _adapters_by_kernel(params, lora, cfg: LlamaConfig) -> dict[tuple[str, ...],
     for path in adapter_paths(lora):
         kpath = path + ("kernel",)
         if kpath not in kernels:
-            raise ConfigError(f"the adapter tree has an entry at {'/'.join(path)}, which is not a kernel of "
-                              f"this model ({'scanned' if cfg.scan_layers else 'unscanned'} layers); pass the "
-                              "adapters made for these params")
+            raise ConfigError(
+                f"the adapter tree has an entry at {'/'.join(path)}, which is not a kernel of "
+                f"this model ({'scanned' if cfg.scan_layers else 'unscanned'} layers); pass the "
+                "adapters made for these params"
+            )
         mod = get_path(lora, path)
         w = get_path(params, kpath)
         if mod["a"].shape[:-1] != w.shape[:-1] or mod["b"].shape[-1] != w.shape[-1]:
-            raise ConfigError(f"adapter {'/'.join(path)} has a {list(mod['a'].shape)}, b {list(mod['b'].shape)}, "
-                              f"which do not fit the kernel {list(w.shape)}")
+            raise ConfigError(
+                f"adapter {'/'.join(path)} has a {list(mod['a'].shape)}, b {list(mod['b'].shape)}, "
+                f"which do not fit the kernel {list(w.shape)}"
+            )
         out[kpath] = mod
     return out
 
@@ -352,6 +400,7 @@ def _merged_tensors(params, adapters: dict, cfg: LlamaConfig, dtype: str):
             continue
         pick = (lambda x: x[e.layer]) if (e.layer is not None and cfg.scan_layers) else (lambda x: x)
         m = pick(mod["m"]) if "m" in mod else None
-        t = _merge_slice(pick(get_path(params, path)), pick(mod["a"]), pick(mod["b"]), pick(mod["scale"]), m,
-                         out_dtype=target)
+        t = _merge_slice(
+            pick(get_path(params, path)), pick(mod["a"]), pick(mod["b"]), pick(mod["scale"]), m, out_dtype=target
+        )
         yield e.hf_key, np.ascontiguousarray(np.asarray(jax.device_get(t)))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Annotated, Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from lora_jax.errors import ConfigError
 from lora_jax.models.layout import LLAMA_LAYOUT
@@ -51,18 +52,20 @@ def _as_pairs(value, name: str, kind) -> tuple[tuple[str, Any], ...]:
     what = kind.__name__ if isinstance(kind, type) else "number"
     if isinstance(value, Mapping):
         items = list(value.items())
-    elif isinstance(value, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2
-                                                  for kv in value):
+    elif isinstance(value, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in value):
         items = list(value)
     else:
-        raise ConfigError(f"{name}={value!r} must map module patterns to a positive {what}, "
-                          f"e.g. {{q_proj: 8}}")
+        raise ConfigError(f"{name}={value!r} must map module patterns to a positive {what}, e.g. {{q_proj: 8}}")
     out = []
     for k, v in items:
-        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, kind) or not v > 0 \
-                or not math.isfinite(v):
-            raise ConfigError(f"{name} entry {k!r}: {v!r} must map a module pattern to a positive "
-                              f"{what}")
+        if (
+            not isinstance(k, str)
+            or isinstance(v, bool)
+            or not isinstance(v, kind)
+            or not v > 0
+            or not math.isfinite(v)
+        ):
+            raise ConfigError(f"{name} entry {k!r}: {v!r} must map a module pattern to a positive {what}")
         out.append((k, v))
     return tuple(out)
 
@@ -99,8 +102,7 @@ class LoraConfig:
     exclude_modules: Names | Regex | None = None
     layers_to_transform: Layers | None = None
     rank_pattern: Annotated[Mapping[str, int], "a mapping of module regexes to ranks, e.g. {q_proj: 8}"] = ()
-    alpha_pattern: Annotated[Mapping[str, float],
-                             "a mapping of module regexes to alphas, e.g. {q_proj: 16}"] = ()
+    alpha_pattern: Annotated[Mapping[str, float], "a mapping of module regexes to alphas, e.g. {q_proj: 16}"] = ()
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | Literal["gaussian", "pissa"] = True
@@ -117,14 +119,17 @@ class LoraConfig:
             targets = ALL_LINEAR
         elif isinstance(targets, str):
             if not targets.strip():
-                raise ConfigError(f"target_modules={targets!r} is empty; name modules such as "
-                                  "[q_proj, v_proj] or pass 'all-linear'")
+                raise ConfigError(
+                    f"target_modules={targets!r} is empty; name modules such as [q_proj, v_proj] or pass 'all-linear'"
+                )
             _check_regex(targets, "target_modules")
         else:
             targets = _as_tuple(targets, "target_modules")
             if not targets:
-                raise ConfigError(f"target_modules is empty ({self.target_modules!r}); name modules such "
-                                  "as ('q_proj', 'v_proj') or pass 'all-linear'")
+                raise ConfigError(
+                    f"target_modules is empty ({self.target_modules!r}); name modules such "
+                    "as ('q_proj', 'v_proj') or pass 'all-linear'"
+                )
         object.__setattr__(self, "target_modules", targets)
         excl = self.exclude_modules
         if isinstance(excl, str):
@@ -137,30 +142,40 @@ class LoraConfig:
         if layers is not None:
             layers = _as_tuple(layers, "layers_to_transform", int)
             if any(i < 0 for i in layers):
-                raise ConfigError(f"layers_to_transform={list(layers)} has a negative index; "
-                                  "layers are numbered from 0")
+                raise ConfigError(
+                    f"layers_to_transform={list(layers)} has a negative index; layers are numbered from 0"
+                )
         object.__setattr__(self, "layers_to_transform", layers)
         object.__setattr__(self, "rank_pattern", _as_pairs(self.rank_pattern, "rank_pattern", int))
-        object.__setattr__(self, "alpha_pattern",
-                           _as_pairs(self.alpha_pattern, "alpha_pattern", (int, float)))
+        object.__setattr__(self, "alpha_pattern", _as_pairs(self.alpha_pattern, "alpha_pattern", (int, float)))
         for key, _ in self.rank_pattern + self.alpha_pattern:
             _check_regex(key, "pattern key")
-        if self.init_lora_weights not in _INIT_CHOICES or isinstance(self.init_lora_weights, int) \
-                and not isinstance(self.init_lora_weights, bool):
-            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r}; choose one of "
-                              f"{_INIT_CHOICES}")
+        if (
+            self.init_lora_weights not in _INIT_CHOICES
+            or isinstance(self.init_lora_weights, int)
+            and not isinstance(self.init_lora_weights, bool)
+        ):
+            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r}; choose one of {_INIT_CHOICES}")
         object.__setattr__(self, "modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save") or ())
         _check_bool(self, "use_rslora", "")
         _check_bool(self, "use_dora", "")
-        _check_number(self, "loraplus_lr_ratio", "", "> 0 (the learning-rate ratio of b to a), e.g. 16, "
-                      "or null", lambda v: v > 0, allow_none=True)
+        _check_number(
+            self,
+            "loraplus_lr_ratio",
+            "",
+            "> 0 (the learning-rate ratio of b to a), e.g. 16, or null",
+            lambda v: v > 0,
+            allow_none=True,
+        )
         if self.bias != "none":
             raise ConfigError(f"bias={self.bias!r} is not supported; lora_jax trains no biases, use 'none'")
         if self.use_dora and self.init_lora_weights == "pissa":
-            raise ConfigError("use_dora=True with init_lora_weights='pissa' is not supported (PEFT "
-                              "does not define it either); use one or the other")
+            raise ConfigError(
+                "use_dora=True with init_lora_weights='pissa' is not supported (PEFT "
+                "does not define it either); use one or the other"
+            )
 
-    def replace(self, **changes) -> "LoraConfig":
+    def replace(self, **changes) -> LoraConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -173,7 +188,7 @@ class LoraConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> LoraConfig:
         return cls(**d)
 
 

@@ -31,8 +31,9 @@ def _has(module: nn.Module, name: str) -> bool:
 
 
 @contextlib.contextmanager
-def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = True,
-                      dropout_rate=None, fuse_wide: bool = True):
+def lora_interception(
+    lcfg: LoraConfig | None = None, *, deterministic: bool = True, dropout_rate=None, fuse_wide: bool = True
+):
     """Within this context, adapted `nn.Dense` calls run `lora_dense` with their adapter leaves.
 
     Dropout (`lcfg.lora_dropout`, or `dropout_rate` when given: a number or a traced scalar) is
@@ -61,11 +62,17 @@ def lora_interception(lcfg: LoraConfig | None = None, *, deterministic: bool = T
             return dense(jnp.asarray(x, dtype), kernel, bias)
         rng = module.make_rng("dropout") if drops else None
         return lora_dense(
-            jnp.asarray(x, dtype), kernel,
-            module.get_variable("lora", "a"), module.get_variable("lora", "b"),
-            module.get_variable("lora", "scale"), bias=bias,
+            jnp.asarray(x, dtype),
+            kernel,
+            module.get_variable("lora", "a"),
+            module.get_variable("lora", "b"),
+            module.get_variable("lora", "scale"),
+            bias=bias,
             magnitude=module.get_variable("lora", "m") if _has(module, "m") else None,
-            dropout_rng=rng, dropout_rate=rate, fuse_wide=fuse_wide)
+            dropout_rng=rng,
+            dropout_rate=rate,
+            fuse_wide=fuse_wide,
+        )
 
     with nn.intercept_methods(interceptor):
         yield
@@ -75,8 +82,17 @@ def _fuses_wide(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "fuse_wide_adapters", True))
 
 
-def apply(model: nn.Module, params, lora, lcfg: LoraConfig | None, *args, rngs=None,
-          deterministic: bool = True, dropout_rate=None, **kwargs):
+def apply(
+    model: nn.Module,
+    params,
+    lora,
+    lcfg: LoraConfig | None,
+    *args,
+    rngs=None,
+    deterministic: bool = True,
+    dropout_rate=None,
+    **kwargs,
+):
     """`model.apply` with the adapters in effect: base + adapters via the interceptor.
 
     Example, on a tiny random model in memory:
@@ -96,6 +112,5 @@ def apply(model: nn.Module, params, lora, lcfg: LoraConfig | None, *args, rngs=N
     >>> bool((logits == model.apply({"params": params}, ids)).all())  # B = 0 at init: the base
     True
     """
-    with lora_interception(lcfg, deterministic=deterministic, dropout_rate=dropout_rate,
-                           fuse_wide=_fuses_wide(model)):
+    with lora_interception(lcfg, deterministic=deterministic, dropout_rate=dropout_rate, fuse_wide=_fuses_wide(model)):
         return model.apply({"params": params, "lora": lora}, *args, rngs=rngs, **kwargs)

@@ -32,8 +32,7 @@ from jax.extend.random import threefry2x32_p
 
 from lora_jax.quant import dequantize, is_quantized
 
-__all__ = ["lora_dense", "dora_column_norm", "dense", "quantized_matmul", "dropout_keep_mask",
-           "dropout_project"]
+__all__ = ["lora_dense", "dora_column_norm", "dense", "quantized_matmul", "dropout_keep_mask", "dropout_project"]
 
 
 def _mm(x, w):
@@ -183,8 +182,7 @@ def _row(v, ndim):
 
 
 @functools.partial(jax.jit, static_argnames=("fuse_wide",))
-def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=None,
-               dropout_rate=0.0, fuse_wide=True):
+def lora_dense(x, kernel, a, b, scale, bias=None, magnitude=None, dropout_rng=None, dropout_rate=0.0, fuse_wide=True):
     """`x @ kernel (+ bias)` plus the low-rank update, in the dtype of `x`.
 
     x: [..., in]; kernel: [in, out]; a: [in, r]; b: [r, out]; scale: scalar (alpha/r or alpha/sqrt r);

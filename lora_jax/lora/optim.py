@@ -13,7 +13,7 @@ rule; LoRA+ groups leaves as `peft.optimizers.create_loraplus_optimizer` does.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +57,16 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(lcfg: LoraConfig, learning_rate: Schedule, *, weight_decay: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   clip_norm: float | None = 1.0) -> optax.GradientTransformation:
+def make_optimizer(
+    lcfg: LoraConfig,
+    learning_rate: Schedule,
+    *,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
     """AdamW on trainable leaves, `set_to_zero` on frozen ones, optional global-norm clipping
     before AdamW over the whole gradient tree given: the train step passes the trainable subtree,
     so the norm is that of the trainable gradients, as `clip_grad_norm_` on PEFT's parameters.
@@ -83,6 +90,7 @@ def make_optimizer(lcfg: LoraConfig, learning_rate: Schedule, *, weight_decay: f
     >>> round(float(abs(q["b"]).max() / abs(q["a"]).max()))
     16
     """
+
     def adamw(lr):
         return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
 

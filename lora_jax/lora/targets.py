@@ -56,8 +56,10 @@ def model_shape(params, layout: Layout = LLAMA_LAYOUT) -> ModelShape:
     else:
         keys = [k for k in params if k.startswith(f"{stack}_")]
         if not keys:
-            raise ConfigError(f"the parameter tree has no '{stack}' or '{stack}_<i>' entries; pass the "
-                              "params of lora_jax.Llama (from load_pretrained or Llama.init)")
+            raise ConfigError(
+                f"the parameter tree has no '{stack}' or '{stack}_<i>' entries; pass the "
+                "params of lora_jax.Llama (from load_pretrained or Llama.init)"
+            )
         num_layers, scan, layer0 = len(keys), False, params[f"{stack}_0"]
     io = {}
     for p in layout.projections:
@@ -102,15 +104,19 @@ def plan_targets(shape: ModelShape, lcfg: LoraConfig) -> list[Target]:
     if lcfg.layers_to_transform is not None:
         bad = [i for i in lcfg.layers_to_transform if i >= shape.num_layers]
         if bad:
-            raise ConfigError(f"layers_to_transform={list(lcfg.layers_to_transform)} includes {bad}, but "
-                              f"the model has layers 0..{shape.num_layers - 1}")
+            raise ConfigError(
+                f"layers_to_transform={list(lcfg.layers_to_transform)} includes {bad}, but "
+                f"the model has layers 0..{shape.num_layers - 1}"
+            )
     layout = shape.layout
     projections = layout.names
     names = [layout.hf_module(i, n) for i in range(shape.num_layers) for n in projections]
     for pattern, _ in lcfg.rank_pattern + lcfg.alpha_pattern:
         if not any(re.match(rf"(.*\.)?({pattern})$", k) for k in names):
-            raise ConfigError(f"pattern key {pattern!r} matches no module; module names look like "
-                              f"{names[0]!r} (projections: {', '.join(projections)})")
+            raise ConfigError(
+                f"pattern key {pattern!r} matches no module; module names look like "
+                f"{names[0]!r} (projections: {', '.join(projections)})"
+            )
     targets = []
     for i in range(shape.num_layers):
         for name in projections:
@@ -125,10 +131,14 @@ def plan_targets(shape: ModelShape, lcfg: LoraConfig) -> list[Target]:
     if not targets:
         raise ConfigError(
             f"target_modules={_show(lcfg.target_modules)} matches no module"
-            + (f" (with layers_to_transform={list(lcfg.layers_to_transform)})"
-               if lcfg.layers_to_transform is not None else "")
+            + (
+                f" (with layers_to_transform={list(lcfg.layers_to_transform)})"
+                if lcfg.layers_to_transform is not None
+                else ""
+            )
             + f"; the adaptable modules are {', '.join(projections)} "
-              f"(full names like {names[0]!r}), or use 'all-linear'")
+            f"(full names like {names[0]!r}), or use 'all-linear'"
+        )
     return targets
 
 

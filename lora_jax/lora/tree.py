@@ -30,9 +30,23 @@ from lora_jax.lora.targets import ModelShape, Target, model_shape, plan_targets
 from lora_jax.models.layout import get_path
 from lora_jax.quant import is_quantized, quantize_like
 
-__all__ = ["init_lora", "merge", "unmerge", "split_trainable", "combine", "Split", "targets_of",
-           "count_parameters", "print_trainable_parameters", "dora_weight_norms", "adapter_paths",
-           "build_tree", "is_trainable", "is_adapter_leaf", "TRAINABLE_LEAVES"]
+__all__ = [
+    "init_lora",
+    "merge",
+    "unmerge",
+    "split_trainable",
+    "combine",
+    "Split",
+    "targets_of",
+    "count_parameters",
+    "print_trainable_parameters",
+    "dora_weight_norms",
+    "adapter_paths",
+    "build_tree",
+    "is_trainable",
+    "is_adapter_leaf",
+    "TRAINABLE_LEAVES",
+]
 
 TRAINABLE_LEAVES = ("a", "b", "m")  # of an adapter module; its "scale" is a constant
 _ADAPTER_LEAVES = TRAINABLE_LEAVES + ("scale",)
@@ -147,7 +161,8 @@ def build_tree(per_target, shape: ModelShape, dtype=jnp.float32) -> dict:
             for layer, leaves in per_layer.items():
                 (stack,) = layout.layer_path(layer, scan=False)
                 lora.setdefault(stack, {}).setdefault(parent, {})[name] = {
-                    k: jnp.asarray(v, jnp.float32 if k == "scale" else dtype) for k, v in leaves.items()}
+                    k: jnp.asarray(v, jnp.float32 if k == "scale" else dtype) for k, v in leaves.items()
+                }
     return lora
 
 
@@ -164,8 +179,12 @@ def _stack_layers(per_layer: dict[int, dict], num_layers: int, dtype) -> dict:
     for layer in range(num_layers):
         leaves = per_layer.get(layer)
         if leaves is None:
-            leaves = {"a": np.zeros((fan_in, r_max), np.float32), "b": np.zeros((r_max, fan_out), np.float32),
-                      "scale": np.float32(0), **({"m": np.zeros((fan_out,), np.float32)} if "m" in first else {})}
+            leaves = {
+                "a": np.zeros((fan_in, r_max), np.float32),
+                "b": np.zeros((r_max, fan_out), np.float32),
+                "scale": np.float32(0),
+                **({"m": np.zeros((fan_out,), np.float32)} if "m" in first else {}),
+            }
         leaves = {k: np.asarray(v) for k, v in leaves.items()}
         pad = r_max - leaves["a"].shape[1]
         out["a"].append(np.pad(leaves["a"], ((0, 0), (0, pad))))
@@ -262,7 +281,8 @@ def unmerge(params, lora, lcfg: LoraConfig | None = None, *, dora_norms: dict | 
             if dora_norms is None or path not in dora_norms:
                 raise ConfigError(
                     f"unmerge of the DoRA module {'/'.join(path)} needs the weight norms used by merge; "
-                    "pass dora_norms=lora_jax.dora_weight_norms(base_params, lora) taken before merging")
+                    "pass dora_norms=lora_jax.dora_weight_norms(base_params, lora) taken before merging"
+                )
             active = mod["scale"][..., None] != 0
             factor = jnp.where(active, mod["m"].astype(jnp.float32) / dora_norms[path], 1.0)
             w32 = w32 / factor[..., None, :]
@@ -308,15 +328,18 @@ def split_trainable(params, lora, lcfg: LoraConfig) -> Split:
     missing = [m for m in lcfg.modules_to_save if not any(m in p for p in flat_p)]
     if missing:
         tops = sorted({p[0] for p in flat_p})
-        raise ConfigError(f"modules_to_save={list(lcfg.modules_to_save)}: {missing} not in the model; "
-                          f"top-level modules are {tops}")
+        raise ConfigError(
+            f"modules_to_save={list(lcfg.modules_to_save)}: {missing} not in the model; top-level modules are {tops}"
+        )
     train: dict = {}
     frozen: dict = {}
     for path, v in flat_p.items():
         if is_quantized(v) and _is_saved_module(path, lcfg):
-            raise ConfigError(f"modules_to_save={list(lcfg.modules_to_save)} includes the quantised kernel "
-                              f"{'/'.join(path)}; a quantised base is frozen. Drop it from modules_to_save or "
-                              "load the model without quantize")
+            raise ConfigError(
+                f"modules_to_save={list(lcfg.modules_to_save)} includes the quantised kernel "
+                f"{'/'.join(path)}; a quantised base is frozen. Drop it from modules_to_save or "
+                "load the model without quantize"
+            )
         (train if is_trainable(("params",) + path, lcfg) else frozen)[("params",) + path] = v
     for path, v in traverse_util.flatten_dict(lora).items():
         (train if is_trainable(("lora",) + path, lcfg) else frozen)[("lora",) + path] = v
@@ -363,7 +386,6 @@ def count_parameters(params, lcfg: LoraConfig) -> tuple[int, int]:
 
 def print_trainable_parameters(params, lcfg: LoraConfig) -> str:
     trainable, total = count_parameters(params, lcfg)
-    line = (f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f}")
+    line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
     print(line)
     return line

@@ -38,8 +38,16 @@ import numpy as np
 from lora_jax.errors import ConfigError
 from lora_jax.models.llama_config import ATTENTION_IMPLS
 
-__all__ = ["attention", "resolve_attention", "check_attention", "segment_mask", "packed_segments",
-           "segments_per_row", "cudnn_packed_stats_bytes", "CUDNN_PACKED_STATS_LIMIT"]
+__all__ = [
+    "attention",
+    "resolve_attention",
+    "check_attention",
+    "segment_mask",
+    "packed_segments",
+    "segments_per_row",
+    "cudnn_packed_stats_bytes",
+    "CUDNN_PACKED_STATS_LIMIT",
+]
 
 Array = jax.Array
 
@@ -56,23 +64,28 @@ def check_attention(name: str, platform: str | None = None) -> None:
     if name not in ATTENTION_IMPLS:
         raise ConfigError(f"model.attention={name!r}; choose one of {ATTENTION_IMPLS}")
     if name == "cudnn" and platform != "gpu":
-        raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU, but JAX runs on {platform!r}; "
-                          "use model.attention=auto (or xla on a CPU)")
+        raise ConfigError(
+            f"model.attention='cudnn' needs an NVIDIA GPU, but JAX runs on {platform!r}; "
+            "use model.attention=auto (or xla on a CPU)"
+        )
     if name == "pallas" and platform not in ("gpu", "tpu"):
-        raise ConfigError(f"model.attention='pallas' needs a GPU or TPU, but JAX runs on {platform!r}; "
-                          "use model.attention=auto (or xla on a CPU)")
+        raise ConfigError(
+            f"model.attention='pallas' needs a GPU or TPU, but JAX runs on {platform!r}; "
+            "use model.attention=auto (or xla on a CPU)"
+        )
 
 
 def resolve_attention(name: str, dtype, head_dim: int, platform: str | None = None) -> str:
     """The implementation `name` stands for on this platform, for this dtype and head size."""
     platform = platform or _platform()
     check_attention(name, platform)
-    cudnn_ok = jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES] and head_dim % 8 == 0 \
-        and head_dim <= 256
+    cudnn_ok = jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES] and head_dim % 8 == 0 and head_dim <= 256
     if name == "cudnn" and not cudnn_ok:
-        raise ConfigError(f"model.attention='cudnn' runs bf16/fp16 with a head size that is a multiple "
-                          f"of 8 up to 256 (got {jnp.dtype(dtype).name}, head_dim={head_dim}); use "
-                          "model.attention=auto or pallas")
+        raise ConfigError(
+            f"model.attention='cudnn' runs bf16/fp16 with a head size that is a multiple "
+            f"of 8 up to 256 (got {jnp.dtype(dtype).name}, head_dim={head_dim}); use "
+            "model.attention=auto or pallas"
+        )
     if name != "auto":
         return name
     if platform == "gpu":
@@ -102,9 +115,16 @@ def segment_mask(t: int, segment_ids: Array | None) -> Array:
     return causal & same[:, None]
 
 
-def attention(q: Array, k: Array, v: Array, segment_ids: Array | None = None, *,
-              implementation: str = "auto", max_segments: int | None = None,
-              interpret: bool = False) -> Array:
+def attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    segment_ids: Array | None = None,
+    *,
+    implementation: str = "auto",
+    max_segments: int | None = None,
+    interpret: bool = False,
+) -> Array:
     """Causal attention, `q [b, t, heads, d]`, `k, v [b, t, kv_heads, d]` -> `[b, t, heads, d]`.
 
     segment_ids: `[b, t]` int, or None for one document per row.
@@ -115,19 +135,24 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None = None, *,
     impl = "pallas" if interpret else resolve_attention(implementation, q.dtype, q.shape[-1])
     if impl == "cudnn" and segment_ids is not None and max_segments is None:
         if implementation == "cudnn":
-            raise ConfigError("cuDNN's packed attention needs the most segments a row holds "
-                              "(LlamaConfig.max_segments; training sets it from the data); set it, "
-                              "or use attention='pallas'")
+            raise ConfigError(
+                "cuDNN's packed attention needs the most segments a row holds "
+                "(LlamaConfig.max_segments; training sets it from the data); set it, "
+                "or use attention='pallas'"
+            )
         impl = "pallas"
-    if (impl == "cudnn" and implementation == "auto" and segment_ids is not None
-            and cudnn_packed_stats_bytes(q.shape, max_segments) > CUDNN_PACKED_STATS_LIMIT):
+    if (
+        impl == "cudnn"
+        and implementation == "auto"
+        and segment_ids is not None
+        and cudnn_packed_stats_bytes(q.shape, max_segments) > CUDNN_PACKED_STATS_LIMIT
+    ):
         impl = "pallas"  # a long row of many documents: the Triton kernel's residuals are O(t)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if impl == "xla":
         if segment_ids is None:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(q.shape[1], segment_ids),
-                                            implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(q.shape[1], segment_ids), implementation="xla")
     if impl == "cudnn":
         if segment_ids is None:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
@@ -203,9 +228,17 @@ def _cudnn_packed(q, k, v, segment_ids, scale, max_segments, flatten=False):
     b, t, n, d = q.shape
     lengths, offsets = packed_segments(segment_ids, max_segments, flatten)
     shape = (lambda x: x.reshape(1, b * t, x.shape[2], d)) if flatten else (lambda x: x)
-    out = cudnn_attention(shape(q), shape(k), shape(v), q_seqlen=lengths, kv_seqlen=lengths,
-                          q_offsets=offsets, kv_offsets=offsets, mask_type=MaskType.CAUSAL,
-                          scale=scale)
+    out = cudnn_attention(
+        shape(q),
+        shape(k),
+        shape(v),
+        q_seqlen=lengths,
+        kv_seqlen=lengths,
+        q_offsets=offsets,
+        kv_offsets=offsets,
+        mask_type=MaskType.CAUSAL,
+        scale=scale,
+    )
     return out.reshape(b, t, n, d)
 
 
@@ -235,10 +268,19 @@ def _pallas_triton(q, k, v, segment_ids, scale, interpret):
 
     t = q.shape[1]
     q, k, v, segment_ids = _pad_to_blocks(q, k, v, segment_ids)
-    sizes = BlockSizes(block_q=128, block_k=128, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32,
-                       block_kv_dq=32)  # the kernel's defaults
-    out = mha(q, _repeat_kv(q, k), _repeat_kv(q, v), segment_ids, sm_scale=scale, causal=True,
-              block_sizes=sizes, interpret=interpret)
+    sizes = BlockSizes(
+        block_q=128, block_k=128, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32
+    )  # the kernel's defaults
+    out = mha(
+        q,
+        _repeat_kv(q, k),
+        _repeat_kv(q, v),
+        segment_ids,
+        sm_scale=scale,
+        causal=True,
+        block_sizes=sizes,
+        interpret=interpret,
+    )
     return out[:, :t]
 
 
@@ -251,6 +293,7 @@ def _pallas_tpu(q, k, v, segment_ids, scale):
     q, k, v, segment_ids = _pad_to_blocks(q, k, v, segment_ids)
     tr = lambda x: jnp.swapaxes(x, 1, 2)
     seg = None if segment_ids is None else SegmentIds(q=segment_ids, kv=segment_ids)
-    out = flash_attention(tr(q), tr(_repeat_kv(q, k)), tr(_repeat_kv(q, v)), segment_ids=seg,
-                          causal=True, sm_scale=scale)
+    out = flash_attention(
+        tr(q), tr(_repeat_kv(q, k)), tr(_repeat_kv(q, v)), segment_ids=seg, causal=True, sm_scale=scale
+    )
     return tr(out)[:, :t]

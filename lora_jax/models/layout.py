@@ -15,11 +15,11 @@ Pure Python, importing nothing from jax or lora_jax: `config.py` (below every mo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
-__all__ = ["Projection", "Layout", "LLAMA_LAYOUT", "LAYOUTS", "config_value", "get_path",
-           "projection_names"]
+__all__ = ["Projection", "Layout", "LLAMA_LAYOUT", "LAYOUTS", "config_value", "get_path", "projection_names"]
 
 
 def config_value(cfg: Any, name: str, default: Any = None) -> Any:
@@ -121,8 +121,13 @@ def _llama_dims(cfg: Any) -> dict[str, int]:
     heads = config_value(cfg, "num_attention_heads")
     kv_heads = config_value(cfg, "num_key_value_heads", heads)
     head_dim = config_value(cfg, "head_dim", d // heads)
-    return {"embed": d, "heads": heads * head_dim, "kv_heads": kv_heads * head_dim,
-            "mlp": config_value(cfg, "intermediate_size"), "vocab": config_value(cfg, "vocab_size")}
+    return {
+        "embed": d,
+        "heads": heads * head_dim,
+        "kv_heads": kv_heads * head_dim,
+        "mlp": config_value(cfg, "intermediate_size"),
+        "vocab": config_value(cfg, "vocab_size"),
+    }
 
 
 LLAMA_LAYOUT = Layout(

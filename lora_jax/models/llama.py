@@ -155,8 +155,14 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _dense(cfg: LlamaConfig, features: int, name: str, bias: bool) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                    kernel_init=nn.initializers.normal(0.02), name=name)
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
 
 
 class LlamaAttention(nn.Module):
@@ -180,8 +186,7 @@ class LlamaAttention(nn.Module):
             new_cache = (kk, v)
             kk, v = kk.astype(q.dtype), v.astype(q.dtype)
         if mask is None:  # training and scoring: a flash kernel, packed or not
-            out = attention(q, kk, v, segment_ids, implementation=cfg.attention,
-                            max_segments=cfg.max_segments)
+            out = attention(q, kk, v, segment_ids, implementation=cfg.attention, max_segments=cfg.max_segments)
         else:  # decoding against a cache: few queries, XLA's attention with the cache's mask
             out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation="xla")
         out = checkpoint_name(out, "attn_out")
@@ -210,7 +215,8 @@ class LlamaBlock(nn.Module):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         attn, new_cache = LlamaAttention(cfg, name="self_attn")(
-            norm("input_layernorm")(x), rope[0], rope[1], seg_mask[0], seg_mask[1], cache)
+            norm("input_layernorm")(x), rope[0], rope[1], seg_mask[0], seg_mask[1], cache
+        )
         x = x + attn
         x = x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
         return x, new_cache
@@ -245,8 +251,17 @@ class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden=False,
-                 cache: KVCache | None = None, cache_index=None, cache_mask=None):
+    def __call__(
+        self,
+        input_ids,
+        positions=None,
+        segment_ids=None,
+        *,
+        return_hidden=False,
+        cache: KVCache | None = None,
+        cache_index=None,
+        cache_mask=None,
+    ):
         cfg = self.config
         b, t = input_ids.shape
         if positions is None:
@@ -257,8 +272,14 @@ class Llama(nn.Module):
         mask = None if cache is None else _cache_mask(t, cache, cache_index, cache_mask)
         seg_mask = (segment_ids if cache is None else None, mask)
 
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                         embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=nn.initializers.normal(0.02),
+            name="embed_tokens",
+        )
         x = embed(input_ids)
         block = _block_class(cfg)
         layer_cache = None
@@ -267,9 +288,13 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             # every variable collection is stacked per layer (the frozen "params", and whatever
             # collection a caller adds beside them, e.g. adapters), so the model names none but its own
-            scanned = nn.scan(block, variable_axes={True: 0},
-                              split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_hidden_layers)
+            scanned = nn.scan(
+                block,
+                variable_axes={True: 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0),
+                length=cfg.num_hidden_layers,
+            )
             x, new_layer_cache = scanned(cfg, name="layers")(x, rope, seg_mask, layer_cache)
         else:
             outs = []
@@ -284,8 +309,14 @@ class Llama(nn.Module):
         elif cfg.tie_word_embeddings:
             out = embed.attend(x)
         else:
-            out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                           kernel_init=nn.initializers.normal(0.02), name="lm_head")(x)
+            out = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                kernel_init=nn.initializers.normal(0.02),
+                name="lm_head",
+            )(x)
         if cache is None:
             return out
         return out, KVCache(*new_layer_cache)

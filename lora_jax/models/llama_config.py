@@ -13,7 +13,8 @@ import json
 import math
 import numbers
 import os
-from typing import Any, Literal, Mapping, get_args
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
 from lora_jax.errors import ConfigError
 
@@ -99,9 +100,10 @@ def _check_str(obj, name: str, where: str, what: str, allow_none: bool = False) 
         object.__setattr__(obj, name, value)
     if not isinstance(value, str) or not value:
         none = " or null" if allow_none else ""
-        raise ConfigError(f"{where}{name}={value!r} must be {what}{none}"
-                          + (" (a string; in YAML, quote a name that looks like a number)"
-                             if not isinstance(value, str) else ""))
+        raise ConfigError(
+            f"{where}{name}={value!r} must be {what}{none}"
+            + (" (a string; in YAML, quote a name that looks like a number)" if not isinstance(value, str) else "")
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +149,14 @@ class LlamaConfig:
     fuse_wide_adapters: bool = True
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
@@ -156,34 +164,38 @@ class LlamaConfig:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                    f"{self.num_attention_heads}; set head_dim explicitly")
+                    f"{self.num_attention_heads}; set head_dim explicitly"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}")
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         if self.rope_type not in _SUPPORTED_ROPE:
             raise ConfigError(
                 f"rope type {self.rope_type!r} is not implemented; supported: {_SUPPORTED_ROPE}. "
-                "Running it as another type would give wrong logits, so it is refused.")
+                "Running it as another type would give wrong logits, so it is refused."
+            )
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
-        if self.max_segments is not None and (not isinstance(self.max_segments, int)
-                                              or isinstance(self.max_segments, bool) or self.max_segments < 1):
+        if self.max_segments is not None and (
+            not isinstance(self.max_segments, int) or isinstance(self.max_segments, bool) or self.max_segments < 1
+        ):
             raise ConfigError(f"max_segments={self.max_segments!r} must be a positive integer or None")
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
-    def replace(self, **changes) -> "LlamaConfig":
+    def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------------------- HF conversion
     @classmethod
-    def from_hf(cls, source: Any, **runtime) -> "LlamaConfig":
+    def from_hf(cls, source: Any, **runtime) -> LlamaConfig:
         """Build from a HF model directory, a `config.json` path, a dict or a transformers config.
 
         `runtime` sets the non-HF fields (`scan_layers`, `remat_policy`, `dtype`, ...).
@@ -193,7 +205,8 @@ class LlamaConfig:
         if model_type != "llama":
             raise ConfigError(
                 f"model_type={model_type!r} is not supported; lora_jax implements Llama "
-                "(model_type 'llama', LlamaForCausalLM) only")
+                "(model_type 'llama', LlamaForCausalLM) only"
+            )
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"hidden_act={act!r} is not implemented; Llama uses 'silu'")
@@ -206,8 +219,10 @@ class LlamaConfig:
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in d]
         if missing:
-            raise ConfigError(f"the Llama config lacks {missing}; it is not a complete transformers "
-                              "config.json (re-export the model with save_pretrained)")
+            raise ConfigError(
+                f"the Llama config lacks {missing}; it is not a complete transformers "
+                "config.json (re-export the model with save_pretrained)"
+            )
         rope = d.get("rope_parameters")
         if rope is None:  # legacy form
             rope = dict(d.get("rope_scaling") or {})
@@ -217,7 +232,8 @@ class LlamaConfig:
         if rope_type not in _SUPPORTED_ROPE:
             raise ConfigError(
                 f"rope type {rope_type!r} is not implemented; supported: {_SUPPORTED_ROPE}. "
-                "Running it as another type would give wrong logits, so it is refused.")
+                "Running it as another type would give wrong logits, so it is refused."
+            )
         fields = dict(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -251,9 +267,12 @@ class LlamaConfig:
         """The transformers v5 `config.json` contents (`rope_parameters` form)."""
         rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         if self.rope_type == "llama3":
-            rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
-                        high_freq_factor=self.rope_high_freq_factor,
-                        original_max_position_embeddings=self.rope_original_max_position_embeddings)
+            rope.update(
+                factor=self.rope_factor,
+                low_freq_factor=self.rope_low_freq_factor,
+                high_freq_factor=self.rope_high_freq_factor,
+                original_max_position_embeddings=self.rope_original_max_position_embeddings,
+            )
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         return {
             "architectures": ["LlamaForCausalLM"],
@@ -301,7 +320,7 @@ class LlamaConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
         return cls(**d)
 
 
@@ -313,8 +332,10 @@ def _hf_dict(source: Any) -> dict:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
-            raise ConfigError(f"no config.json at {os.fspath(source)!r}; point at a Hugging Face model "
-                              "directory (config.json + *.safetensors)")
+            raise ConfigError(
+                f"no config.json at {os.fspath(source)!r}; point at a Hugging Face model "
+                "directory (config.json + *.safetensors)"
+            )
         try:
             with open(path) as f:
                 return json.load(f)
@@ -322,5 +343,7 @@ def _hf_dict(source: Any) -> dict:
             raise ConfigError(f"{path} is not valid JSON ({e}); re-export the model config") from None
     if hasattr(source, "to_dict"):
         return source.to_dict()
-    raise ConfigError(f"cannot read a Llama config from {type(source).__name__}; pass a directory, "
-                      "a config.json path, a dict or a transformers config")
+    raise ConfigError(
+        f"cannot read a Llama config from {type(source).__name__}; pass a directory, "
+        "a config.json path, a dict or a transformers config"
+    )

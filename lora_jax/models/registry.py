@@ -20,12 +20,14 @@ _FAMILIES: dict[type, type[nn.Module]] = {LlamaConfig: Llama}
 def build_model(cfg) -> nn.Module:
     """The family's `flax.linen.Module` for the model config `cfg` (a `LlamaConfig` -> `Llama(cfg)`).
 
-        cfg, params = lj.load_pretrained(path)
-        logits = lj.build_model(cfg).apply({"params": params}, input_ids)
+    cfg, params = lj.load_pretrained(path)
+    logits = lj.build_model(cfg).apply({"params": params}, input_ids)
     """
     for config_class, module_class in _FAMILIES.items():
         if isinstance(cfg, config_class):
             return module_class(cfg)
     known = ", ".join(c.__name__ for c in _FAMILIES)
-    raise ConfigError(f"build_model: no model family takes a {type(cfg).__name__} ({cfg!r:.60}); pass one "
-                      f"of {known}, e.g. the config lj.load_pretrained(path) returns")
+    raise ConfigError(
+        f"build_model: no model family takes a {type(cfg).__name__} ({cfg!r:.60}); pass one "
+        f"of {known}, e.g. the config lj.load_pretrained(path) returns"
+    )

@@ -48,8 +48,17 @@ Output directory (when `output_dir` is given):
     adapters/<name>/        each configuration as its own PEFT adapter, at its own rank
 """
 
-from lora_jax.sweep.grid import (ALLOWED_KEYS, SweepPoint, check_grid, expand_grid, normalize_grid,
-                                 parse_grid_arg, parse_grid_args, parse_grid_value, split_grid_values)
+from lora_jax.sweep.grid import (
+    ALLOWED_KEYS,
+    SweepPoint,
+    check_grid,
+    expand_grid,
+    normalize_grid,
+    parse_grid_arg,
+    parse_grid_args,
+    parse_grid_value,
+    split_grid_values,
+)
 from lora_jax.sweep.program import make_sweep_eval_step, make_sweep_step, resolve_adapters_per_pass
 from lora_jax.sweep.report import metric_of, plot_heatmap, plot_loss_curves, rank_rows, ranking_table
 from lora_jax.sweep.result import SweepResult
@@ -57,13 +66,29 @@ from lora_jax.sweep.run import sweep
 from lora_jax.sweep.stacking import init_stacked, stack_trees, unstack_tree
 
 __all__ = [
-    "sweep", "SweepResult", "SweepPoint",
+    "sweep",
+    "SweepResult",
+    "SweepPoint",
     # the grid
-    "ALLOWED_KEYS", "normalize_grid", "check_grid", "expand_grid", "parse_grid_arg", "parse_grid_args",
-    "parse_grid_value", "split_grid_values",
+    "ALLOWED_KEYS",
+    "normalize_grid",
+    "check_grid",
+    "expand_grid",
+    "parse_grid_arg",
+    "parse_grid_args",
+    "parse_grid_value",
+    "split_grid_values",
     # stacking and the one program
-    "stack_trees", "unstack_tree", "init_stacked", "make_sweep_step", "make_sweep_eval_step",
+    "stack_trees",
+    "unstack_tree",
+    "init_stacked",
+    "make_sweep_step",
+    "make_sweep_eval_step",
     "resolve_adapters_per_pass",
     # reporting
-    "metric_of", "rank_rows", "ranking_table", "plot_loss_curves", "plot_heatmap",
+    "metric_of",
+    "rank_rows",
+    "ranking_table",
+    "plot_loss_curves",
+    "plot_heatmap",
 ]

@@ -16,18 +16,41 @@ from typing import Any
 from lora_jax.errors import ConfigError
 from lora_jax.run_config import RunConfig, parse_field_value, section_classes
 
-__all__ = ["ALLOWED_KEYS", "SHORT_NAMES", "SweepPoint", "split_grid_values", "parse_grid_value",
-           "normalize_grid", "parse_grid_arg", "parse_grid_args", "check_grid", "expand_grid",
-           "check_sweepable", "format_value"]
+__all__ = [
+    "ALLOWED_KEYS",
+    "SHORT_NAMES",
+    "SweepPoint",
+    "split_grid_values",
+    "parse_grid_value",
+    "normalize_grid",
+    "parse_grid_arg",
+    "parse_grid_args",
+    "check_grid",
+    "expand_grid",
+    "check_sweepable",
+    "format_value",
+]
 
 # What can differ between configurations of one program (data: arrays, zero padding; never shapes
 # or structure such as targets, DoRA, layers or steps, which one compile cannot share), and what
 # each takes, for grid errors.
-_TAKES = {"lora.r": "an integer", "lora.lora_alpha": "a number", "lora.use_rslora": "true or false",
-          "lora.lora_dropout": "a number", "optim.lr": "a number", "optim.weight_decay": "a number"}
+_TAKES = {
+    "lora.r": "an integer",
+    "lora.lora_alpha": "a number",
+    "lora.use_rslora": "true or false",
+    "lora.lora_dropout": "a number",
+    "optim.lr": "a number",
+    "optim.weight_decay": "a number",
+}
 ALLOWED_KEYS = tuple(_TAKES)
-SHORT_NAMES = {"lora.r": "r", "lora.lora_alpha": "alpha", "lora.use_rslora": "rslora",
-               "lora.lora_dropout": "dropout", "optim.lr": "lr", "optim.weight_decay": "wd"}
+SHORT_NAMES = {
+    "lora.r": "r",
+    "lora.lora_alpha": "alpha",
+    "lora.use_rslora": "rslora",
+    "lora.lora_dropout": "dropout",
+    "optim.lr": "lr",
+    "optim.weight_decay": "wd",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +102,10 @@ def parse_grid_value(key: str, text: str):
     section, _, field = key.partition(".")
     klass = section_classes().get(section)
     if klass is None or not field:
-        raise ConfigError(f"grid key {key!r} is not a config key (section.field, e.g. lora.r); "
-                          f"sections are {sorted(section_classes())}")
+        raise ConfigError(
+            f"grid key {key!r} is not a config key (section.field, e.g. lora.r); "
+            f"sections are {sorted(section_classes())}"
+        )
     try:
         return parse_field_value(klass, field, text, key=key)
     except ConfigError:
@@ -103,8 +128,10 @@ def normalize_grid(grid: Mapping[str, Any]) -> dict[str, list]:
     """Check a grid `{key: [values]}` (a scalar is one value; strings are parsed like `--set`).
     Raises ConfigError naming the key for an unknown key, an empty or repeated value list."""
     if not isinstance(grid, Mapping) or not grid:
-        raise ConfigError("the sweep grid is empty; give at least one key with values, e.g. "
-                          "--grid lora.r=4,8,16 (allowed keys: " + _allowed_msg() + ")")
+        raise ConfigError(
+            "the sweep grid is empty; give at least one key with values, e.g. "
+            "--grid lora.r=4,8,16 (allowed keys: " + _allowed_msg() + ")"
+        )
     out: dict[str, list] = {}
     for key, values in grid.items():
         if not isinstance(key, str) or key not in ALLOWED_KEYS:
@@ -113,7 +140,8 @@ def normalize_grid(grid: Mapping[str, Any]) -> dict[str, list]:
             raise ConfigError(
                 f"grid key {key!r} cannot be swept{hint}; allowed keys: {_allowed_msg()}. Settings "
                 "that change shapes or targets (other than the rank) cannot share one compiled "
-                "program: set them for the whole sweep with --set instead")
+                "program: set them for the whole sweep with --set instead"
+            )
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             values = [values]
         values = [parse_grid_value(key, v) if isinstance(v, str) else v for v in values]
@@ -138,8 +166,7 @@ def parse_grid_arg(text: str) -> tuple[str, list]:
         raise ConfigError(f"--grid {text!r} has no key; e.g. --grid lora.r=4,8,16")
     parts = split_grid_values(raw)
     if not raw.strip() or any(not p for p in parts):
-        raise ConfigError(f"--grid {text!r} has an empty value; separate values by commas, "
-                          f"e.g. --grid {key}=4,8,16")
+        raise ConfigError(f"--grid {text!r} has an empty value; separate values by commas, e.g. --grid {key}=4,8,16")
     grid = normalize_grid({key: parts})
     return key, grid[key]
 
@@ -150,8 +177,7 @@ def parse_grid_args(texts: Sequence[str]) -> dict[str, list]:
     for text in texts:
         key, values = parse_grid_arg(text)
         if key in grid:
-            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid "
-                              f"{key}=...")
+            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid {key}=...")
         grid[key] = values
     return grid
 
@@ -163,13 +189,17 @@ def _normalize_points(points: Sequence[Mapping[str, Any]]) -> list[dict]:
     out = []
     for i, point in enumerate(points):
         if not isinstance(point, Mapping) or not point:
-            raise ConfigError(f"sweep configuration #{i} is {point!r}; each one maps grid keys to one "
-                              "value, e.g. {'lora.r': 8, 'optim.lr': 1e-4}")
+            raise ConfigError(
+                f"sweep configuration #{i} is {point!r}; each one maps grid keys to one "
+                "value, e.g. {'lora.r': 8, 'optim.lr': 1e-4}"
+            )
         one = {}
         for key, value in point.items():
             if isinstance(value, (list, tuple)):
-                raise ConfigError(f"sweep configuration #{i}: {key}={value!r} must be one value (a "
-                                  "list of configurations is not a product grid)")
+                raise ConfigError(
+                    f"sweep configuration #{i}: {key}={value!r} must be one value (a "
+                    "list of configurations is not a product grid)"
+                )
             one.update({k: v[0] for k, v in normalize_grid({key: [value]}).items()})
         out.append(one)
     return out
@@ -182,8 +212,10 @@ def check_grid(grid) -> dict[str, list] | list[dict]:
         return normalize_grid(grid)
     if isinstance(grid, Sequence) and not isinstance(grid, (str, bytes)):
         return _normalize_points(grid)
-    raise ConfigError(f"the sweep grid must be a mapping {{key: [values]}} (a product) or a list of "
-                      f"configurations [{{key: value}}, ...], not {type(grid).__name__}")
+    raise ConfigError(
+        f"the sweep grid must be a mapping {{key: [values]}} (a product) or a list of "
+        f"configurations [{{key: value}}, ...], not {type(grid).__name__}"
+    )
 
 
 def _combos(grid) -> list[dict]:
@@ -231,6 +263,8 @@ def expand_grid(run: RunConfig, grid) -> list[SweepPoint]:
 def check_sweepable(run: RunConfig) -> None:
     """Refuse what the base run sets that one program cannot train for K configurations."""
     if run.lora.init_lora_weights == "pissa":
-        raise ConfigError("lora.init_lora_weights='pissa' cannot be swept in one program: each "
-                          "configuration would train against its own residual base; use the "
-                          "default init (or run the configurations one by one with lora-jax train)")
+        raise ConfigError(
+            "lora.init_lora_weights='pissa' cannot be swept in one program: each "
+            "configuration would train against its own residual base; use the "
+            "default init (or run the configurations one by one with lora-jax train)"
+        )

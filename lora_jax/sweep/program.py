@@ -15,17 +15,26 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lora_jax.errors import ConfigError
 from lora_jax.evaluate import eval_loss
 from lora_jax.models.llama import Llama
 from lora_jax.sharding import DEFAULT_RULES, tree_shardings
 from lora_jax.sweep.stacking import init_stacked
-from lora_jax.train.step import TrainState, eval_step as single_eval, make_schedule, make_tx, train_step
+from lora_jax.train.step import TrainState, make_schedule, make_tx, train_step
+from lora_jax.train.step import eval_step as single_eval
 
-__all__ = ["resolve_adapters_per_pass", "make_sweep_step", "make_sweep_eval_step", "Program",
-           "build_program", "train_loop", "eval_losses"]
+__all__ = [
+    "resolve_adapters_per_pass",
+    "make_sweep_step",
+    "make_sweep_eval_step",
+    "Program",
+    "build_program",
+    "train_loop",
+    "eval_losses",
+]
 
 _SWEEP_MESH_AXES = ("data", "fsdp")
 
@@ -50,8 +59,7 @@ def resolve_adapters_per_pass(value, mesh=None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"adapters_per_pass={value!r}; use a positive integer, None (all at once) "
-                          "or 'auto'")
+        raise ConfigError(f"adapters_per_pass={value!r}; use a positive integer, None (all at once) or 'auto'")
     return value
 
 
@@ -79,10 +87,20 @@ class _Counted:
         return self._traces[0]
 
 
-def make_sweep_step(model, cfg, lcfg, ocfg, total_steps: int, *, grad_accum: int = 1,
-                    chunk_tokens: int = 8192, use_segments: bool = True,
-                    traced_dropout: bool = False, adapters_per_pass: int | None = None,
-                    jit_kwargs: dict | None = None) -> _Counted:
+def make_sweep_step(
+    model,
+    cfg,
+    lcfg,
+    ocfg,
+    total_steps: int,
+    *,
+    grad_accum: int = 1,
+    chunk_tokens: int = 8192,
+    use_segments: bool = True,
+    traced_dropout: bool = False,
+    adapters_per_pass: int | None = None,
+    jit_kwargs: dict | None = None,
+) -> _Counted:
     """`step(state, frozen_params, frozen_lora, hyper, batch) -> (state, metrics)`, jitted.
 
     state: a `TrainState` whose every leaf has a leading K axis (adapters, AdamW moments, step,
@@ -96,34 +114,60 @@ def make_sweep_step(model, cfg, lcfg, ocfg, total_steps: int, *, grad_accum: int
     def one(state, frozen_lora, hyper, frozen_params, batch):
         ocfg_k = _optim_with(ocfg, hyper["lr"], hyper["weight_decay"])
         schedule = make_schedule(ocfg_k, total_steps)
-        return train_step(state, {"params": frozen_params, "lora": frozen_lora}, batch, model=model,
-                          cfg=cfg, lcfg=lcfg, tx=make_tx(lcfg, ocfg_k, schedule), schedule=schedule,
-                          grad_accum=grad_accum, chunk_tokens=chunk_tokens, use_segments=use_segments,
-                          dropout_rate=hyper["lora_dropout"] if traced_dropout else None)
+        return train_step(
+            state,
+            {"params": frozen_params, "lora": frozen_lora},
+            batch,
+            model=model,
+            cfg=cfg,
+            lcfg=lcfg,
+            tx=make_tx(lcfg, ocfg_k, schedule),
+            schedule=schedule,
+            grad_accum=grad_accum,
+            chunk_tokens=chunk_tokens,
+            use_segments=use_segments,
+            dropout_rate=hyper["lora_dropout"] if traced_dropout else None,
+        )
 
     def step(state, frozen_params, frozen_lora, hyper, batch):
         traces[0] += 1
-        return _over_adapters(lambda s, fl, h: one(s, fl, h, frozen_params, batch),
-                              (state, frozen_lora, hyper), adapters_per_pass)
+        return _over_adapters(
+            lambda s, fl, h: one(s, fl, h, frozen_params, batch), (state, frozen_lora, hyper), adapters_per_pass
+        )
 
     return _Counted(jax.jit(step, donate_argnums=(0,), **(jit_kwargs or {})), traces)
 
 
-def make_sweep_eval_step(model, cfg, lcfg, *, chunk_tokens: int = 8192, use_segments: bool = True,
-                         adapters_per_pass: int | None = None,
-                         jit_kwargs: dict | None = None) -> _Counted:
+def make_sweep_eval_step(
+    model,
+    cfg,
+    lcfg,
+    *,
+    chunk_tokens: int = 8192,
+    use_segments: bool = True,
+    adapters_per_pass: int | None = None,
+    jit_kwargs: dict | None = None,
+) -> _Counted:
     """`eval(trainable, frozen_params, frozen_lora, batch) -> (loss sums [K], token counts [K])`."""
     traces = [0]
 
     def one(trainable, frozen_lora, frozen_params, batch):
-        return single_eval(trainable, {"params": frozen_params, "lora": frozen_lora}, batch,
-                           model=model, cfg=cfg, lcfg=lcfg, chunk_tokens=chunk_tokens,
-                           use_segments=use_segments)
+        return single_eval(
+            trainable,
+            {"params": frozen_params, "lora": frozen_lora},
+            batch,
+            model=model,
+            cfg=cfg,
+            lcfg=lcfg,
+            chunk_tokens=chunk_tokens,
+            use_segments=use_segments,
+        )
 
     def eval_step(trainable, frozen_params, frozen_lora, batch):
         traces[0] += 1
-        return _over_adapters(lambda tr, fl: one(tr, fl, frozen_params, batch),
-                              (trainable, frozen_lora), adapters_per_pass)
+        return _over_adapters(
+            lambda tr, fl: one(tr, fl, frozen_params, batch), (trainable, frozen_lora), adapters_per_pass
+        )
 
     return _Counted(jax.jit(eval_step, **(jit_kwargs or {})), traces)
 
@@ -134,9 +178,11 @@ def _sweep_shardings(mesh, k: int):
     axes = tuple(a for a in _SWEEP_MESH_AXES if mesh.shape.get(a, 1) > 1)
     size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     if k % size:
-        raise ConfigError(f"the sweep has {k} configurations, which do not divide over the mesh's "
-                          f"{' x '.join(axes)} = {size} devices; use a grid of a multiple of {size} "
-                          "configurations or a mesh whose data x fsdp size divides it")
+        raise ConfigError(
+            f"the sweep has {k} configurations, which do not divide over the mesh's "
+            f"{' x '.join(axes)} = {size} devices; use a grid of a multiple of {size} "
+            "configurations or a mesh whose data x fsdp size divides it"
+        )
     lead = (axes if len(axes) > 1 else axes[0]) if axes else None
 
     def stacked(x):
@@ -161,17 +207,20 @@ class Program(NamedTuple):
     k: int
 
 
-def build_program(run, points, cfg, params, *, mesh=None, adapters_per_pass: int | None = None,
-                  use_segments: bool = True) -> Program:
+def build_program(
+    run, points, cfg, params, *, mesh=None, adapters_per_pass: int | None = None, use_segments: bool = True
+) -> Program:
     """The K configurations of `points` initialised as their single runs would be, padded and
     stacked (with their AdamW states), placed on `mesh` when given, and the jitted step / eval
     programs over them (not yet compiled). ConfigError when K does not divide over the mesh."""
     k, tcfg = len(points), run.train
     shardings = _sweep_shardings(mesh, k) if mesh is not None else None
     trainable, frozen_lora, shapes, base = init_stacked(params, [p.run.lora for p in points], tcfg.seed)
-    hyper = {"lr": jnp.asarray([p.run.optim.lr for p in points], jnp.float32),
-             "weight_decay": jnp.asarray([p.run.optim.weight_decay for p in points], jnp.float32),
-             "lora_dropout": jnp.asarray([p.run.lora.lora_dropout for p in points], jnp.float32)}
+    hyper = {
+        "lr": jnp.asarray([p.run.optim.lr for p in points], jnp.float32),
+        "weight_decay": jnp.asarray([p.run.optim.weight_decay for p in points], jnp.float32),
+        "lora_dropout": jnp.asarray([p.run.lora.lora_dropout for p in points], jnp.float32),
+    }
     traced_dropout = len({p.run.lora.lora_dropout for p in points}) > 1
     # What every point shares (targets, DoRA, LoRA+, modules to save, and the dropout rate when it
     # does not vary) is static; r / alpha live in the arrays.
@@ -180,29 +229,52 @@ def build_program(run, points, cfg, params, *, mesh=None, adapters_per_pass: int
     tx0 = make_tx(lcfg, run.optim, make_schedule(run.optim, tcfg.steps))
     opt_state = jax.jit(jax.vmap(tx0.init))(trainable)  # one compile, not one per eager op
     key = jax.random.key_data(jax.random.key(tcfg.seed))  # every adapter: the single run's rng
-    state = TrainState(jnp.zeros((k,), jnp.int32), trainable, opt_state,
-                       jnp.array(jnp.broadcast_to(key, (k,) + key.shape)))
+    state = TrainState(
+        jnp.zeros((k,), jnp.int32), trainable, opt_state, jnp.array(jnp.broadcast_to(key, (k,) + key.shape))
+    )
 
     jit_kwargs = eval_kwargs = replicated = None
     if shardings is not None:
         stacked, rules, replicated = shardings
         state_sh, fl_sh, hyper_sh = (jax.tree.map(stacked, t) for t in (state, frozen_lora, hyper))
         base_sh = tree_shardings(base, mesh, rules)
-        state, frozen_lora, hyper, base = jax.device_put((state, frozen_lora, hyper, base),
-                                                         (state_sh, fl_sh, hyper_sh, base_sh))
+        state, frozen_lora, hyper, base = jax.device_put(
+            (state, frozen_lora, hyper, base), (state_sh, fl_sh, hyper_sh, base_sh)
+        )
         metric_sh = stacked(jnp.zeros((k,)))
-        jit_kwargs = {"in_shardings": (state_sh, base_sh, fl_sh, hyper_sh, replicated),
-                      "out_shardings": (state_sh, metric_sh)}
-        eval_kwargs = {"in_shardings": (state_sh.trainable, base_sh, fl_sh, replicated),
-                       "out_shardings": (metric_sh, metric_sh)}
+        jit_kwargs = {
+            "in_shardings": (state_sh, base_sh, fl_sh, hyper_sh, replicated),
+            "out_shardings": (state_sh, metric_sh),
+        }
+        eval_kwargs = {
+            "in_shardings": (state_sh.trainable, base_sh, fl_sh, replicated),
+            "out_shardings": (metric_sh, metric_sh),
+        }
 
     model = Llama(cfg)
     chunk = run.model.loss_chunk_tokens
-    step = make_sweep_step(model, cfg, lcfg, run.optim, tcfg.steps, grad_accum=tcfg.grad_accum,
-                           chunk_tokens=chunk, use_segments=use_segments, traced_dropout=traced_dropout,
-                           adapters_per_pass=adapters_per_pass, jit_kwargs=jit_kwargs)
-    evaluate = make_sweep_eval_step(model, cfg, lcfg, chunk_tokens=chunk, use_segments=use_segments,
-                                    adapters_per_pass=adapters_per_pass, jit_kwargs=eval_kwargs)
+    step = make_sweep_step(
+        model,
+        cfg,
+        lcfg,
+        run.optim,
+        tcfg.steps,
+        grad_accum=tcfg.grad_accum,
+        chunk_tokens=chunk,
+        use_segments=use_segments,
+        traced_dropout=traced_dropout,
+        adapters_per_pass=adapters_per_pass,
+        jit_kwargs=jit_kwargs,
+    )
+    evaluate = make_sweep_eval_step(
+        model,
+        cfg,
+        lcfg,
+        chunk_tokens=chunk,
+        use_segments=use_segments,
+        adapters_per_pass=adapters_per_pass,
+        jit_kwargs=eval_kwargs,
+    )
 
     def put(batch):
         return batch if replicated is None else jax.device_put(batch, replicated)
@@ -215,9 +287,13 @@ def eval_losses(program: Program, trainable, datasets, tcfg) -> np.ndarray | Non
     `train()` computes it (token-weighted); None without held-out rows."""
     if not datasets.eval_rows or not tcfg.eval_batches:
         return None
-    return eval_loss(lambda batch: program.eval(trainable, program.base, program.frozen_lora,
-                                                program.put(batch)),
-                     datasets.eval_rows, tcfg.batch_size, tcfg.eval_batches, shape=(program.k,))
+    return eval_loss(
+        lambda batch: program.eval(trainable, program.base, program.frozen_lora, program.put(batch)),
+        datasets.eval_rows,
+        tcfg.batch_size,
+        tcfg.eval_batches,
+        shape=(program.k,),
+    )
 
 
 def train_loop(program: Program, loader, steps: int, progress: bool = True):
@@ -243,8 +319,9 @@ def train_loop(program: Program, loader, steps: int, progress: bool = True):
                 if bar is not None:
                     row = losses[pending[0]]
                     ok = row[np.isfinite(row)]
-                    bar.set_postfix(best=f"{ok.min():.4f}" if ok.size else "nan",
-                                    worst=f"{ok.max():.4f}" if ok.size else "nan")
+                    bar.set_postfix(
+                        best=f"{ok.min():.4f}" if ok.size else "nan", worst=f"{ok.max():.4f}" if ok.size else "nan"
+                    )
                     bar.update(1)
             pending = (step, metrics)
         if pending is not None:

@@ -23,12 +23,25 @@ from lora_jax.errors import ConfigError
 from lora_jax.hf.peft import save_peft
 from lora_jax.sweep.grid import ALLOWED_KEYS, SHORT_NAMES, format_value
 
-__all__ = ["result_rows", "metric_of", "rank_rows", "ranking_table", "plot_loss_curves", "plot_heatmap",
-           "require_plotting", "prepare_sweep_dir", "write_sweep_json", "export_adapters", "write_outputs"]
+__all__ = [
+    "result_rows",
+    "metric_of",
+    "rank_rows",
+    "ranking_table",
+    "plot_loss_curves",
+    "plot_heatmap",
+    "require_plotting",
+    "prepare_sweep_dir",
+    "write_sweep_json",
+    "export_adapters",
+    "write_outputs",
+]
 
 
-_NO_MATPLOTLIB = ("the sweep's plots (loss_curves.png, heatmap.png) need matplotlib, which is not "
-                  "installed; install the plots extra: pip install 'lora-jax[plots]'")
+_NO_MATPLOTLIB = (
+    "the sweep's plots (loss_curves.png, heatmap.png) need matplotlib, which is not "
+    "installed; install the plots extra: pip install 'lora-jax[plots]'"
+)
 
 
 def require_plotting() -> None:
@@ -56,22 +69,27 @@ def result_rows(points, losses: np.ndarray, loss_before, loss_after, matches, di
     for k, p in enumerate(points):
         lc, oc = p.run.lora, p.run.optim
         lk = losses[:, k]
-        rows.append({
-            "name": p.name,
-            "lora.r": lc.r, "lora.lora_alpha": lc.lora_alpha, "lora.use_rslora": lc.use_rslora,
-            "lora.lora_dropout": lc.lora_dropout, "optim.lr": oc.lr,
-            "optim.weight_decay": oc.weight_decay,
-            "scale": lc.lora_alpha / (math.sqrt(lc.r) if lc.use_rslora else lc.r),
-            "steps": losses.shape[0],
-            "train_loss_first": float(lk[0]) if len(lk) else None,
-            "train_loss_final": float(lk[-1]) if len(lk) else None,
-            "train_loss_last10": float(np.mean(lk[-10:])) if len(lk) else None,
-            "eval_loss_before": None if loss_before is None else float(loss_before[k]),
-            "eval_loss": None if loss_after is None else float(loss_after[k]),
-            "exact_match": matches[k],
-            "diverged": diverged[k],
-            "adapter_dir": None,
-        })
+        rows.append(
+            {
+                "name": p.name,
+                "lora.r": lc.r,
+                "lora.lora_alpha": lc.lora_alpha,
+                "lora.use_rslora": lc.use_rslora,
+                "lora.lora_dropout": lc.lora_dropout,
+                "optim.lr": oc.lr,
+                "optim.weight_decay": oc.weight_decay,
+                "scale": lc.lora_alpha / (math.sqrt(lc.r) if lc.use_rslora else lc.r),
+                "steps": losses.shape[0],
+                "train_loss_first": float(lk[0]) if len(lk) else None,
+                "train_loss_final": float(lk[-1]) if len(lk) else None,
+                "train_loss_last10": float(np.mean(lk[-10:])) if len(lk) else None,
+                "eval_loss_before": None if loss_before is None else float(loss_before[k]),
+                "eval_loss": None if loss_after is None else float(loss_after[k]),
+                "exact_match": matches[k],
+                "diverged": diverged[k],
+                "adapter_dir": None,
+            }
+        )
     return rows
 
 
@@ -92,6 +110,7 @@ def _higher_is_better(metric: str) -> bool:
 
 def rank_rows(rows: list[dict], metric: str) -> list[dict]:
     """The rows best first by `metric`; diverged or missing values last, ties broken by eval loss."""
+
     def key(r):
         v = r.get(metric)
         bad = v is None or (isinstance(v, float) and not math.isfinite(v)) or r.get("diverged")
@@ -107,14 +126,14 @@ def ranking_table(rows: list[dict], metric: str, title: str = "lora-jax sweep: r
     from rich.table import Table  # no check: flax itself imports rich
 
     varied = [k for k in ALLOWED_KEYS if len({r[k] for r in rows}) > 1]
-    table = Table(title=f"{title}, best first (by {metric}, "
-                                  f"{'higher' if _higher_is_better(metric) else 'lower'} is better)")
+    table = Table(
+        title=f"{title}, best first (by {metric}, {'higher' if _higher_is_better(metric) else 'lower'} is better)"
+    )
     table.add_column("#", justify="right")
     table.add_column("configuration", overflow="fold")
     for k in varied:
         table.add_column(SHORT_NAMES[k], justify="right")
-    results = (("train_loss_final", "train loss"), ("eval_loss", "eval loss"),
-               ("exact_match", "exact match"))
+    results = (("train_loss_final", "train loss"), ("eval_loss", "eval loss"), ("exact_match", "exact match"))
     for _, header in results:
         table.add_column(header, justify="right")
 
@@ -129,14 +148,14 @@ def ranking_table(rows: list[dict], metric: str, title: str = "lora-jax sweep: r
 
     for i, r in enumerate(rank_rows(rows, metric), 1):
         name = r["name"] + (" (diverged)" if r.get("diverged") else "")
-        table.add_row(str(i), name, *(cell(r[k]) for k in varied),
-                      *(cell(r.get(k)) for k, _ in results))
+        table.add_row(str(i), name, *(cell(r[k]) for k in varied), *(cell(r.get(k)) for k, _ in results))
     return table
 
 
 # ========================================================================================= plots
-def plot_loss_curves(names: Sequence[str], train_loss: np.ndarray, path: str,
-                     title: str = "train loss per configuration") -> str:
+def plot_loss_curves(
+    names: Sequence[str], train_loss: np.ndarray, path: str, title: str = "train loss per configuration"
+) -> str:
     """One line per configuration: the per-step train loss (faint) and its moving average."""
     plt = _pyplot()
     steps = np.arange(1, train_loss.shape[0] + 1)
@@ -159,8 +178,7 @@ def plot_loss_curves(names: Sequence[str], train_loss: np.ndarray, path: str,
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
-    ax.set_title(title + (f"\n(faint: per step; bold: trailing {window}-step mean)" if window > 1 else ""),
-                 fontsize=10)
+    ax.set_title(title + (f"\n(faint: per step; bold: trailing {window}-step mean)" if window > 1 else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(names) > 8 else 1, loc="upper right")
     fig.tight_layout()
@@ -176,8 +194,7 @@ def plot_heatmap(rows: list[dict], metric: str, path: str, max_facets: int = 6) 
     plt = _pyplot()
     rs = sorted({r["lora.r"] for r in rows})
     alphas = sorted({r["lora.lora_alpha"] for r in rows})
-    others = [k for k in ALLOWED_KEYS if k not in ("lora.r", "lora.lora_alpha")
-              and len({r[k] for r in rows}) > 1]
+    others = [k for k in ALLOWED_KEYS if k not in ("lora.r", "lora.lora_alpha") and len({r[k] for r in rows}) > 1]
     combos = sorted({tuple(r[k] for k in others) for r in rows}, key=lambda c: tuple(map(float, c)))
     if len(combos) <= max_facets:
         facets = [(c, [r for r in rows if tuple(r[k] for k in others) == c]) for c in combos]
@@ -191,8 +208,14 @@ def plot_heatmap(rows: list[dict], metric: str, path: str, max_facets: int = 6) 
         grid = np.full((len(rs), len(alphas)), np.nan)
         for i, rv in enumerate(rs):
             for j, av in enumerate(alphas):
-                vals = [r[metric] for r in subset if r["lora.r"] == rv and r["lora.lora_alpha"] == av
-                        and r.get(metric) is not None and math.isfinite(r[metric])]
+                vals = [
+                    r[metric]
+                    for r in subset
+                    if r["lora.r"] == rv
+                    and r["lora.lora_alpha"] == av
+                    and r.get(metric) is not None
+                    and math.isfinite(r[metric])
+                ]
                 if vals:
                     grid[i, j] = float(np.mean(vals))
         grids.append(grid)
@@ -201,31 +224,38 @@ def plot_heatmap(rows: list[dict], metric: str, path: str, max_facets: int = 6) 
     if metric == "exact_match":
         vmin, vmax = 0.0, 1.0
     n = len(facets)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 + (1.0 * len(alphas) + 0.9) * n, 1.9 + 0.7 * len(rs)),
-                             dpi=110, squeeze=False, layout="constrained", sharey=True)
+    fig, axes = plt.subplots(
+        1,
+        n,
+        figsize=(2.2 + (1.0 * len(alphas) + 0.9) * n, 1.9 + 0.7 * len(rs)),
+        dpi=110,
+        squeeze=False,
+        layout="constrained",
+        sharey=True,
+    )
     im = None
     for i_ax, (ax, (combo, _), grid) in enumerate(zip(axes[0], facets, grids)):
-        im = ax.imshow(grid, cmap="viridis" if higher else "viridis_r", vmin=vmin, vmax=vmax,
-                       aspect="auto", origin="lower")
+        im = ax.imshow(
+            grid, cmap="viridis" if higher else "viridis_r", vmin=vmin, vmax=vmax, aspect="auto", origin="lower"
+        )
         ax.set_xticks(range(len(alphas)), [format_value(a) for a in alphas])
         ax.set_yticks(range(len(rs)), [str(r) for r in rs])
         ax.set_xlabel("lora_alpha")
         if i_ax == 0:
             ax.set_ylabel("r")
         if combo is not None and others:
-            ax.set_title(", ".join(f"{SHORT_NAMES[k]}={format_value(v)}" for k, v in zip(others, combo)),
-                         fontsize=9)
+            ax.set_title(", ".join(f"{SHORT_NAMES[k]}={format_value(v)}" for k, v in zip(others, combo)), fontsize=9)
         for i in range(len(rs)):
             for j in range(len(alphas)):
                 v = grid[i, j]
                 text = "n/a" if np.isnan(v) else (f"{v:.2f}" if abs(v) < 100 else f"{v:.3g}")
                 shade = 0.5 if np.isnan(v) else (v - vmin) / ((vmax - vmin) or 1.0)
                 light = shade < 0.5 if higher else shade > 0.5
-                ax.text(j, i, text, ha="center", va="center", fontsize=9,
-                        color="white" if light else "black")
+                ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if light else "black")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label=metric)
-    fig.suptitle(f"final {metric} ({'higher' if higher else 'lower'} is better)\n"
-                 + textwrap.fill(how, 30 + 35 * n), fontsize=10)
+    fig.suptitle(
+        f"final {metric} ({'higher' if higher else 'lower'} is better)\n" + textwrap.fill(how, 30 + 35 * n), fontsize=10
+    )
     fig.savefig(path)
     plt.close(fig)
     return path, how
@@ -236,11 +266,15 @@ def prepare_sweep_dir(out: str, overwrite: bool) -> None:
     """Refuse a non-empty directory unless --overwrite and it holds a sweep. Writes nothing."""
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
-            raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace the "
-                              "sweep there, or choose another --output-dir")
+            raise ConfigError(
+                f"output directory {out} is not empty; pass --overwrite to replace the "
+                "sweep there, or choose another --output-dir"
+            )
         if not os.path.isfile(os.path.join(out, "sweep.json")):
-            raise ConfigError(f"--overwrite: {out} is not a lora-jax sweep directory (no sweep.json); "
-                              "refusing to delete it. Choose another --output-dir")
+            raise ConfigError(
+                f"--overwrite: {out} is not a lora-jax sweep directory (no sweep.json); "
+                "refusing to delete it. Choose another --output-dir"
+            )
     elif os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"output directory {out} is a file; choose another --output-dir")
 
@@ -251,8 +285,16 @@ def write_sweep_json(out: str, overwrite: bool, grid, run, model_path: str, poin
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump({"grid": grid, "base_run": run.to_dict(), "model_path": model_path,
-                   "configurations": [{"name": p.name, **p.values} for p in points]}, f, indent=2)
+        json.dump(
+            {
+                "grid": grid,
+                "base_run": run.to_dict(),
+                "model_path": model_path,
+                "configurations": [{"name": p.name, **p.values} for p in points],
+            },
+            f,
+            indent=2,
+        )
 
 
 def export_adapters(result, out: str, model_path: str) -> None:
@@ -263,8 +305,14 @@ def export_adapters(result, out: str, model_path: str) -> None:
             continue
         lora_k, lcfg_k = result.adapter(k)
         d = os.path.join(out, "adapters", p.name)
-        save_peft(d, lora_k, lcfg_k, result.model_config, base_model_name_or_path=model_path,
-                  params=result.params(k) if lcfg_k.modules_to_save else None)
+        save_peft(
+            d,
+            lora_k,
+            lcfg_k,
+            result.model_config,
+            base_model_name_or_path=model_path,
+            params=result.params(k) if lcfg_k.modules_to_save else None,
+        )
         result.rows[k]["adapter_dir"] = d
 
 
@@ -283,9 +331,20 @@ def write_outputs(out: str, result, grid, run, plots: bool = True, started: floa
     `time.perf_counter()` at its start), the timing written includes this writing (outputs_s) and
     its total_s ends here. Returns the paths written."""
     t0 = time.perf_counter()
-    columns = ["name", *ALLOWED_KEYS, "scale", "steps", "train_loss_first", "train_loss_final",
-               "train_loss_last10", "eval_loss_before", "eval_loss", "exact_match", "diverged",
-               "adapter_dir"]
+    columns = [
+        "name",
+        *ALLOWED_KEYS,
+        "scale",
+        "steps",
+        "train_loss_first",
+        "train_loss_final",
+        "train_loss_last10",
+        "eval_loss_before",
+        "eval_loss",
+        "exact_match",
+        "diverged",
+        "adapter_dir",
+    ]
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
@@ -294,9 +353,12 @@ def write_outputs(out: str, result, grid, run, plots: bool = True, started: floa
     heat = curves = how = None
     if plots:
         heat, how = plot_heatmap(result.rows, result.metric, os.path.join(out, "heatmap.png"))
-        curves = plot_loss_curves(result.names, result.train_loss,
-                                  os.path.join(out, "loss_curves.png"),
-                                  title=f"train loss, {len(result.names)} configurations in one program")
+        curves = plot_loss_curves(
+            result.names,
+            result.train_loss,
+            os.path.join(out, "loss_curves.png"),
+            title=f"train loss, {len(result.names)} configurations in one program",
+        )
     if started is not None:
         now = time.perf_counter()
         result.timing["outputs_s"] = now - t0  # csv + plots
@@ -307,12 +369,15 @@ def write_outputs(out: str, result, grid, run, plots: bool = True, started: floa
         "grid": grid,
         "base_run": run.to_dict(),
         "rows": [{k: _clean(v) for k, v in r.items()} for r in result.rows],
-        "train_loss": {n: [_clean(float(x)) for x in result.train_loss[:, k]]
-                       for k, n in enumerate(result.names)},
+        "train_loss": {n: [_clean(float(x)) for x in result.train_loss[:, k]] for k, n in enumerate(result.names)},
         "compiles": result.compiles,
         "timing": result.timing,
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(record, f, indent=2, default=_json_default)
-    return {"results_csv": os.path.join(out, "results.csv"),
-            "results_json": os.path.join(out, "results.json"), "heatmap": heat, "loss_curves": curves}
+    return {
+        "results_csv": os.path.join(out, "results.csv"),
+        "results_json": os.path.join(out, "results.json"),
+        "heatmap": heat,
+        "loss_curves": curves,
+    }

@@ -52,8 +52,7 @@ class SweepResult:
     def params(self, k: int):
         """The base parameters of configuration k (its own copy of `modules_to_save`, if any)."""
         trainable = unstack_tree(self.host_adapters[0], k, self.shapes["trainable"])
-        params, _ = combine({"params": jax.tree.map(jnp.asarray, trainable["params"])},
-                            {"params": self.base_params})
+        params, _ = combine({"params": jax.tree.map(jnp.asarray, trainable["params"])}, {"params": self.base_params})
         return params
 
     @functools.cached_property

@@ -18,16 +18,32 @@ from lora_jax.run_config import RunConfig
 from lora_jax.session import fit_to_data, load_model, open_inputs
 from lora_jax.sweep.grid import check_grid, check_sweepable, expand_grid
 from lora_jax.sweep.program import build_program, eval_losses, resolve_adapters_per_pass, train_loop
-from lora_jax.sweep.report import (export_adapters, metric_of, prepare_sweep_dir, require_plotting,
-                                   result_rows, write_outputs, write_sweep_json)
+from lora_jax.sweep.report import (
+    export_adapters,
+    metric_of,
+    prepare_sweep_dir,
+    require_plotting,
+    result_rows,
+    write_outputs,
+    write_sweep_json,
+)
 from lora_jax.sweep.result import SweepResult
 
 __all__ = ["sweep"]
 
 
-def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
-          progress: bool = True, overwrite: bool = False, mesh=None, export: bool = True,
-          plots: bool = True, adapters_per_pass: int | str | None = "auto") -> SweepResult:
+def sweep(
+    run: RunConfig,
+    grid,
+    *,
+    output_dir: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    mesh=None,
+    export: bool = True,
+    plots: bool = True,
+    adapters_per_pass: int | str | None = "auto",
+) -> SweepResult:
     """Train every configuration of `grid` on top of `run` in one compiled program; evaluate,
     export and plot each (see `lora_jax.sweep`). Returns a `SweepResult`.
 
@@ -58,8 +74,9 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     loader = DataLoader(datasets.train_rows, tcfg.batch_size, inputs.data.seed)
     cfg, params = load_model(run.model, inputs.model_path)
     cfg = fit_to_data(cfg, inputs)
-    program = build_program(run, points, cfg, params, mesh=mesh, adapters_per_pass=per_pass,
-                            use_segments=inputs.data.packing)
+    program = build_program(
+        run, points, cfg, params, mesh=mesh, adapters_per_pass=per_pass, use_segments=inputs.data.packing
+    )
     del params
     if out is not None:
         write_sweep_json(out, overwrite, grid, run, inputs.model_path, points)
@@ -73,9 +90,20 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = SweepResult(points=points, rows=[], train_loss=losses, metric="", compiles={}, timing={},
-                         output_dir=out, state=state, frozen_lora=program.frozen_lora,
-                         base_params=program.base, model_config=cfg, shapes=program.shapes)
+    result = SweepResult(
+        points=points,
+        rows=[],
+        train_loss=losses,
+        metric="",
+        compiles={},
+        timing={},
+        output_dir=out,
+        state=state,
+        frozen_lora=program.frozen_lora,
+        base_params=program.base,
+        model_config=cfg,
+        shapes=program.shapes,
+    )
     loss_after = eval_losses(program, state.trainable, datasets, tcfg)
     diverged = [not bool(np.all(np.isfinite(losses[:, k]))) for k in range(program.k)]
     matches = _exact_matches(result, program.lcfg, inputs, tcfg, diverged)
@@ -87,8 +115,14 @@ def sweep(run: RunConfig, grid, *, output_dir: str | None = None,
     t0 = time.perf_counter()
     if out is not None and export:
         export_adapters(result, out, inputs.model_path)
-    result.timing = {"setup_s": setup_s, "compile_s": compile_s, "train_s": train_s, "eval_s": eval_s,
-                     "export_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_start}
+    result.timing = {
+        "setup_s": setup_s,
+        "compile_s": compile_s,
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "export_s": time.perf_counter() - t0,
+        "total_s": time.perf_counter() - t_start,
+    }
     if out is not None:
         write_outputs(out, result, grid, run, plots=plots, started=t_start)
     return result
@@ -109,6 +143,7 @@ def _exact_matches(result: SweepResult, lcfg, inputs, tcfg, diverged: list[bool]
         tr_k = jax.tree.map(lambda x: jnp.asarray(x[k]), host_tr)
         fl_k = jax.tree.map(lambda x: jnp.asarray(x[k]), host_fl)
         p_k, lo_k = combine(tr_k, {"params": result.base_params, "lora": fl_k})
-        matches[k] = exact_match(records, result.model_config, p_k, lo_k, lcfg, inputs.tokenizer,
-                                 tcfg.max_new_tokens, tcfg.eval_generate)
+        matches[k] = exact_match(
+            records, result.model_config, p_k, lo_k, lcfg, inputs.tokenizer, tcfg.max_new_tokens, tcfg.eval_generate
+        )
     return matches

@@ -69,13 +69,17 @@ def _stack_host(trees):
     flat = [jax.tree.flatten(t) for t in trees]
     treedef = flat[0][1]
     if any(td != treedef for _, td in flat[1:]):
-        raise ConfigError("the configurations' adapter trees differ in structure (targets); a "
-                          "sweep can only vary " + ", ".join(ALLOWED_KEYS))
+        raise ConfigError(
+            "the configurations' adapter trees differ in structure (targets); a "
+            "sweep can only vary " + ", ".join(ALLOWED_KEYS)
+        )
     out = []
     for i in range(len(flat[0][0])):
         leaves = [np.asarray(f[0][i]) for f in flat]
         target = tuple(max(d) for d in zip(*(x.shape for x in leaves)))
-        out.append(jnp.asarray(np.stack([
-            np.pad(x, [(0, t - d) for d, t in zip(x.shape, target)]) if x.ndim else x
-            for x in leaves])))
+        out.append(
+            jnp.asarray(
+                np.stack([np.pad(x, [(0, t - d) for d, t in zip(x.shape, target)]) if x.ndim else x for x in leaves])
+            )
+        )
     return treedef.unflatten(out)

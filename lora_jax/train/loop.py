@@ -32,7 +32,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -51,8 +52,14 @@ from lora_jax.models.llama import Llama
 from lora_jax.run_config import RunConfig
 from lora_jax.session import fit_to_data, load_model, open_inputs
 from lora_jax.sharding import make_mesh, place, rules_with
-from lora_jax.train.output import (open_output, output_dir, prepare_output_dir, saved_eval_before,
-                                   saved_first_loss, write_json)
+from lora_jax.train.output import (
+    open_output,
+    output_dir,
+    prepare_output_dir,
+    saved_eval_before,
+    saved_first_loss,
+    write_json,
+)
 from lora_jax.train.progress import MetricWriters, Progress, log_step
 from lora_jax.train.signals import StopSignals, TrainingInterrupted
 from lora_jax.train.step import init_state, make_eval_step, make_schedule, make_train_step, make_tx, shard_state
@@ -69,8 +76,14 @@ def _peak_flops() -> float | None:
     return PEAK_H100_MEASURED if ("h100" in kind or "h200" in kind) else None
 
 
-def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None) -> dict:
+def train(
+    run: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Run (or resume) training; returns the summary (also written to `summary.json`)."""
     out = output_dir(run.train.output_dir)
     run = prepare_output_dir(out, run, resume, overwrite)
@@ -140,8 +153,10 @@ def _set_up(run: RunConfig, out: str, resume: bool, overwrite: bool) -> _Setup:
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     rules = rules_with(run.mesh.rules)
     if tcfg.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ConfigError(f"train.batch_size={tcfg.batch_size} must divide by the data-parallel size "
-                          f"{mesh.shape['data'] * mesh.shape['fsdp']} (mesh.data x mesh.fsdp)")
+        raise ConfigError(
+            f"train.batch_size={tcfg.batch_size} must divide by the data-parallel size "
+            f"{mesh.shape['data'] * mesh.shape['fsdp']} (mesh.data x mesh.fsdp)"
+        )
     cfg, params = load_model(run.model, inputs.model_path, mesh=mesh, rules=rules)
     cfg = fit_to_data(cfg, inputs)
     lora = place(init_lora(params, lcfg, jax.random.key(tcfg.seed)), mesh, rules)
@@ -157,22 +172,56 @@ def _set_up(run: RunConfig, out: str, resume: bool, overwrite: bool) -> _Setup:
     state, frozen, shardings = shard_state(init_state(split.trainable, tx, tcfg.seed), split.frozen, mesh, rules)
     state, ckpt = open_output(out, run, state, loader, fingerprint, inputs.model_path, resume, overwrite)
     if pidx == 0:
-        run_record = {"run": run.to_dict(), "model_config": cfg.to_dict(), "model_path": inputs.model_path,
-                      "fingerprint": fingerprint, "data_stats": inputs.datasets.stats}
+        run_record = {
+            "run": run.to_dict(),
+            "model_config": cfg.to_dict(),
+            "model_path": inputs.model_path,
+            "fingerprint": fingerprint,
+            "data_stats": inputs.datasets.stats,
+        }
         with open(os.path.join(out, "run.json"), "w") as f:
             json.dump(run_record, f, indent=2)
 
     model = Llama(cfg)
-    step_fn = make_train_step(model, cfg, lcfg, tx, schedule, grad_accum=tcfg.grad_accum,
-                              chunk_tokens=run.model.loss_chunk_tokens, use_segments=inputs.data.packing,
-                              jit_kwargs=shardings.step_jit_kwargs())
-    eval_fn = make_eval_step(model, cfg, lcfg, chunk_tokens=run.model.loss_chunk_tokens,
-                             use_segments=inputs.data.packing)
+    step_fn = make_train_step(
+        model,
+        cfg,
+        lcfg,
+        tx,
+        schedule,
+        grad_accum=tcfg.grad_accum,
+        chunk_tokens=run.model.loss_chunk_tokens,
+        use_segments=inputs.data.packing,
+        jit_kwargs=shardings.step_jit_kwargs(),
+    )
+    eval_fn = make_eval_step(
+        model, cfg, lcfg, chunk_tokens=run.model.loss_chunk_tokens, use_segments=inputs.data.packing
+    )
     start_step = int(state.step)
     writers = MetricWriters(out, pidx == 0, resume_step=start_step if resume else None)
-    return _Setup(out, run, inputs.data, inputs.model_path, inputs.tokenizer, inputs.datasets, mesh, cfg,
-                  targets, fingerprint, loader, state, frozen, shardings, ckpt, step_fn, eval_fn, writers,
-                  start_step, pidx, nproc)
+    return _Setup(
+        out,
+        run,
+        inputs.data,
+        inputs.model_path,
+        inputs.tokenizer,
+        inputs.datasets,
+        mesh,
+        cfg,
+        targets,
+        fingerprint,
+        loader,
+        state,
+        frozen,
+        shardings,
+        ckpt,
+        step_fn,
+        eval_fn,
+        writers,
+        start_step,
+        pidx,
+        nproc,
+    )
 
 
 def _make_evaluate(s: _Setup) -> Callable[[Any], dict]:
@@ -189,14 +238,21 @@ def _make_evaluate(s: _Setup) -> Callable[[Any], dict]:
     def evaluate(trainable) -> dict:
         res: dict[str, Any] = {}
         if s.datasets.eval_rows:
-            res["eval_loss"] = float(eval_loss(
-                lambda batch: s.eval_fn(trainable, s.frozen, s.shardings.put_batch(batch)),
-                s.datasets.eval_rows, eval_batch, eval_steps, process_index=s.process_index,
-                process_count=s.process_count))
+            res["eval_loss"] = float(
+                eval_loss(
+                    lambda batch: s.eval_fn(trainable, s.frozen, s.shardings.put_batch(batch)),
+                    s.datasets.eval_rows,
+                    eval_batch,
+                    eval_steps,
+                    process_index=s.process_index,
+                    process_count=s.process_count,
+                )
+            )
         if tcfg.eval_generate and s.datasets.eval_records:
             p, lo = combine(trainable, s.frozen)
-            res["exact_match"] = exact_match(s.datasets.eval_records, s.cfg, p, lo, s.run.lora, s.tokenizer,
-                                             tcfg.max_new_tokens, tcfg.eval_generate)
+            res["exact_match"] = exact_match(
+                s.datasets.eval_records, s.cfg, p, lo, s.run.lora, s.tokenizer, tcfg.max_new_tokens, tcfg.eval_generate
+            )
         return res
 
     return evaluate
@@ -303,28 +359,41 @@ class _StepLoop:
         dt, self.last_done = now - max(self.last_done, t0), now
         if not math.isfinite(m["loss"]):
             steps_saved = self.s.ckpt.all_steps()
-            where = (f"The last good checkpoint is step {max(steps_saved)} in "
-                     f"{os.path.join(self.s.out, 'checkpoints')}" if steps_saved
-                     else f"No checkpoint was written yet (the first was due at step "
-                          f"{min(self.tcfg.save_every, self.tcfg.steps)})")
-            raise TrainingDiverged(f"loss became {m['loss']} at step {step}; stopped. {where}. Lower "
-                                   "optim.lr or raise optim.warmup_steps")
+            where = (
+                f"The last good checkpoint is step {max(steps_saved)} in {os.path.join(self.s.out, 'checkpoints')}"
+                if steps_saved
+                else f"No checkpoint was written yet (the first was due at step "
+                f"{min(self.tcfg.save_every, self.tcfg.steps)})"
+            )
+            raise TrainingDiverged(
+                f"loss became {m['loss']} at step {step}; stopped. {where}. Lower optim.lr or raise optim.warmup_steps"
+            )
         if self.first_loss is None:
             self.first_loss = m["loss"]
         self.losses.append(m["loss"])
         return m, dt
 
     def _log(self, m: dict, dt: float, step: int) -> None:
-        record = log_step(m, dt, step, self.s.writers, self.progress_out, self.tcfg, self.fpt, self.peak,
-                          self.s.data.seq_len)
+        record = log_step(
+            m, dt, step, self.s.writers, self.progress_out, self.tcfg, self.fpt, self.peak, self.s.data.seq_len
+        )
         if self.on_step is not None:
             self.on_step(step, record)
 
     def _save(self, step: int) -> None:
         s, t = self.s, time.perf_counter()
-        s.ckpt.save(step, self.state, {"loader": s.loader.get_state(), "fingerprint": s.fingerprint,
-                                       "run": s.run.to_dict(), "model_config": s.cfg.to_dict(),
-                                       "model_path": s.model_path, "first_loss": self.first_loss})
+        s.ckpt.save(
+            step,
+            self.state,
+            {
+                "loader": s.loader.get_state(),
+                "fingerprint": s.fingerprint,
+                "run": s.run.to_dict(),
+                "model_config": s.cfg.to_dict(),
+                "model_path": s.model_path,
+                "first_loss": self.first_loss,
+            },
+        )
         self.paused["checkpoint_s"] += time.perf_counter() - t
 
     def settle(self) -> float | None:
@@ -350,13 +419,19 @@ def _export_adapter(s: _Setup, trainable, resume: bool) -> str | None:
     if not s.is_main:
         return None
     adapter_dir = os.path.join(s.out, "adapter")
-    save_peft(adapter_dir, lo, s.run.lora, s.cfg, base_model_name_or_path=s.model_path, params=p,
-              overwrite=resume)
+    save_peft(adapter_dir, lo, s.run.lora, s.cfg, base_model_name_or_path=s.model_path, params=p, overwrite=resume)
     return adapter_dir
 
 
-def _summary(s: _Setup, loop: _StepLoop, eval_before: dict, eval_after: dict, tokens_per_s: float | None,
-             setup_s: float, adapter_dir: str | None) -> dict:
+def _summary(
+    s: _Setup,
+    loop: _StepLoop,
+    eval_before: dict,
+    eval_after: dict,
+    tokens_per_s: float | None,
+    setup_s: float,
+    adapter_dir: str | None,
+) -> dict:
     """summary.json: the evaluations before and after, the losses, throughput and timings."""
     fpt, peak = loop.fpt, loop.peak
     return {

@@ -48,16 +48,18 @@ def _chunk_loss(vocab_axis: int):
     def fwd(h_cd, w, t_c, m_c):
         total, lse, logits = _forward(h_cd, w, t_c, m_c)
         d_logits = _d_logits(logits, lse, t_c, m_c, h_cd.dtype)
-        dh = jax.lax.dot_general(d_logits, w, (((1,), (vocab_axis,)), ((), ())),
-                                 preferred_element_type=jnp.float32).astype(h_cd.dtype)
+        dh = jax.lax.dot_general(
+            d_logits, w, (((1,), (vocab_axis,)), ((), ())), preferred_element_type=jnp.float32
+        ).astype(h_cd.dtype)
         return total, (dh, h_cd, w, t_c, m_c, lse)
 
     def bwd(res, g):
         dh, h_cd, w, t_c, m_c, lse = res
         # only for a trainable head; XLA drops this recomputation when dw is unused
         d_logits = _d_logits(_logits(h_cd, w, vocab_axis), lse, t_c, g * m_c, h_cd.dtype)
-        dw = jax.lax.dot_general(h_cd, d_logits, (((0,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)  # [embed, vocab]
+        dw = jax.lax.dot_general(
+            h_cd, d_logits, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )  # [embed, vocab]
         dw = (dw if vocab_axis == 1 else dw.T).astype(w.dtype)
         return (g * dh.astype(jnp.float32)).astype(h_cd.dtype), dw, None, None
 

@@ -18,8 +18,7 @@ from lora_jax.errors import ConfigError, LoraJaxError
 from lora_jax.run_config import RunConfig
 from lora_jax.train.progress import metric_lines
 
-__all__ = ["prepare_output_dir", "output_dir", "open_output", "write_json", "saved_eval_before",
-           "saved_first_loss"]
+__all__ = ["prepare_output_dir", "output_dir", "open_output", "write_json", "saved_eval_before", "saved_first_loss"]
 
 
 def prepare_output_dir(out: str, run: RunConfig, resume: bool, overwrite: bool) -> RunConfig:
@@ -34,11 +33,15 @@ def prepare_output_dir(out: str, run: RunConfig, resume: bool, overwrite: bool) 
             return RunConfig.from_dict(json.load(f)["run"])
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
-            raise ConfigError(f"output directory {out} already holds a run; pass --resume to continue "
-                              "it, --overwrite to replace it, or choose another --output-dir")
+            raise ConfigError(
+                f"output directory {out} already holds a run; pass --resume to continue "
+                "it, --overwrite to replace it, or choose another --output-dir"
+            )
         if not os.path.isfile(run_json):
-            raise ConfigError(f"--overwrite: {out} is not a lora-jax run directory (no run.json); "
-                              "refusing to delete it. Choose another --output-dir")
+            raise ConfigError(
+                f"--overwrite: {out} is not a lora-jax run directory (no run.json); "
+                "refusing to delete it. Choose another --output-dir"
+            )
     return run
 
 
@@ -52,8 +55,9 @@ def _check_output_path(out: str) -> None:
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ConfigError(f"--output-dir {out} cannot be created: {parent} is a file, not a directory; "
-                          "choose another --output-dir")
+        raise ConfigError(
+            f"--output-dir {out} cannot be created: {parent} is a file, not a directory; choose another --output-dir"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--output-dir {out}: {parent} is not writable; choose another --output-dir")
 
@@ -65,8 +69,10 @@ def output_dir(value) -> str:
         value = os.fspath(value)
     if not isinstance(value, str) or not value.strip():
         kind = "empty" if isinstance(value, str) else f"it was read as a {type(value).__name__}"
-        raise ConfigError(f"train.output_dir={value!r} is not a directory path ({kind}); give it as a "
-                          "string (in a YAML file, quote it: output_dir: \"1e5\")")
+        raise ConfigError(
+            f"train.output_dir={value!r} is not a directory path ({kind}); give it as a "
+            'string (in a YAML file, quote it: output_dir: "1e5")'
+        )
     return os.path.abspath(os.path.expanduser(value))
 
 
@@ -80,19 +86,24 @@ def _mismatch_message(e: CheckpointMismatch, ckpt: Checkpointer, out: str, lcfg)
         saved = None
     if isinstance(saved, dict):
         now = lcfg.to_dict()
-        diffs = [f"lora.{k}={now.get(k)!r} (the checkpoint's: {saved[k]!r})"
-                 for k in saved if json.dumps(saved[k], sort_keys=True, default=str)
-                 != json.dumps(now.get(k), sort_keys=True, default=str)]
+        diffs = [
+            f"lora.{k}={now.get(k)!r} (the checkpoint's: {saved[k]!r})"
+            for k in saved
+            if json.dumps(saved[k], sort_keys=True, default=str) != json.dumps(now.get(k), sort_keys=True, default=str)
+        ]
         if diffs:
             changed = f"; run.json says {', '.join(diffs)}"
     more = f" (and {len(e.differences) - 1} more)" if len(e.differences) > 1 else ""
-    return (f"--resume: the checkpoint at step {e.step} in {out} does not fit this run's config: its "
-            f"adapter shapes differ ({e.differences[0]}{more}){changed}. Resume with the config the "
-            "checkpoint was written with, or start again with --overwrite")
+    return (
+        f"--resume: the checkpoint at step {e.step} in {out} does not fit this run's config: its "
+        f"adapter shapes differ ({e.differences[0]}{more}){changed}. Resume with the config the "
+        "checkpoint was written with, or start again with --overwrite"
+    )
 
 
-def open_output(out: str, run: RunConfig, state, loader: DataLoader, fingerprint, model_path: str,
-                 resume: bool, overwrite: bool):
+def open_output(
+    out: str, run: RunConfig, state, loader: DataLoader, fingerprint, model_path: str, resume: bool, overwrite: bool
+):
     """`(state, Checkpointer)`: resuming, the latest checkpoint's state (and the loader's place),
     refused when it does not fit this run or its base; else a fresh state in a new (or, with
     `overwrite`, emptied) output directory."""
@@ -106,8 +117,10 @@ def open_output(out: str, run: RunConfig, state, loader: DataLoader, fingerprint
         except CheckpointMismatch as e:
             raise ConfigError(_mismatch_message(e, ckpt, out, run.lora)) from None
         if not fingerprints_match(meta["fingerprint"], fingerprint):
-            raise ConfigError(f"--resume: the base weights at {model_path} differ from the ones this run "
-                              "started from (fingerprint mismatch); point --model at the original base")
+            raise ConfigError(
+                f"--resume: the base weights at {model_path} differ from the ones this run "
+                "started from (fingerprint mismatch); point --model at the original base"
+            )
         loader.set_state(meta["loader"])
     else:
         if os.path.isdir(out) and overwrite:
@@ -135,5 +148,4 @@ def saved_eval_before(out: str) -> dict:
 
 
 def saved_first_loss(out: str) -> float | None:
-    return next((rec["loss"] for _, rec in metric_lines(os.path.join(out, "metrics.jsonl"))
-                 if "loss" in rec), None)
+    return next((rec["loss"] for _, rec in metric_lines(os.path.join(out, "metrics.jsonl")) if "loss" in rec), None)

@@ -60,8 +60,11 @@ def _summary_writer():
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
-        print("note: TensorBoard event files are not written: tensorboardX is not installed "
-              "(pip install 'lora-jax[tensorboard]'); metrics.jsonl has every record", file=sys.stderr)
+        print(
+            "note: TensorBoard event files are not written: tensorboardX is not installed "
+            "(pip install 'lora-jax[tensorboard]'); metrics.jsonl has every record",
+            file=sys.stderr,
+        )
         return None
     return SummaryWriter
 
@@ -82,21 +85,30 @@ def truncate_metrics(path: str, last_step: int) -> None:
     """Keep the records of steps <= last_step (and drop a line torn by a kill), atomically."""
     if not os.path.isfile(path):
         return
-    kept = [line if line.endswith("\n") else line + "\n"
-            for line, rec in metric_lines(path) if rec.get("step", 0) <= last_step]
+    kept = [
+        line if line.endswith("\n") else line + "\n"
+        for line, rec in metric_lines(path)
+        if rec.get("step", 0) <= last_step
+    ]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(kept)
     os.replace(tmp, path)
 
 
-def log_step(m: dict, dt: float, step: int, writers: MetricWriters, progress, tcfg, fpt, peak,
-             seq_len: int) -> dict:
+def log_step(m: dict, dt: float, step: int, writers: MetricWriters, progress, tcfg, fpt, peak, seq_len: int) -> dict:
     """Write one step's record (TensorBoard every `log_every` steps and at step 1) and show it."""
     tokens_per_s = tcfg.batch_size * seq_len / dt if dt > 0 else 0.0
-    record = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-              "loss_tokens": m["tokens"], "step_s": dt, "tokens_per_s": tokens_per_s,
-              "mfu": tokens_per_s * fpt / peak if peak else None}
+    record = {
+        "step": step,
+        "loss": m["loss"],
+        "lr": m["lr"],
+        "grad_norm": m["grad_norm"],
+        "loss_tokens": m["tokens"],
+        "step_s": dt,
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * fpt / peak if peak else None,
+    }
     writers.write(record, step, tb=(step % tcfg.log_every == 0 or step == 1))
     if progress is not None:
         progress.update(step, m["loss"], m["lr"], tokens_per_s)
@@ -121,8 +133,11 @@ class Progress:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         elif step % self.log_every == 0 or step == self.total:
-            print(f"train step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, "
-                  f"{tokens_per_s:,.0f} tokens/s", file=self.stream, flush=True)
+            print(
+                f"train step {step}/{self.total}: loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -30,9 +30,11 @@ class TrainingInterrupted(LoraJaxError):
     def __init__(self, step: int, signum: int, output_dir: str):
         self.step, self.signum, self.output_dir = step, signum, output_dir
         name = signal.Signals(signum).name
-        super().__init__(f"{name} received: stopped after step {step} and saved a checkpoint at step "
-                         f"{step} in {os.path.join(output_dir, 'checkpoints')}; continue with "
-                         f"`lora-jax train --output-dir {shlex.quote(output_dir)} --resume`")
+        super().__init__(
+            f"{name} received: stopped after step {step} and saved a checkpoint at step "
+            f"{step} in {os.path.join(output_dir, 'checkpoints')}; continue with "
+            f"`lora-jax train --output-dir {shlex.quote(output_dir)} --resume`"
+        )
 
     @property
     def exit_code(self) -> int:

@@ -9,7 +9,8 @@ batch exactly (up to summation order).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,18 @@ from lora_jax.models.llama_config import LlamaConfig
 from lora_jax.run_config import OptimConfig
 from lora_jax.train.loss import chunked_cross_entropy, head_weight
 
-__all__ = ["TrainState", "make_schedule", "make_tx", "train_step", "make_train_step", "eval_step",
-           "make_eval_step", "init_state", "shard_state", "StepShardings"]
+__all__ = [
+    "TrainState",
+    "make_schedule",
+    "make_tx",
+    "train_step",
+    "make_train_step",
+    "eval_step",
+    "make_eval_step",
+    "init_state",
+    "shard_state",
+    "StepShardings",
+]
 
 
 class TrainState(NamedTuple):
@@ -58,13 +69,15 @@ def make_schedule(ocfg: OptimConfig, total_steps: int) -> Callable:
 
 
 def make_tx(lcfg: LoraConfig, ocfg: OptimConfig, schedule) -> optax.GradientTransformation:
-    return make_optimizer(lcfg, schedule, weight_decay=ocfg.weight_decay, b1=ocfg.b1, b2=ocfg.b2,
-                          eps=ocfg.eps, clip_norm=ocfg.clip_norm)
+    return make_optimizer(
+        lcfg, schedule, weight_decay=ocfg.weight_decay, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, clip_norm=ocfg.clip_norm
+    )
 
 
 def init_state(trainable, tx, seed: int) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable),
-                      jax.random.key_data(jax.random.key(seed)))
+    return TrainState(
+        jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.key_data(jax.random.key(seed))
+    )
 
 
 class StepShardings(NamedTuple):
@@ -76,8 +89,7 @@ class StepShardings(NamedTuple):
     replicated: Any
 
     def step_jit_kwargs(self) -> dict:
-        return {"in_shardings": (self.state, self.frozen, self.batch),
-                "out_shardings": (self.state, self.replicated)}
+        return {"in_shardings": (self.state, self.frozen, self.batch), "out_shardings": (self.state, self.replicated)}
 
     def put_batch(self, batch):
         """Host batch -> global array sharded over ("data", "fsdp"); each process passes its slice."""
@@ -94,32 +106,62 @@ def shard_state(state: TrainState, frozen, mesh, rules) -> tuple[TrainState, Any
     from lora_jax.sharding import batch_sharding, tree_shardings
 
     state_sh, frozen_sh = tree_shardings(state, mesh, rules), tree_shardings(frozen, mesh, rules)
-    shardings = StepShardings(state_sh, frozen_sh, batch_sharding(mesh, 2, rules),
-                              NamedSharding(mesh, PartitionSpec()))
+    shardings = StepShardings(state_sh, frozen_sh, batch_sharding(mesh, 2, rules), NamedSharding(mesh, PartitionSpec()))
     return jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh), shardings
 
 
-def _loss_sum(model, cfg: LlamaConfig, lcfg: LoraConfig, chunk_tokens: int, use_segments: bool,
-              trainable, frozen, batch, rng, deterministic: bool, dropout_rate=None):
+def _loss_sum(
+    model,
+    cfg: LlamaConfig,
+    lcfg: LoraConfig,
+    chunk_tokens: int,
+    use_segments: bool,
+    trainable,
+    frozen,
+    batch,
+    rng,
+    deterministic: bool,
+    dropout_rate=None,
+):
     params, lora = combine(trainable, frozen)
-    hidden = apply(model, params, lora, lcfg, batch["input_ids"], batch["positions"],
-                   batch["segment_ids"] if use_segments else None, return_hidden=True,
-                   rngs={"dropout": rng}, deterministic=deterministic, dropout_rate=dropout_rate)
+    hidden = apply(
+        model,
+        params,
+        lora,
+        lcfg,
+        batch["input_ids"],
+        batch["positions"],
+        batch["segment_ids"] if use_segments else None,
+        return_hidden=True,
+        rngs={"dropout": rng},
+        deterministic=deterministic,
+        dropout_rate=dropout_rate,
+    )
     weight, vocab_axis = head_weight(params, cfg.tie_word_embeddings)
-    return chunked_cross_entropy(hidden, weight, vocab_axis, batch["targets"], batch["loss_mask"],
-                                 chunk_tokens)
+    return chunked_cross_entropy(hidden, weight, vocab_axis, batch["targets"], batch["loss_mask"], chunk_tokens)
 
 
-def train_step(state: TrainState, frozen, batch, *, model, cfg: LlamaConfig, lcfg: LoraConfig, tx,
-               schedule, grad_accum: int = 1, chunk_tokens: int = 8192, use_segments: bool = True,
-               dropout_rate=None):
+def train_step(
+    state: TrainState,
+    frozen,
+    batch,
+    *,
+    model,
+    cfg: LlamaConfig,
+    lcfg: LoraConfig,
+    tx,
+    schedule,
+    grad_accum: int = 1,
+    chunk_tokens: int = 8192,
+    use_segments: bool = True,
+    dropout_rate=None,
+):
     """One optimizer step, un-jitted: `(state, metrics)`. `make_train_step` jits it; a sweep vmaps
     it with `tx`, `schedule` and `dropout_rate` built from each adapter's traced values."""
 
     def loss_and_grad(trainable, batch, rng):
         def f(tr):
-            return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, tr, frozen, batch, rng,
-                             False, dropout_rate)
+            return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, tr, frozen, batch, rng, False, dropout_rate)
 
         (total, n), grads = jax.value_and_grad(f, has_aux=True)(trainable)
         return total, n, grads
@@ -144,29 +186,61 @@ def train_step(state: TrainState, frozen, batch, *, model, cfg: LlamaConfig, lcf
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(grads),
-               "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": n}
+    metrics = {
+        "loss": total / denom,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "tokens": n,
+    }
     return TrainState(state.step + 1, trainable, opt_state, jax.random.key_data(key)), metrics
 
 
-def make_train_step(model, cfg: LlamaConfig, lcfg: LoraConfig, tx, schedule, *, grad_accum: int = 1,
-                    chunk_tokens: int = 8192, use_segments: bool = True, jit_kwargs: dict | None = None):
+def make_train_step(
+    model,
+    cfg: LlamaConfig,
+    lcfg: LoraConfig,
+    tx,
+    schedule,
+    *,
+    grad_accum: int = 1,
+    chunk_tokens: int = 8192,
+    use_segments: bool = True,
+    jit_kwargs: dict | None = None,
+):
     """`step(state, frozen, batch) -> (state, metrics)`: `train_step`, jitted with the state donated."""
-    step = functools.partial(train_step, model=model, cfg=cfg, lcfg=lcfg, tx=tx, schedule=schedule,
-                             grad_accum=grad_accum, chunk_tokens=chunk_tokens,
-                             use_segments=use_segments)
+    step = functools.partial(
+        train_step,
+        model=model,
+        cfg=cfg,
+        lcfg=lcfg,
+        tx=tx,
+        schedule=schedule,
+        grad_accum=grad_accum,
+        chunk_tokens=chunk_tokens,
+        use_segments=use_segments,
+    )
     return jax.jit(step, donate_argnums=(0,), **(jit_kwargs or {}))
 
 
-def eval_step(trainable, frozen, batch, *, model, cfg: LlamaConfig, lcfg: LoraConfig,
-              chunk_tokens: int = 8192, use_segments: bool = True):
+def eval_step(
+    trainable,
+    frozen,
+    batch,
+    *,
+    model,
+    cfg: LlamaConfig,
+    lcfg: LoraConfig,
+    chunk_tokens: int = 8192,
+    use_segments: bool = True,
+):
     """`(loss sum, token count)` of one batch, deterministic and un-jitted (see `train_step`)."""
-    return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, trainable, frozen, batch,
-                     jax.random.key(0), True)
+    return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, trainable, frozen, batch, jax.random.key(0), True)
 
 
-def make_eval_step(model, cfg: LlamaConfig, lcfg: LoraConfig, *, chunk_tokens: int = 8192,
-                   use_segments: bool = True):
+def make_eval_step(model, cfg: LlamaConfig, lcfg: LoraConfig, *, chunk_tokens: int = 8192, use_segments: bool = True):
     """`eval_step(trainable, frozen, batch) -> (loss sum, token count)`, jitted."""
-    return jax.jit(functools.partial(eval_step, model=model, cfg=cfg, lcfg=lcfg,
-                                     chunk_tokens=chunk_tokens, use_segments=use_segments))
+    return jax.jit(
+        functools.partial(
+            eval_step, model=model, cfg=cfg, lcfg=lcfg, chunk_tokens=chunk_tokens, use_segments=use_segments
+        )
+    )
