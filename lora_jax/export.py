@@ -52,7 +52,7 @@ def export_checkpoint(
     if len(set(targets.values())) < len(targets):
         raise ConfigError(f"--peft and --merged are both {targets['peft']}; give each its own directory")
     cfg, params, lora, lcfg, run, step, model_path = load_run(run_dir, step)
-    written = {"step": step}
+    written: dict[str, int | str] = {"step": step}
     if peft_dir:
         written["peft"] = save_peft(
             peft_dir,

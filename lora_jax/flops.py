@@ -35,6 +35,7 @@ else:  # loaded by file path (experiments/bench/peft_bench.py): no package, so n
         _spec = importlib.util.spec_from_file_location(
             _NAME, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "layout.py")
         )
+        assert _spec is not None and _spec.loader is not None  # a .py file path always has a source loader
         sys.modules[_NAME] = importlib.util.module_from_spec(_spec)
         _spec.loader.exec_module(sys.modules[_NAME])
     LLAMA_LAYOUT, config_value = sys.modules[_NAME].LLAMA_LAYOUT, sys.modules[_NAME].config_value
@@ -50,7 +51,7 @@ __all__ = [
     "projection_shapes",
 ]
 
-PEAK_H100_MEASURED = 798e12  # achievable dense bf16 matmul FLOP/s, as measured (see PERF doc)
+PEAK_H100_MEASURED = 798e12  # achievable dense bf16 matmul FLOP/s, as measured (see docs/performance.md)
 PEAK_H100_DATASHEET = 989e12  # NVIDIA datasheet dense bf16 peak, H100 SXM
 
 ALL_TARGETS = LLAMA_LAYOUT.names

@@ -206,17 +206,23 @@ class QuantizedKernel:
             raise IndexError(
                 f"a quantised kernel can only be indexed on its {len(self.scales_offset.shape)} leading (layer) axes"
             )
-        return QuantizedKernel(*(a[index] for a in self.arrays()), self.spec)
+        codes, scales_q, scales_scale, scales_offset = (a[index] for a in self.arrays())
+        return QuantizedKernel(codes, scales_q, scales_scale, scales_offset, self.spec)
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{f}={getattr(getattr(self, f), 'shape', None)}" for f in _FIELDS)
         return f"QuantizedKernel({self.spec.kind}, shape={self.shape}, dtype={self.spec.dtype}, {shapes})"
 
 
+def _unflatten(spec: QuantSpec, children) -> QuantizedKernel:
+    codes, scales_q, scales_scale, scales_offset = children
+    return QuantizedKernel(codes, scales_q, scales_scale, scales_offset, spec)
+
+
 jax.tree_util.register_pytree_with_keys(
     QuantizedKernel,
     lambda q: (tuple((PartKey(f), getattr(q, f)) for f in _FIELDS), q.spec),
-    lambda spec, children: QuantizedKernel(*children, spec),
+    _unflatten,
     lambda q: (q.arrays(), q.spec),
 )
 

@@ -180,7 +180,7 @@ class MeshConfig:
     rules: Annotated[
         Mapping[str, str | tuple[str, ...] | None],
         "a mapping of logical axes to mesh axes, e.g. {mlp: fsdp} or {embed: [fsdp, tensor]}",
-    ] = ()
+    ] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("data", "fsdp", "tensor"):

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import sys
+from typing import cast
 
 from rich.console import Console
 
@@ -183,9 +184,9 @@ def cmd_sweep(args) -> int:
         f"{len(result.rows)} configurations; {t['total_s']:.1f} s in all "
         f"(compile {t['compile_s']:.1f} s, train {t['train_s']:.1f} s, eval {t['eval_s']:.1f} s)"
     )
+    out_dir = cast(str, result.output_dir)  # set: build_sweep always names an output directory
     console.print(
-        f"results: {os.path.join(result.output_dir, 'results.csv')}, results.json, "
-        "loss_curves.png, heatmap.png, adapters/<name>/"
+        f"results: {os.path.join(out_dir, 'results.csv')}, results.json, loss_curves.png, heatmap.png, adapters/<name>/"
     )
     if all(r["diverged"] for r in result.rows):
         print(

@@ -37,7 +37,7 @@ def cli_env() -> dict:
     return env
 
 
-# fp32 parity bound from DESIGN.md; bf16 has 8 mantissa bits (rel. step 2^-8 = 0.0039).
+# fp32: the project's parity bound; bf16 has 8 mantissa bits (rel. step 2^-8 = 0.0039).
 FP32_ATOL = 1e-4
 
 

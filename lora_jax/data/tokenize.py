@@ -64,14 +64,15 @@ def tokenize_record(
     messages: unless the template already closes the last assistant turn with eos).
     ``bos_prefix`` (default: `special_prefix(tokenizer)`) lets a caller compute it once per dataset.
     """
-    if bos_prefix is None and fmt != "messages":
-        bos_prefix = special_prefix(tokenizer)
+    prefix: list[int] = []  # not used for messages
+    if fmt != "messages":
+        prefix = special_prefix(tokenizer) if bos_prefix is None else list(bos_prefix)
     if fmt == "text":
-        ids = list(bos_prefix) + _encode(tokenizer, record["text"])
+        ids = prefix + _encode(tokenizer, record["text"])
         mask = [True] * len(ids)
         eos_loss = True
     elif fmt == "prompt_completion":
-        prompt = list(bos_prefix) + _encode(tokenizer, record["prompt"])
+        prompt = prefix + _encode(tokenizer, record["prompt"])
         completion = _encode(tokenizer, record["completion"])
         ids = prompt + completion
         mask = [not completion_only] * len(prompt) + [True] * len(completion)

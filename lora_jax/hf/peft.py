@@ -73,7 +73,9 @@ def _config_from_params(params, layout: Layout = LLAMA_LAYOUT) -> LlamaConfig:
     shape = model_shape(params, layout)
     layer0 = params[layout.layers] if shape.scan_layers else params[f"{layout.layers}_0"]
     sizes = {axis: n for p in layout.projections for axis, n in zip(p.axes, shape.io[p.name])}
-    biases = {p.bias: "bias" in layer0[p.parent][p.name] for p in layout.projections if isinstance(p.bias, str)}
+    biases: dict[str, Any] = {  # LlamaConfig's bias flags, named by the layout
+        p.bias: "bias" in layer0[p.parent][p.name] for p in layout.projections if isinstance(p.bias, str)
+    }
     vocab, hidden = params[layout.embed]["embedding"].shape
     head_dim = math.gcd(sizes["heads"], sizes["kv_heads"])
     return LlamaConfig(
@@ -317,8 +319,8 @@ def _read_checked(adapter_dir, params):
     for key in (PREFIX + "model.embed_tokens.weight", PREFIX + "lm_head.weight"):
         if key in tensors and key in base:
             saved.setdefault(key, base[key])
-    for key, e in saved.items():
-        expected[key] = e.hf_shape
+    for key, entry in saved.items():
+        expected[key] = entry.hf_shape
 
     missing = sorted(k for k in expected if k not in tensors)
     extra = sorted(k for k in tensors if k not in expected)

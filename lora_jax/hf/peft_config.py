@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import cast
 
 from lora_jax.errors import CheckpointFormatError, ConfigError
 from lora_jax.lora.config import LoraConfig
@@ -179,7 +180,7 @@ def read_peft_config(adapter_dir: str) -> LoraConfig:
             r=d.get("r", 8),
             lora_alpha=d.get("lora_alpha", 8),
             lora_dropout=d.get("lora_dropout", 0.0),
-            target_modules=targets,
+            target_modules=cast(tuple[str, ...], targets),  # or a list, which __post_init__ stores as a tuple
             exclude_modules=d.get("exclude_modules"),
             layers_to_transform=d.get("layers_to_transform"),
             rank_pattern=d.get("rank_pattern") or {},

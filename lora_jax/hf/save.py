@@ -221,17 +221,19 @@ class atomic_dir:
         return False
 
     def _commit(self) -> None:
+        tmp = self.tmp
+        assert tmp is not None  # set by __enter__, which precedes every __exit__
         check_export_target(self.out, self.kind, self.overwrite)
         if not os.path.isdir(self.out):
-            os.rename(self.tmp, self.out)  # fails if a non-empty `out` appeared meanwhile
+            os.rename(tmp, self.out)  # fails if a non-empty `out` appeared meanwhile
         elif not os.listdir(self.out):
             os.rmdir(self.out)  # fails if something was written into it meanwhile
-            os.rename(self.tmp, self.out)
+            os.rename(tmp, self.out)
         else:  # a previous export, checked above
             old = f"{self.out}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.out, old)
             try:
-                os.rename(self.tmp, self.out)
+                os.rename(tmp, self.out)
             except BaseException:
                 os.rename(old, self.out)
                 raise

@@ -101,8 +101,12 @@ class LoraConfig:
     target_modules: Names | Literal["all-linear"] | Regex = ("q_proj", "v_proj")
     exclude_modules: Names | Regex | None = None
     layers_to_transform: Layers | None = None
-    rank_pattern: Annotated[Mapping[str, int], "a mapping of module regexes to ranks, e.g. {q_proj: 8}"] = ()
-    alpha_pattern: Annotated[Mapping[str, float], "a mapping of module regexes to alphas, e.g. {q_proj: 16}"] = ()
+    rank_pattern: Annotated[Mapping[str, int], "a mapping of module regexes to ranks, e.g. {q_proj: 8}"] = (
+        dataclasses.field(default_factory=dict)
+    )
+    alpha_pattern: Annotated[Mapping[str, float], "a mapping of module regexes to alphas, e.g. {q_proj: 16}"] = (
+        dataclasses.field(default_factory=dict)
+    )
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | Literal["gaussian", "pissa"] = True

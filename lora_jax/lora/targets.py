@@ -86,7 +86,9 @@ def _target_match(lcfg: LoraConfig, key: str) -> bool:
         return re.fullmatch(lcfg.target_modules, key) is not None
     found = key in lcfg.target_modules or any(key.endswith(f".{t}") for t in lcfg.target_modules)
     if found and lcfg.layers_to_transform is not None:
-        layer = int(re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key).group("idx"))
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        assert m is not None  # keys are `Layout.hf_module` names, e.g. `model.layers.3.self_attn.q_proj`
+        layer = int(m.group("idx"))
         found = layer in lcfg.layers_to_transform
     return found
 
@@ -111,7 +113,7 @@ def plan_targets(shape: ModelShape, lcfg: LoraConfig) -> list[Target]:
     layout = shape.layout
     projections = layout.names
     names = [layout.hf_module(i, n) for i in range(shape.num_layers) for n in projections]
-    for pattern, _ in lcfg.rank_pattern + lcfg.alpha_pattern:
+    for pattern in (*dict(lcfg.rank_pattern), *dict(lcfg.alpha_pattern)):
         if not any(re.match(rf"(.*\.)?({pattern})$", k) for k in names):
             raise ConfigError(
                 f"pattern key {pattern!r} matches no module; module names look like "

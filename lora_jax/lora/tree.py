@@ -84,7 +84,7 @@ def _col_norm(w_io):
     return jnp.sqrt(jnp.sum(jnp.square(w_io), axis=-2))
 
 
-def _init_one(t: Target, w_io, key, init) -> dict[str, jax.Array]:
+def _init_one(t: Target, w_io, key, init) -> dict[str, jax.Array | np.ndarray]:
     """a [in, r], b [r, out] (fp32) as PEFT initialises them; also returns the kernel PiSSA leaves."""
     ka, kb = jax.random.split(key)
     if init == "pissa":
@@ -136,6 +136,7 @@ def init_lora(params, lcfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> di
         w = _kernel(params, t, shape) if needs_kernel else None
         leaves = _init_one(t, w, jax.random.fold_in(key, idx), lcfg.init_lora_weights)
         if lcfg.use_dora:
+            assert w is not None  # use_dora implies needs_kernel
             delta = t.scale * leaves["a"] @ leaves["b"]
             leaves["m"] = _col_norm(w.astype(jnp.float32) + delta)
         per_target.append((t, leaves))

@@ -145,6 +145,7 @@ def attention(
         impl == "cudnn"
         and implementation == "auto"
         and segment_ids is not None
+        and max_segments is not None  # always, here: a packed cuDNN call without it went to Pallas above
         and cudnn_packed_stats_bytes(q.shape, max_segments) > CUDNN_PACKED_STATS_LIMIT
     ):
         impl = "pallas"  # a long row of many documents: the Triton kernel's residuals are O(t)

@@ -1,6 +1,6 @@
 """One entry point from a model config to its family's Flax module: `build_model(cfg)`.
 
-Each family is a model file and a layout record (DESIGN.md); adding one is a new row here.
+Each family is a model file and a layout record; adding one is a new row here.
 """
 
 from __future__ import annotations

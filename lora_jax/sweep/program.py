@@ -52,8 +52,7 @@ def resolve_adapters_per_pass(value, mesh=None) -> int | None:
     K-times larger matmuls, what a GPU or TPU wants, and what a mesh splitting K needs); an int =
     that many at a time in a loop inside the one program. "auto" picks 1 on a CPU without a
     mesh, where the step is already compute-bound and K-fold activations only miss the caches
-    (demo model, 2 cores: one K=8 step 0.42 s looped vs 0.65 s vmapped; 0.56 s for the 8 single
-    runs' steps, `experiments/sweeps/measure_speedup.py --per-step`, 2026-11-24)."""
+    (figures in docs/performance.md)."""
     if value == "auto":
         return 1 if mesh is None and jax.default_backend() == "cpu" else None
     if value is None:

@@ -196,6 +196,7 @@ def plot_heatmap(rows: list[dict], metric: str, path: str, max_facets: int = 6) 
     alphas = sorted({r["lora.lora_alpha"] for r in rows})
     others = [k for k in ALLOWED_KEYS if k not in ("lora.r", "lora.lora_alpha") and len({r[k] for r in rows}) > 1]
     combos = sorted({tuple(r[k] for k in others) for r in rows}, key=lambda c: tuple(map(float, c)))
+    facets: list[tuple[tuple | None, list[dict]]]
     if len(combos) <= max_facets:
         facets = [(c, [r for r in rows if tuple(r[k] for k in others) == c]) for c in combos]
         how = ("one panel per value of " + ", ".join(others)) if others else "one configuration per cell"

@@ -37,7 +37,7 @@ def unstack_tree(stacked, k: int, shapes: Sequence[Sequence[tuple]]):
     """Configuration k of a stacked tree, each leaf sliced back to its own (unpadded) shape."""
     leaves, treedef = jax.tree.flatten(stacked)
     own = shapes[k]
-    return treedef.unflatten([x[k][tuple(slice(0, d) for d in s)] for x, s in zip(leaves, own)])
+    return jax.tree.unflatten(treedef, [x[k][tuple(slice(0, d) for d in s)] for x, s in zip(leaves, own)])
 
 
 def init_stacked(params, lcfgs: Sequence, seed: int):

@@ -3,6 +3,8 @@
 `train()` reads as its pieces: `_set_up` (checked input through `lora_jax.session`, the output
 directory, the compiled steps), `_make_evaluate` (eval loss and exact match, `lora_jax.evaluate`),
 `_StepLoop` (the steps, checkpoints, signals, timing), `_export_adapter`, then the summary.
+These pieces share the run's state and are read in order, so they stay in one module (a little over
+400 lines) rather than being scattered.
 
 Everything that can refuse bad input (configs, data, model, output directory) runs before anything
 is written, so a refused run leaves no trace. Output directory layout:
@@ -11,7 +13,7 @@ is written, so a refused run leaves no trace. Output directory layout:
     checkpoints/<step> Orbax: state (adapters, optimizer, step, rng) + meta (loader state, configs)
     metrics.jsonl      one line per step (loss, lr, grad_norm, tokens/s, ...) and per evaluation;
                        `--resume` drops what a killed run logged after its last checkpoint
-    tb/                TensorBoard event files (likewise purged on resume)
+    tb/                TensorBoard event files, with the `tensorboard` extra (purged on resume too)
     adapter/           the PEFT adapter exported at the end
     summary.json       eval_before, eval_after, train_loss_first/last, steps, tokens_per_s, ...
 
@@ -273,9 +275,9 @@ class _StepLoop:
         self.state, self.step = s.state, s.start_step
         self.losses: list[float] = []
         self.first_loss = first_loss
-        self.compile_s = None
+        self.compile_s: float | None = None
         self.tokens_timed, self.time_timed = 0.0, 0.0
-        self.pending = None  # (step, metrics, t0) of the step in flight
+        self.pending: tuple[int, Any, float] | None = None  # (step, metrics, t0) of the step in flight
         self.last_done = time.perf_counter()
         self.paused = {"checkpoint_s": 0.0, "eval_s": 0.0}
         self.t_prev = self.last_done
@@ -293,6 +295,7 @@ class _StepLoop:
                         if not saved:
                             self._save(self.step)
                         s.ckpt.wait()
+                        assert stop.signum is not None  # requested() is true only once a signal is recorded
                         raise TrainingInterrupted(self.step, stop.signum, s.out)
                 self._flush()
         except KeyboardInterrupt:
@@ -324,10 +327,11 @@ class _StepLoop:
         self.pending = (step, metrics, t0)
         if step == s.start_step + 1:
             jax.block_until_ready(self.state.step)
-            self.compile_s = time.perf_counter() - t0
+            compile_s = time.perf_counter() - t0
+            self.compile_s = compile_s
             self.pending = None
             m, _ = self._finish(step, metrics, t0)
-            self._log(m, self.compile_s, step)
+            self._log(m, compile_s, step)
             self.t_prev = time.perf_counter()
         else:
             now = time.perf_counter()
@@ -352,7 +356,7 @@ class _StepLoop:
             self.pending = None
             self._log(*self._finish(step, metrics, t0), step)
 
-    def _finish(self, step: int, metrics, t0: float):
+    def _finish(self, step: int, metrics, t0: float) -> tuple[dict[str, float], float]:
         """Fetch a step's metrics (blocking); dt is the time since the previous step finished."""
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()

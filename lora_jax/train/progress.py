@@ -37,7 +37,7 @@ class MetricWriters:
             self.tb = writer(os.path.join(out, "tb"), purge_step=purge) if writer else None
 
     def write(self, record: dict, step: int, tb: bool = True):
-        if not self.enabled:
+        if self.jsonl is None:  # not enabled
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()

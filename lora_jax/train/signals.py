@@ -12,6 +12,7 @@ import os
 import shlex
 import signal
 import threading
+from typing import Literal
 
 import numpy as np
 from jax.experimental import multihost_utils
@@ -76,7 +77,7 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self._restore()
         return False
 
