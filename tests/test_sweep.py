@@ -273,7 +273,7 @@ def test_missing_matplotlib_is_one_config_error_before_training(monkeypatch, tmp
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a)
     )
-    with pytest.raises(ConfigError, match="need matplotlib.*pip install 'matplotlib"):
+    with pytest.raises(ConfigError, match=r"need matplotlib.*pip install 'lora-jax\[plots\]'"):
         lora_jax.sweep(_run(), {"lora.r": [4]}, output_dir=str(tmp_path / "o"), progress=False)
     assert not (tmp_path / "o").exists()
 
