@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from typing import Any
 
 if __package__:
-    from lora_jax.models.layout import LLAMA_LAYOUT, config_value
+    from lora_jax.models.layout import LLAMA_LAYOUT, config_value, layout_of
 else:  # loaded by file path (experiments/bench/peft_bench.py): no package, so no JAX either
     _NAME = "lora_jax_models_layout"
     if _NAME not in sys.modules:  # registered before it runs: dataclasses look their module up
@@ -39,6 +39,7 @@ else:  # loaded by file path (experiments/bench/peft_bench.py): no package, so n
         sys.modules[_NAME] = importlib.util.module_from_spec(_spec)
         _spec.loader.exec_module(sys.modules[_NAME])
     LLAMA_LAYOUT, config_value = sys.modules[_NAME].LLAMA_LAYOUT, sys.modules[_NAME].config_value
+    layout_of = sys.modules[_NAME].layout_of
 
 __all__ = [
     "ALL_TARGETS",
@@ -61,7 +62,7 @@ _get = config_value  # a field of a config object or of a plain dict of HF kwarg
 
 def projection_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each per-layer projection, keyed by its HF module name."""
-    return LLAMA_LAYOUT.shapes(cfg)
+    return layout_of(cfg).shapes(cfg)
 
 
 def matmul_params(cfg: Any) -> int:

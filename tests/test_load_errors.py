@@ -35,8 +35,8 @@ def _edit_weights(path, fn):
 
 
 def test_not_llama(model_copy):
-    _edit_config(model_copy, model_type="mistral")
-    with pytest.raises(lj.ConfigError, match="model_type='mistral' is not supported"):
+    _edit_config(model_copy, model_type="gpt_neox")
+    with pytest.raises(lj.ConfigError, match="model_type='gpt_neox' is not supported; lora_jax implements 'llama'"):
         lj.load_pretrained(model_copy)
 
 

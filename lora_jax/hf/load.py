@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from lora_jax.errors import CheckpointFormatError, ConfigError
 from lora_jax.hf.names import IGNORED_SUFFIXES, Entry, flax_path, hf_entries
 from lora_jax.models.layout import get_path
-from lora_jax.models.llama_config import LlamaConfig
+from lora_jax.models.llama_config import ARCHITECTURES, LlamaConfig
 from lora_jax.quant import QuantizedKernel, check_kind, is_projection_kernel
 from lora_jax.quant import quantize as quantize_kernel  # `quantize` is load_pretrained's argument
 from lora_jax.sharding import DEFAULT_RULES, param_sharding, tree_shardings
@@ -120,7 +120,7 @@ def check_tensors(cfg: LlamaConfig, found: dict[str, tuple[str, tuple[int, ...]]
             parts.append(f"unexpected tensors: {_short(extra)}")
         raise CheckpointFormatError(
             "; ".join(parts) + ". The weights do not match config.json "
-            "(wrong config, or not a LlamaForCausalLM checkpoint)"
+            f"(wrong config, or not a {ARCHITECTURES[cfg.model_type]} checkpoint)"
         )
     for e in entries:
         shape = found[e.hf_key][1]
@@ -161,7 +161,7 @@ def load_pretrained(
     attention: str = "auto",
     place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
 ):
-    """Load a HF Llama directory -> `(LlamaConfig, params)`.
+    """Load a HF Llama-family directory (Llama, Qwen2, Qwen3, Mistral) -> `(LlamaConfig, params)`.
 
     dtype: parameter dtype (`"float32"`, `"bfloat16"`); None keeps the checkpoint's own.
     mesh: a `jax.sharding.Mesh`; each leaf goes straight to its sharding (`lora_jax.sharding`

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from lora_jax.models.layout import LLAMA_LAYOUT, Layout
+from lora_jax.models.layout import LLAMA_LAYOUT, Layout, config_value, layout_of
 from lora_jax.models.llama_config import LlamaConfig
 
 __all__ = [
@@ -45,9 +45,10 @@ def projection_parent(name: str) -> str:
     return LLAMA_LAYOUT.parent(name)
 
 
-def hf_entries(cfg: LlamaConfig, layout: Layout = LLAMA_LAYOUT) -> list[Entry]:
+def hf_entries(cfg: LlamaConfig, layout: Layout | None = None) -> list[Entry]:
     """Every tensor a HF checkpoint of this config holds (`LlamaForCausalLM` for the Llama layout),
-    in checkpoint order."""
+    in checkpoint order; `layout` defaults to the config's family's (`layout_of(cfg)`)."""
+    layout = layout_of(cfg) if layout is None else layout
     dims = layout.dims(cfg)
     d, vocab = dims["embed"], dims["vocab"]
     base = layout.hf_base
@@ -64,6 +65,10 @@ def hf_entries(cfg: LlamaConfig, layout: Layout = LLAMA_LAYOUT) -> list[Entry]:
                 entries.append(
                     Entry(f"{prefix}.{p.parent}.{p.name}.bias", (p.parent, p.name, "bias"), i, False, (fan_out,))
                 )
+        head_dim = dims["heads"] // config_value(cfg, "num_attention_heads")
+        for norm in layout.head_norms:
+            key = f"{prefix}.{layout.head_norm_parent}.{norm}.weight"
+            entries.append(Entry(key, (layout.head_norm_parent, norm, "scale"), i, False, (head_dim,)))
         for norm in layout.layer_norms:
             entries.append(Entry(f"{prefix}.{norm}.weight", (norm, "scale"), i, False, (d,)))
     entries.append(Entry(f"{base}.{layout.final_norm}.weight", (layout.final_norm, "scale"), None, False, (d,)))

@@ -78,7 +78,14 @@ def _config_from_params(params, layout: Layout = LLAMA_LAYOUT) -> LlamaConfig:
     }
     vocab, hidden = params[layout.embed]["embedding"].shape
     head_dim = math.gcd(sizes["heads"], sizes["kv_heads"])
+    attn = layer0[layout.head_norm_parent]
+    model_type = "llama"  # the family whose layout has these tensors
+    if "q_norm" in attn:
+        model_type, head_dim = "qwen3", int(attn["q_norm"]["scale"].shape[-1])
+    elif "bias" in attn["q_proj"] and "bias" not in attn["o_proj"]:
+        model_type, biases = "qwen2", {}
     return LlamaConfig(
+        model_type=model_type,
         vocab_size=int(vocab),
         hidden_size=int(hidden),
         intermediate_size=sizes["mlp"],

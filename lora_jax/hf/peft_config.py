@@ -164,7 +164,7 @@ def read_peft_config(adapter_dir: str) -> LoraConfig:
         init = True
 
     targets = d.get("target_modules")
-    if targets is None:  # PEFT's default for model_type llama
+    if targets is None:  # PEFT's default for model_type llama, qwen2, qwen3 and mistral alike
         targets = ["q_proj", "v_proj"]
     if not isinstance(targets, str):
         if not isinstance(targets, (list, tuple)):

@@ -124,6 +124,7 @@ def attention(
     implementation: str = "auto",
     max_segments: int | None = None,
     interpret: bool = False,
+    sliding_window: int | None = None,
 ) -> Array:
     """Causal attention, `q [b, t, heads, d]`, `k, v [b, t, kv_heads, d]` -> `[b, t, heads, d]`.
 
@@ -131,8 +132,24 @@ def attention(
     max_segments: the most segments a row holds (`segments_per_row`): cuDNN's packed path sizes
         its buffers by it, so without it "auto" takes the Pallas kernel for packed rows.
     interpret: run the Pallas kernel in interpret mode (its numerics on a CPU, for tests).
+    sliding_window: each query attends to itself and the `sliding_window - 1` keys before it
+        (Mistral), or None. Only the XLA reference implements it: a window shorter than the
+        sequence with another implementation is refused, never ignored.
     """
+    t = q.shape[1]
+    window = sliding_window is not None and sliding_window < t
     impl = "pallas" if interpret else resolve_attention(implementation, q.dtype, q.shape[-1])
+    if window and impl != "xla":
+        raise ConfigError(
+            f"sliding_window={sliding_window} is shorter than the sequence ({t} tokens), and only the XLA "
+            f"attention implements the window (this call resolved model.attention={implementation!r} to "
+            f"{impl!r}); use model.attention=xla, or sequences of at most {sliding_window} tokens"
+        )
+    if sliding_window is not None and window:
+        mask = segment_mask(t, segment_ids)
+        pos = jnp.arange(t)
+        mask = mask & (pos[None, :] > pos[:, None] - sliding_window)[None, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     if impl == "cudnn" and segment_ids is not None and max_segments is None:
         if implementation == "cudnn":
             raise ConfigError(

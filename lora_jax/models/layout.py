@@ -16,10 +16,22 @@ Pure Python, importing nothing from jax or lora_jax: `config.py` (below every mo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["Projection", "Layout", "LLAMA_LAYOUT", "LAYOUTS", "config_value", "get_path", "projection_names"]
+__all__ = [
+    "Projection",
+    "Layout",
+    "LLAMA_LAYOUT",
+    "QWEN2_LAYOUT",
+    "QWEN3_LAYOUT",
+    "MISTRAL_LAYOUT",
+    "LAYOUTS",
+    "layout_of",
+    "config_value",
+    "get_path",
+    "projection_names",
+]
 
 
 def config_value(cfg: Any, name: str, default: Any = None) -> Any:
@@ -60,6 +72,10 @@ class Layout:
     projections: tuple[Projection, ...]  # in checkpoint (and targeting) order
     dims: Callable[[Any], Mapping[str, int]]  # config -> size of each logical axis
     layer_norms: tuple[str, ...]  # per-layer norms, checkpoint order
+    # per-head norms (weight of size head_dim) inside the attention module, applied to q and k before
+    # RoPE (Qwen3's `self_attn.q_norm`, `self_attn.k_norm`); not projections: never targeted
+    head_norms: tuple[str, ...] = ()
+    head_norm_parent: str = "self_attn"
     hf_base: str = "model"  # HF prefix of the decoder's modules (model.embed_tokens, model.norm)
     layers: str = "layers"
     embed: str = "embed_tokens"
@@ -145,7 +161,41 @@ LLAMA_LAYOUT = Layout(
     layer_norms=("input_layernorm", "post_attention_layernorm"),
 )
 
-LAYOUTS: dict[str, Layout] = {LLAMA_LAYOUT.family: LLAMA_LAYOUT}
+
+def _with_biases(layout: Layout, family: str, biases: Mapping[str, str | bool], **changes: Any) -> Layout:
+    """`layout` renamed to `family`, with the bias switches of the projections in `biases` changed."""
+    projections = tuple(replace(p, bias=biases.get(p.name, p.bias)) for p in layout.projections)
+    return replace(layout, family=family, projections=projections, **changes)
+
+
+# Qwen2: q/k/v always carry a bias, o_proj and the MLP never (transformers hard-codes both)
+QWEN2_LAYOUT = _with_biases(
+    LLAMA_LAYOUT,
+    "qwen2",
+    {"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": False, "gate_proj": False}
+    | {"up_proj": False, "down_proj": False},
+)
+# Qwen3: attention biases by `attention_bias`, no MLP bias, RMSNorm over each head of q and k
+QWEN3_LAYOUT = _with_biases(
+    LLAMA_LAYOUT,
+    "qwen3",
+    {"gate_proj": False, "up_proj": False, "down_proj": False},
+    head_norms=("q_norm", "k_norm"),
+)
+# Mistral: no biases anywhere
+MISTRAL_LAYOUT = _with_biases(LLAMA_LAYOUT, "mistral", {p.name: False for p in LLAMA_LAYOUT.projections})
+
+LAYOUTS: dict[str, Layout] = {
+    layout.family: layout for layout in (LLAMA_LAYOUT, QWEN2_LAYOUT, QWEN3_LAYOUT, MISTRAL_LAYOUT)
+}
+
+
+def layout_of(cfg: Any) -> Layout:
+    """The layout of a config's family (its `model_type`; a config without one is a Llama)."""
+    family = config_value(cfg, "model_type", "llama")
+    if family not in LAYOUTS:
+        raise KeyError(f"model_type {family!r} has no layout; known: {', '.join(LAYOUTS)}")
+    return LAYOUTS[family]
 
 
 def projection_names() -> frozenset[str]:

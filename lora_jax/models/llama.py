@@ -1,4 +1,7 @@
-"""A Flax (linen) Llama whose parameter tree mirrors Hugging Face's module names.
+"""A Flax (linen) Llama whose parameter tree mirrors Hugging Face's module names; it also runs the
+Llama-like families (Qwen2, Qwen3, Mistral), whose differences its config's layout records
+(`lora_jax.models.layout.layout_of`): which projections carry biases, Qwen3's per-head q/k norms
+(`self_attn/q_norm/scale`, `self_attn/k_norm/scale`, `[head_dim]`), and Mistral's sliding window.
 
 The model knows nothing of LoRA: adapters enter only through method interception of the plain
 `nn.Dense` projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`).
@@ -28,6 +31,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lora_jax.models.attention import attention
+from lora_jax.models.layout import layout_of
 from lora_jax.models.llama_config import LlamaConfig
 
 __all__ = ["Llama", "KVCache", "init_kv_cache", "rope_inv_freq", "rms_norm", "swiglu"]
@@ -171,11 +175,17 @@ class LlamaAttention(nn.Module):
     @nn.compact
     def __call__(self, x_btd, cos, sin, segment_ids, mask, cache):
         cfg = self.config
+        layout = layout_of(cfg)
+        bias = lambda name: layout.projection(name).has_bias(cfg)
         b, t, _ = x_btd.shape
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = _dense(cfg, n * h, "q_proj", cfg.attention_bias)(x_btd).reshape(b, t, n, h)
-        kk = _dense(cfg, k * h, "k_proj", cfg.attention_bias)(x_btd).reshape(b, t, k, h)
-        v = _dense(cfg, k * h, "v_proj", cfg.attention_bias)(x_btd).reshape(b, t, k, h)
+        q = _dense(cfg, n * h, "q_proj", bias("q_proj"))(x_btd).reshape(b, t, n, h)
+        kk = _dense(cfg, k * h, "k_proj", bias("k_proj"))(x_btd).reshape(b, t, k, h)
+        v = _dense(cfg, k * h, "v_proj", bias("v_proj"))(x_btd).reshape(b, t, k, h)
+        if layout.head_norms:  # Qwen3: RMSNorm over each head of q and k, before RoPE
+            q_norm, k_norm = layout.head_norms
+            q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=q_norm)(q)
+            kk = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=k_norm)(kk)
         q, kk = _apply_rope(q, cos, sin), _apply_rope(kk, cos, sin)
         q, kk, v = (checkpoint_name(a, "qkv") for a in (q, kk, v))
         new_cache = None
@@ -186,11 +196,19 @@ class LlamaAttention(nn.Module):
             new_cache = (kk, v)
             kk, v = kk.astype(q.dtype), v.astype(q.dtype)
         if mask is None:  # training and scoring: a flash kernel, packed or not
-            out = attention(q, kk, v, segment_ids, implementation=cfg.attention, max_segments=cfg.max_segments)
+            out = attention(
+                q,
+                kk,
+                v,
+                segment_ids,
+                implementation=cfg.attention,
+                max_segments=cfg.max_segments,
+                sliding_window=cfg.sliding_window,
+            )
         else:  # decoding against a cache: few queries, XLA's attention with the cache's mask
             out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation="xla")
         out = checkpoint_name(out, "attn_out")
-        out = _dense(cfg, cfg.hidden_size, "o_proj", cfg.attention_bias)(out.reshape(b, t, n * h))
+        out = _dense(cfg, cfg.hidden_size, "o_proj", bias("o_proj"))(out.reshape(b, t, n * h))
         return out, new_cache
 
 
@@ -200,9 +218,10 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x)
-        return _dense(cfg, cfg.hidden_size, "down_proj", cfg.mlp_bias)(swiglu(gate, up))
+        bias = lambda name: layout_of(cfg).projection(name).has_bias(cfg)
+        gate = _dense(cfg, cfg.intermediate_size, "gate_proj", bias("gate_proj"))(x)
+        up = _dense(cfg, cfg.intermediate_size, "up_proj", bias("up_proj"))(x)
+        return _dense(cfg, cfg.hidden_size, "down_proj", bias("down_proj"))(swiglu(gate, up))
 
 
 class LlamaBlock(nn.Module):
@@ -269,7 +288,7 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         rope = _rope(positions, cfg)
         # the attention kernels take segment ids; only decoding builds a mask (over the cache)
-        mask = None if cache is None else _cache_mask(t, cache, cache_index, cache_mask)
+        mask = None if cache is None else _cache_mask(t, cache, cache_index, cache_mask, cfg.sliding_window)
         seg_mask = (segment_ids if cache is None else None, mask)
 
         embed = nn.Embed(
@@ -322,12 +341,16 @@ class Llama(nn.Module):
         return out, KVCache(*new_layer_cache)
 
 
-def _cache_mask(t, cache, cache_index, cache_mask):
-    """`[batch, 1, q, max_len]` boolean: each query sees the cache slots up to its own, and only
-    the valid ones (`cache_mask`)."""
+def _cache_mask(t, cache, cache_index, cache_mask, sliding_window=None):
+    """`[batch, 1, q, max_len]` boolean: each query sees the cache slots up to its own (and, with a
+    `sliding_window`, only the last `sliding_window` of them, as transformers counts cache slots),
+    and only the valid ones (`cache_mask`)."""
     max_len = cache.k.shape[2]
     q_slot = cache_index + jnp.arange(t)
-    allowed = jnp.arange(max_len)[None, :] <= q_slot[:, None]  # [q, k]
+    k_slot = jnp.arange(max_len)[None, :]
+    allowed = k_slot <= q_slot[:, None]  # [q, k]
+    if sliding_window is not None:
+        allowed = allowed & (k_slot > q_slot[:, None] - sliding_window)
     if cache_mask is not None:
         allowed = allowed[None] & cache_mask[:, None, :].astype(bool)
     return jnp.broadcast_to(allowed, (cache.k.shape[1], t, max_len))[:, None]

@@ -17,8 +17,17 @@ from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 from lora_jax.errors import ConfigError
+from lora_jax.models.layout import LAYOUTS
 
-__all__ = ["LlamaConfig", "REMAT_POLICIES", "ATTENTION_IMPLS", "RematPolicy", "AttentionImpl"]
+__all__ = [
+    "LlamaConfig",
+    "REMAT_POLICIES",
+    "ATTENTION_IMPLS",
+    "RematPolicy",
+    "AttentionImpl",
+    "ARCHITECTURES",
+    "SUPPORTED_MODEL_TYPES",
+]
 
 # What each layer keeps for the backward pass: nothing recomputed ("none"), everything recomputed
 # ("full"), q/k/v kept ("save_qkv": more memory, no recomputing them), q/k/v and the
@@ -30,6 +39,23 @@ REMAT_POLICIES = get_args(RematPolicy)
 AttentionImpl = Literal["auto", "cudnn", "pallas", "xla"]
 ATTENTION_IMPLS = get_args(AttentionImpl)
 _SUPPORTED_ROPE = ("default", "llama3")
+# The Llama-like families this config and `lora_jax.models.llama.Llama` run: HF model_type ->
+# architecture. Each has a layout (`lora_jax.models.layout.LAYOUTS`) saying how it differs.
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+assert set(SUPPORTED_MODEL_TYPES) <= set(LAYOUTS)
+
+
+def _unsupported_model_type(model_type: Any) -> ConfigError:
+    known = ", ".join(f"{t!r} ({a})" for t, a in ARCHITECTURES.items())
+    return ConfigError(f"model_type={model_type!r} is not supported; lora_jax implements {known}")
+
+
 Dtype = Literal["float32", "bfloat16", "float16"]
 _DTYPES = get_args(Dtype)
 
@@ -112,6 +138,11 @@ class LlamaConfig:
 
     Field names follow transformers' `LlamaConfig`; `from_hf` accepts both the v5 `rope_parameters`
     form and the legacy `rope_theta` / `rope_scaling` form.
+
+    `model_type` picks the family among the Llama-like ones (`SUPPORTED_MODEL_TYPES`): its layout
+    (`lora_jax.models.layout.layout_of`) says which projections carry biases (Qwen2: q/k/v) and
+    whether q and k are RMS-normed per head (Qwen3). `sliding_window` (Mistral only): each token
+    attends to itself and the `sliding_window - 1` tokens before it; None for full causal attention.
     """
 
     vocab_size: int = 32000
@@ -135,6 +166,8 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
+    model_type: str = "llama"
+    sliding_window: int | None = None
     # How to run the model (not part of the HF architecture).
     scan_layers: bool = True
     remat_policy: str = "none"
@@ -149,6 +182,15 @@ class LlamaConfig:
     fuse_wide_adapters: bool = True
 
     def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise _unsupported_model_type(self.model_type)
+        if self.sliding_window is not None:
+            if self.model_type != "mistral":
+                raise ConfigError(
+                    f"sliding_window={self.sliding_window!r} is implemented for model_type 'mistral' only "
+                    f"(this is {self.model_type!r}); set it to None"
+                )
+            _check_int(self, "sliding_window", "")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -202,14 +244,21 @@ class LlamaConfig:
         """
         d = _hf_dict(source)
         model_type = d.get("model_type")
-        if model_type != "llama":
-            raise ConfigError(
-                f"model_type={model_type!r} is not supported; lora_jax implements Llama "
-                "(model_type 'llama', LlamaForCausalLM) only"
-            )
+        if model_type not in ARCHITECTURES:
+            raise _unsupported_model_type(model_type)
+        _rope_of(d)  # refuses an unimplemented rope type before transformers sees it
+        if isinstance(source, (str, os.PathLike)):
+            d = _auto_config(source, d)
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"hidden_act={act!r} is not implemented; Llama uses 'silu'")
+            raise ConfigError(f"hidden_act={act!r} is not implemented; {ARCHITECTURES[model_type]} uses 'silu'")
+        sliding = [t for t in d.get("layer_types") or () if t != "full_attention"]
+        if model_type in ("qwen2", "qwen3") and (sliding or (d.get("use_sliding_window") and not d.get("layer_types"))):
+            raise ConfigError(
+                f"{model_type} with use_sliding_window=true (sliding attention on layers from "
+                f"max_window_layers={d.get('max_window_layers')!r} on) is not implemented; set use_sliding_window "
+                "to false (the released checkpoints do)"
+            )
         for key in ("attention_dropout",):
             if d.get(key, 0.0):
                 raise ConfigError(f"{key}={d[key]!r} is not implemented; set it to 0.0")
@@ -223,17 +272,7 @@ class LlamaConfig:
                 f"the Llama config lacks {missing}; it is not a complete transformers "
                 "config.json (re-export the model with save_pretrained)"
             )
-        rope = d.get("rope_parameters")
-        if rope is None:  # legacy form
-            rope = dict(d.get("rope_scaling") or {})
-            rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
-        rope = dict(rope)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in _SUPPORTED_ROPE:
-            raise ConfigError(
-                f"rope type {rope_type!r} is not implemented; supported: {_SUPPORTED_ROPE}. "
-                "Running it as another type would give wrong logits, so it is refused."
-            )
+        rope, rope_type = _rope_of(d)
         fields = dict(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -247,11 +286,13 @@ class LlamaConfig:
             rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
             rope_type=rope_type,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
+            attention_bias=bool(d.get("attention_bias", False)) and model_type in ("llama", "qwen3"),
+            mlp_bias=bool(d.get("mlp_bias", False)) and model_type == "llama",
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
+            model_type=model_type,
+            sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
         )
         if rope_type == "llama3":
             fields.update(
@@ -274,9 +315,9 @@ class LlamaConfig:
                 original_max_position_embeddings=self.rope_original_max_position_embeddings,
             )
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        d = {
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -302,15 +343,26 @@ class LlamaConfig:
             "use_cache": True,
             "dtype": dtype or self.param_dtype,
         }
+        n = self.num_hidden_layers
+        if self.model_type != "llama":  # fields transformers' other families do not have
+            for key in ("mlp_bias", "rope_scaling") + (("attention_bias",) if self.model_type != "qwen3" else ()):
+                d.pop(key)
+        if self.model_type in ("qwen2", "qwen3"):
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=n)
+            d["layer_types"] = ["full_attention"] * n
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        return d
 
     def to_hf(self, dtype: str | None = None):
-        """A `transformers.LlamaConfig` equal to this architecture."""
+        """A transformers config of this family (`transformers.LlamaConfig`, `Qwen2Config`, ...) equal
+        to this architecture."""
         import transformers
 
         d = self.to_hf_dict(dtype)
         d.pop("architectures"), d.pop("model_type")
-        cfg = transformers.LlamaConfig(**d)
-        cfg.architectures = ["LlamaForCausalLM"]
+        cfg = transformers.AutoConfig.for_model(self.model_type, **d)
+        cfg.architectures = [ARCHITECTURES[self.model_type]]
         return cfg
 
     def to_dict(self) -> dict:
@@ -322,6 +374,39 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
         return cls(**d)
+
+
+def _rope_of(d: Mapping[str, Any]) -> tuple[dict, str]:
+    """(rope parameters, rope type) of a HF config dict (v5 `rope_parameters` or legacy form);
+    refuses a type not implemented."""
+    rope = d.get("rope_parameters")
+    if rope is None:  # legacy form
+        rope = dict(d.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    rope = dict(rope)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in _SUPPORTED_ROPE:
+        raise ConfigError(
+            f"rope type {rope_type!r} is not implemented; supported: {_SUPPORTED_ROPE}. "
+            "Running it as another type would give wrong logits, so it is refused."
+        )
+    return rope, rope_type
+
+
+def _auto_config(source: Any, raw: dict) -> dict:
+    """The config of a model directory as transformers reads it (`AutoConfig`, its defaults filled
+    in; never remote code)."""
+    import transformers
+
+    path = os.fspath(source)
+    if os.path.isfile(path):
+        path = os.path.dirname(path) or "."
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"transformers cannot read the {raw.get('model_type')!r} config in {path}: {first}") from None
+    return cfg.to_dict()
 
 
 def _hf_dict(source: Any) -> dict:

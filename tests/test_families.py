@@ -1,0 +1,196 @@
+"""The Llama-like families (Qwen2, Qwen3, Mistral) against transformers and PEFT: tiny random models
+built with transformers, saved with save_pretrained and loaded from disk, every weight perturbed
+(biases and norms included). For each: fp32 logits, a real PEFT adapter loaded with `load_peft`, our
+`save_peft` export loaded in PEFT, and the merged export loaded by `AutoModelForCausalLM`, all within
+FP32_ATOL. Mistral's sliding window runs narrower than the sequence; a model_type not implemented
+is refused in one line."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from lora_jax.models import attention as attention_module
+from tests.helpers import FP32_ATOL, TINY, max_diff, random_ids
+
+IDS = random_ids(TINY["vocab_size"], (2, 13), seed=3)
+
+# name -> (model_type, config overrides); each differs from Llama where its family does
+FAMILIES = {
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(head_dim=12)),  # explicit head_dim, not hidden / heads (8)
+    "qwen3-bias": ("qwen3", dict(attention_bias=True)),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "mistral-window": ("mistral", dict(sliding_window=5)),  # narrower than the 13-token sequence
+}
+
+
+def report(label, diff, bound=FP32_ATOL):
+    print(f"[families] {label}: max abs diff {diff:.3e} (bound {bound:.1e})")
+    assert diff <= bound, f"{label}: max abs diff {diff:.3e} > {bound:.1e}"
+
+
+def make_hf_model(out_dir, model_type: str, seed: int = 0, **overrides) -> str:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    model.save_pretrained(os.fspath(out_dir))
+    return os.fspath(out_dir)
+
+
+def hf_model(model_dir):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+
+def torch_out(model, ids=IDS) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(ids)).long()).logits.float().numpy()
+
+
+@functools.cache
+def _jitted(cfg, lcfg):
+    model = lj.build_model(cfg)
+    if lcfg is None:
+        return jax.jit(lambda p, x: model.apply({"params": p}, x))
+    return jax.jit(lambda p, lo, x: lj.apply(model, p, lo, lcfg, x))
+
+
+def ours(cfg, params, lora=None, lcfg=None, ids=IDS) -> np.ndarray:
+    if lora is None:
+        return np.asarray(_jitted(cfg, None)(params, jnp.asarray(ids)))
+    return np.asarray(_jitted(cfg, lcfg)(params, lora, jnp.asarray(ids)))
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    name = request.param
+    model_type, overrides = FAMILIES[name]
+    path = make_hf_model(tmp_path_factory.mktemp(name) / "model", model_type, **overrides)
+    cfg, params = lj.load_pretrained(path, attention="xla")
+    return name, path, cfg, params
+
+
+def test_logits_match_transformers(family):
+    name, path, cfg, params = family
+    model_type, overrides = FAMILIES[name]
+    assert cfg.model_type == model_type
+    layer = params["layers"]["self_attn"]
+    assert ("bias" in layer["q_proj"]) == (model_type == "qwen2" or overrides.get("attention_bias", False))
+    assert ("bias" in layer["o_proj"]) == bool(overrides.get("attention_bias", False))
+    assert ("q_norm" in layer) == (model_type == "qwen3")
+    if "head_dim" in overrides:
+        assert cfg.head_dim == overrides["head_dim"] and layer["q_norm"]["scale"].shape == (2, overrides["head_dim"])
+    logits = ours(cfg, params)
+    report(f"{name} logits", max_diff(logits, torch_out(hf_model(path))))
+    if cfg.sliding_window is not None:  # the window is narrower than the sequence and changes the result
+        assert cfg.sliding_window < IDS.shape[1]
+        assert max_diff(logits, ours(cfg.replace(sliding_window=None), params)) > 1e-3
+
+
+def test_peft_both_ways_and_merged_export(family, tmp_path):
+    import peft
+    import torch
+    import transformers
+
+    name, path, cfg, params = family
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(
+        hf_model(path),
+        peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, r=4, lora_alpha=8, target_modules="all-linear"),
+    ).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    expected = torch_out(pm)
+
+    # PEFT -> ours
+    lora, lcfg = lj.load_peft(tmp_path / "peft", params)
+    got = ours(cfg, params, lora, lcfg)
+    assert max_diff(got, ours(cfg, params)) > 1e-3  # the adapter does something
+    report(f"{name} PEFT->ours", max_diff(got, expected))
+
+    # ours -> PEFT
+    out = lj.save_peft(tmp_path / "ours", lora, lcfg, cfg, base_model_name_or_path=path)
+    pm2 = peft.PeftModel.from_pretrained(hf_model(path), out).eval()
+    report(f"{name} ours->PEFT", max_diff(torch_out(pm2), got))
+
+    # merged export -> transformers
+    merged = lj.save_pretrained(tmp_path / "merged", params, cfg, lora=lora, lcfg=lcfg)
+    with open(os.path.join(merged, "config.json")) as f:
+        written = json.load(f)
+    assert written["model_type"] == cfg.model_type
+    assert written["architectures"] == [type(hf_model(path)).__name__]
+    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager").eval()
+    assert type(hf_merged).__name__ == written["architectures"][0]
+    report(f"{name} merged export", max_diff(torch_out(hf_merged), got))
+    cfg2, _ = lj.load_pretrained(merged)
+    assert cfg2.replace(attention=cfg.attention) == cfg
+
+
+def test_unsupported_model_type_refused(tmp_path):
+    import transformers
+
+    transformers.GPTNeoXConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+    ).save_pretrained(tmp_path)
+    with pytest.raises(lj.ConfigError) as info:
+        lj.load_pretrained(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "model_type='gpt_neox' is not supported" in message
+    for supported in ("'llama'", "'qwen2'", "'qwen3'", "'mistral'"):
+        assert supported in message
+
+
+def test_sliding_window_refused_outside_xla(monkeypatch):
+    """A window narrower than the sequence is never silently dropped by a flash kernel."""
+    monkeypatch.setattr(attention_module, "_platform", lambda: "gpu")
+    q = jnp.zeros((1, 16, 4, 8), jnp.bfloat16)
+    kv = jnp.zeros((1, 16, 2, 8), jnp.bfloat16)
+    for impl in ("cudnn", "pallas", "auto"):
+        with pytest.raises(lj.ConfigError, match="sliding_window=4 .*use model.attention=xla"):
+            attention_module.attention(q, kv, kv, implementation=impl, sliding_window=4)
+
+
+def test_sliding_window_only_for_mistral():
+    with pytest.raises(lj.ConfigError, match="sliding_window=8 is implemented for model_type 'mistral' only"):
+        lj.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, sliding_window=8)
+
+
+def test_qwen_sliding_layers_refused(tmp_path):
+    make_hf_model(tmp_path, "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    with pytest.raises(lj.ConfigError, match="qwen2 with use_sliding_window=true"):
+        lj.load_pretrained(tmp_path)
+
+
+def test_sliding_window_decoding_matches_full_forward(tmp_path):
+    """Decoding against a KV cache honours the window as the full forward does (token by token)."""
+    from lora_jax.models.llama import init_kv_cache
+
+    cfg, params = lj.load_pretrained(make_hf_model(tmp_path, "mistral", sliding_window=4), attention="xla")
+    model = lj.build_model(cfg)
+    ids = jnp.asarray(IDS)
+    full = ours(cfg, params)
+    step = jax.jit(lambda p, x, c, i: model.apply({"params": p}, x, cache=c, cache_index=i))
+    cache = init_kv_cache(cfg, ids.shape[0], ids.shape[1])
+    steps = []
+    for i in range(ids.shape[1]):
+        logits, cache = step(params, ids[:, i : i + 1], cache, i)
+        steps.append(np.asarray(logits[:, 0]))
+    report("mistral window decoding", max_diff(np.stack(steps, 1), full))
