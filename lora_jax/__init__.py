@@ -43,6 +43,10 @@ from lora_jax.lora import (
 from lora_jax.lora.config import LoraConfig
 
 # the model
+from lora_jax.models.gemma3 import Gemma3
+from lora_jax.models.gemma3_config import Gemma3Config
+from lora_jax.models.gpt2 import GPT2
+from lora_jax.models.gpt2_config import GPT2Config
 from lora_jax.models.llama import KVCache, Llama, init_kv_cache
 from lora_jax.models.llama_config import LlamaConfig
 from lora_jax.models.registry import build_model
@@ -61,6 +65,7 @@ __version__ = "0.1.0"
 __all__ = [
     # configs and errors
     "LlamaConfig",
+    "Gemma3Config",
     "LoraConfig",
     "DataConfig",
     "ModelConfig",
@@ -75,6 +80,9 @@ __all__ = [
     # the model
     "build_model",
     "Llama",
+    "GPT2",
+    "GPT2Config",
+    "Gemma3",
     "KVCache",
     "init_kv_cache",
     "generate",

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal, get_args
 
 from lora_jax.data.config import DataConfig
-from lora_jax.errors import ConfigError
+from lora_jax.errors import ConfigError, ConfigWarning
 from lora_jax.lora.config import LoraConfig
 from lora_jax.models.llama_config import (
     _DTYPES,
@@ -33,6 +33,7 @@ from lora_jax.models.llama_config import (
     _check_str,
 )
 from lora_jax.overrides import describe, field_hints, load_yaml, parse_annotated, short, suggest
+from lora_jax.sharding import DEFAULT_RULES, MESH_AXES
 
 # the parser's earlier names, for callers not yet moved to `lora_jax.overrides`
 
@@ -193,8 +194,6 @@ class MeshConfig:
 
 def _mesh_rules(rules) -> tuple:
     """mesh.rules as sorted (logical axis, mesh axis | tuple of mesh axes | None) pairs."""
-    from lora_jax.sharding import DEFAULT_RULES, MESH_AXES
-
     example = "e.g. {mlp: fsdp} or {embed: [fsdp, tensor]}"
     if rules is None or (isinstance(rules, (list, tuple)) and not rules):
         return ()
@@ -247,8 +246,6 @@ class RunConfig:
         """Warn (`ConfigWarning`) about settings that run but probably not as meant; returns the
         messages. Not done at construction: a config is often built in steps (--set, sweep files)."""
         import warnings
-
-        from lora_jax.errors import ConfigWarning
 
         notes = []
         warmup, steps = self.optim.warmup_steps, self.train.steps

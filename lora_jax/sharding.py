@@ -37,6 +37,7 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",
+    "qkv": "tensor",  # GPT-2's fused q/k/v output
     "mlp": "tensor",
     "vocab": "tensor",
     "layers": None,

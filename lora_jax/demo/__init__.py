@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 
+from lora_jax.data.config import DataConfig
+from lora_jax.lora.config import LoraConfig
+from lora_jax.run_config import ModelConfig, OptimConfig, RunConfig, TrainConfig
+
 __all__ = ["DEMO_DIR", "DEMO_MODEL", "DEMO_TRAIN", "DEMO_EVAL", "demo_run_config"]
 
 DEMO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -17,10 +21,6 @@ DEMO_EVAL = os.path.join(DEMO_DIR, "data", "eval.jsonl")
 
 def demo_run_config():
     """The settings of `lora-jax train` with no arguments (each one can be changed with --set)."""
-    from lora_jax.data.config import DataConfig
-    from lora_jax.lora.config import LoraConfig
-    from lora_jax.run_config import ModelConfig, OptimConfig, RunConfig, TrainConfig
-
     return RunConfig(
         model=ModelConfig(path=None, dtype="auto", scan_layers=True),
         lora=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),

@@ -27,8 +27,10 @@ from safetensors import SafetensorError, safe_open
 
 from lora_jax.errors import CheckpointFormatError, ConfigError
 from lora_jax.hf.names import IGNORED_SUFFIXES, Entry, flax_path, hf_entries
+from lora_jax.models.gemma3_config import Gemma3Config
+from lora_jax.models.gpt2_config import GPT2Config
 from lora_jax.models.layout import get_path
-from lora_jax.models.llama_config import ARCHITECTURES, LlamaConfig
+from lora_jax.models.llama_config import ARCHITECTURES, LlamaConfig, _hf_dict
 from lora_jax.quant import QuantizedKernel, check_kind, is_projection_kernel
 from lora_jax.quant import quantize as quantize_kernel  # `quantize` is load_pretrained's argument
 from lora_jax.sharding import DEFAULT_RULES, param_sharding, tree_shardings
@@ -120,7 +122,7 @@ def check_tensors(cfg: LlamaConfig, found: dict[str, tuple[str, tuple[int, ...]]
             parts.append(f"unexpected tensors: {_short(extra)}")
         raise CheckpointFormatError(
             "; ".join(parts) + ". The weights do not match config.json "
-            f"(wrong config, or not a {ARCHITECTURES[cfg.model_type]} checkpoint)"
+            f"(wrong config, or not a {ARCHITECTURES.get(cfg.model_type, cfg.model_type)} checkpoint)"
         )
     for e in entries:
         shape = found[e.hf_key][1]
@@ -183,7 +185,9 @@ def load_pretrained(
             f"model directory {path!r} does not exist; pass a Hugging Face "
             "model directory (config.json + *.safetensors)"
         )
-    hf_cfg = LlamaConfig.from_hf(path)  # validates model type and options before reading weights
+    hf_cfg = _config_from_hf(path)  # validates model type and options before reading weights
+    if quantize is not None and hf_cfg.model_type == "gpt2":
+        raise ConfigError(f"quantize={quantize!r} (QLoRA) is not implemented for gpt2; load it without quantize")
     files = weight_files(path)
     found = _index_tensors(files)
     entries = check_tensors(hf_cfg, found)
@@ -250,6 +254,15 @@ def load_pretrained(
                 if remaining[leaf] == 0:
                     placed[leaf] = place(leaf, buffers.pop(leaf))
     return cfg, _nest(placed)
+
+
+def _config_from_hf(path: str) -> Any:
+    """The model config of a HF directory, by its model_type (GPT-2's own class, else a Llama-family)."""
+    if _hf_dict(path).get("model_type") == "gpt2":
+        return GPT2Config.from_hf(path)
+    if _hf_dict(path).get("model_type") == "gemma3_text":
+        return Gemma3Config.from_hf(path)
+    return LlamaConfig.from_hf(path)
 
 
 def _placer(mesh, rules):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from lora_jax.hf.gpt2 import gpt2_entries
 from lora_jax.models.layout import LLAMA_LAYOUT, Layout, config_value, layout_of
 from lora_jax.models.llama_config import LlamaConfig
 
@@ -30,7 +31,7 @@ ATTENTION_PROJECTIONS = tuple(p.name for p in LLAMA_LAYOUT.projections if p.pare
 MLP_PROJECTIONS = tuple(p.name for p in LLAMA_LAYOUT.projections if p.parent == "mlp")
 
 # Keys some checkpoints carry that hold nothing the model needs (recomputed buffers).
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")  # GPT-2's causal-mask buffers
 
 
 class Entry(NamedTuple):
@@ -39,6 +40,7 @@ class Entry(NamedTuple):
     layer: int | None
     transpose: bool
     hf_shape: tuple[int, ...]
+    stack: str | None = None  # the Flax layer stack's name where it is not the Llama's (GPT-2: "h")
 
 
 def projection_parent(name: str) -> str:
@@ -49,6 +51,8 @@ def hf_entries(cfg: LlamaConfig, layout: Layout | None = None) -> list[Entry]:
     """Every tensor a HF checkpoint of this config holds (`LlamaForCausalLM` for the Llama layout),
     in checkpoint order; `layout` defaults to the config's family's (`layout_of(cfg)`)."""
     layout = layout_of(cfg) if layout is None else layout
+    if layout.family == "gpt2":  # Conv1D kernels, LayerNorm biases, learned positions
+        return [Entry(*row) for row in gpt2_entries(cfg)]
     dims = layout.dims(cfg)
     d, vocab = dims["embed"], dims["vocab"]
     base = layout.hf_base
@@ -81,4 +85,6 @@ def flax_path(entry: Entry, scan_layers: bool, layout: Layout = LLAMA_LAYOUT) ->
     """Where an entry lives in the Flax tree (the stacked leaf for scanned layers)."""
     if entry.layer is None:
         return entry.path
+    if entry.stack is not None:
+        return ((entry.stack,) if scan_layers else (f"{entry.stack}_{entry.layer}",)) + entry.path
     return layout.layer_path(entry.layer, scan_layers) + entry.path

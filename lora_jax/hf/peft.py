@@ -189,7 +189,7 @@ def _adapter_tensors(
                     f"lcfg implies {t.scale!r} (lora_alpha/r{'' if not lcfg.use_rslora else ' with rsLoRA'}); "
                     "pass the LoraConfig the adapters were made with"
                 )
-            key = PREFIX + t.hf_name
+            key = PREFIX + layout.hf_module(t.layer, t.name)
             out[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[:, : t.r].T.astype(target_dtype))
             out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[: t.r].T.astype(target_dtype))
             if lcfg.use_dora:
@@ -224,8 +224,12 @@ def save_peft(
         raise ConfigError(f"dtype={dtype!r}; choose one of {_DTYPES}")
     check_export_target(out_dir, "peft", overwrite)
     target = np_dtype(dtype)
-    targets = plan_targets(shape_from_config(cfg), lcfg)
-    tensors = _adapter_tensors(lora, lcfg, targets, target)
+    shape = shape_from_config(cfg)
+    gpt2 = shape.layout.family == "gpt2"
+    if gpt2 and lcfg.modules_to_save:
+        raise ConfigError("modules_to_save is not implemented for gpt2 adapters; leave it empty")
+    targets = plan_targets(shape, lcfg)
+    tensors = _adapter_tensors(lora, lcfg, targets, target, shape.layout)
     if lcfg.modules_to_save:
         if params is None:
             raise ConfigError(
@@ -244,6 +248,7 @@ def save_peft(
                 )
             tensors[PREFIX + e.hf_key] = np.ascontiguousarray(t.astype(target))
     config = peft_config_dict(lcfg, None if base_model_name_or_path is None else os.fspath(base_model_name_or_path))
+    config["fan_in_fan_out"] = gpt2  # GPT-2's Conv1D stores [in, out] (PEFT sets it for Conv1D anyway)
     with atomic_dir(out_dir, "peft", overwrite) as tmp:
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
@@ -296,8 +301,11 @@ def _read_tensors(adapter_dir: str) -> dict[str, np.ndarray]:
 def _read_checked(adapter_dir, params):
     """Config, targets, and the adapter's tensors, all validated against `params`."""
     adapter_dir = os.fspath(adapter_dir)
-    lcfg = read_peft_config(adapter_dir)
     shape = model_shape(params)
+    gpt2 = shape.layout.family == "gpt2"
+    lcfg = read_peft_config(adapter_dir, fan_in_fan_out=gpt2)
+    if gpt2 and lcfg.modules_to_save:
+        raise CheckpointFormatError(f"adapter {adapter_dir}: modules_to_save is not implemented for gpt2")
     try:
         targets = plan_targets(shape, lcfg)
     except ConfigError as e:
@@ -306,17 +314,17 @@ def _read_checked(adapter_dir, params):
 
     expected: dict[str, tuple[int, ...]] = {}
     for t in targets:
-        key = PREFIX + t.hf_name
+        key = PREFIX + shape.layout.hf_module(t.layer, t.name)
         expected[f"{key}.lora_A.weight"] = (t.r, t.fan_in)
         expected[f"{key}.lora_B.weight"] = (t.fan_out, t.r)
         if lcfg.use_dora:
             expected[f"{key}.lora_magnitude_vector"] = (t.fan_out,)
-    base_cfg = _config_from_params(params)
-    base = {PREFIX + e.hf_key: e for e in hf_entries(base_cfg)}
+    base_cfg = None if gpt2 else _config_from_params(params)
+    base = {} if base_cfg is None else {PREFIX + e.hf_key: e for e in hf_entries(base_cfg)}
     try:
         saved = (
             {PREFIX + e.hf_key: e for e in _saved_entries(base_cfg, lcfg.modules_to_save)}
-            if lcfg.modules_to_save
+            if lcfg.modules_to_save and base_cfg is not None
             else {}
         )
     except ConfigError as e:
@@ -395,7 +403,7 @@ def _tree_from_tensors(lcfg: LoraConfig, shape, targets: list[Target], tensors, 
     """The adapter tree of validated PEFT tensors (transposed to Flax's `[in, r]` / `[r, out]`)."""
 
     def leaves_of(t: Target) -> dict[str, np.ndarray]:
-        key = PREFIX + t.hf_name
+        key = PREFIX + shape.layout.hf_module(t.layer, t.name)
         out = {
             "a": tensors[f"{key}.lora_A.weight"].astype(np.float32).T,
             "b": tensors[f"{key}.lora_B.weight"].astype(np.float32).T,

@@ -94,8 +94,10 @@ def peft_config_dict(lcfg: LoraConfig, base_model_name_or_path: str | None) -> d
     }
 
 
-def read_peft_config(adapter_dir: str) -> LoraConfig:
-    """The `LoraConfig` of a PEFT adapter directory; refuses what lora_jax does not implement."""
+def read_peft_config(adapter_dir: str, *, fan_in_fan_out: bool = False) -> LoraConfig:
+    """The `LoraConfig` of a PEFT adapter directory; refuses what lora_jax does not implement.
+    fan_in_fan_out: accept `fan_in_fan_out=true` (the base is a GPT-2, whose Conv1D layers PEFT
+    adapts with it; its lora_A / lora_B are laid out as for nn.Linear)."""
     adapter_dir = os.fspath(adapter_dir)
     if not os.path.isdir(adapter_dir):
         raise CheckpointFormatError(
@@ -129,6 +131,8 @@ def read_peft_config(adapter_dir: str) -> LoraConfig:
             "LlamaForCausalLM, so the adapter must be task_type 'CAUSAL_LM'"
         )
     for field, off, what in _UNSUPPORTED:
+        if field == "fan_in_fan_out" and fan_in_fan_out:
+            continue
         value = d.get(field, off)
         if value not in (off, None, False, [], {}):
             raise CheckpointFormatError(

@@ -405,4 +405,5 @@ def _merged_tensors(params, adapters: dict, cfg: LlamaConfig, dtype: str):
         t = _merge_slice(
             pick(get_path(params, path)), pick(mod["a"]), pick(mod["b"]), pick(mod["scale"]), m, out_dtype=target
         )
+        t = t if e.transpose else t.T  # `_merge_slice` gives torch's [out, in]; Conv1D (GPT-2) keeps [in, out]
         yield e.hf_key, np.ascontiguousarray(np.asarray(jax.device_get(t)))

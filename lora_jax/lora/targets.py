@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraConfig
-from lora_jax.models.layout import LLAMA_LAYOUT, Layout
+from lora_jax.models.layout import LLAMA_LAYOUT, Layout, layout_of, layout_of_params
 
 __all__ = ["Target", "ModelShape", "plan_targets", "model_shape", "shape_from_config", "hf_module_name"]
 
@@ -46,12 +46,14 @@ def hf_module_name(layer: int, name: str, layout: Layout = LLAMA_LAYOUT) -> str:
     return layout.hf_module(layer, name)
 
 
-def model_shape(params, layout: Layout = LLAMA_LAYOUT) -> ModelShape:
-    """Layer count, scanning and projection shapes, read off a parameter tree of `layout`'s family."""
+def model_shape(params, layout: Layout | None = None) -> ModelShape:
+    """Layer count, scanning and projection shapes, read off a parameter tree of `layout`'s family
+    (default: the family its layer stack names, `layout_of_params`)."""
+    layout = layout_of_params(params) if layout is None else layout
     stack, first = layout.layers, layout.projections[0]
     if stack in params:
         layer0 = params[stack]
-        num_layers = int(layer0[first.parent][first.name]["kernel"].shape[0])
+        num_layers = int(layer0[first.parent][first.module_name]["kernel"].shape[0])
         scan = True
     else:
         keys = [k for k in params if k.startswith(f"{stack}_")]
@@ -63,13 +65,14 @@ def model_shape(params, layout: Layout = LLAMA_LAYOUT) -> ModelShape:
         num_layers, scan, layer0 = len(keys), False, params[f"{stack}_0"]
     io = {}
     for p in layout.projections:
-        shape = layer0[p.parent][p.name]["kernel"].shape
+        shape = layer0[p.parent][p.module_name]["kernel"].shape
         io[p.name] = (int(shape[-2]), int(shape[-1]))
     return ModelShape(num_layers, scan, io, layout)
 
 
-def shape_from_config(cfg, layout: Layout = LLAMA_LAYOUT) -> ModelShape:
+def shape_from_config(cfg, layout: Layout | None = None) -> ModelShape:
     """The `ModelShape` a model config implies, so targets can be planned without parameters."""
+    layout = layout_of(cfg) if layout is None else layout
     return ModelShape(cfg.num_hidden_layers, cfg.scan_layers, layout.shapes(cfg), layout)
 
 

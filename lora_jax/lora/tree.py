@@ -154,14 +154,14 @@ def build_tree(per_target, shape: ModelShape, dtype=jnp.float32) -> dict:
         by_module[t.name][t.layer] = {**leaves, "scale": np.float32(t.scale)}
     lora: dict = {}
     for name, per_layer in by_module.items():
-        parent = layout.parent(name)
+        parent, module = layout.parent(name), layout.projection(name).module_name
         if shape.scan_layers:
             entry = _stack_layers(per_layer, shape.num_layers, dtype)
-            lora.setdefault(layout.layers, {}).setdefault(parent, {})[name] = entry
+            lora.setdefault(layout.layers, {}).setdefault(parent, {})[module] = entry
         else:
             for layer, leaves in per_layer.items():
                 (stack,) = layout.layer_path(layer, scan=False)
-                lora.setdefault(stack, {}).setdefault(parent, {})[name] = {
+                lora.setdefault(stack, {}).setdefault(parent, {})[module] = {
                     k: jnp.asarray(v, jnp.float32 if k == "scale" else dtype) for k, v in leaves.items()
                 }
     return lora

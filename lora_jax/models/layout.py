@@ -26,7 +26,10 @@ __all__ = [
     "QWEN2_LAYOUT",
     "QWEN3_LAYOUT",
     "MISTRAL_LAYOUT",
+    "GEMMA3_LAYOUT",
+    "GPT2_LAYOUT",
     "LAYOUTS",
+    "layout_of_params",
     "layout_of",
     "config_value",
     "get_path",
@@ -58,6 +61,13 @@ class Projection:
     parent: str
     axes: tuple[str, str]
     bias: str | bool = False
+    # the HF (and Flax) module name where it differs from `name`, the projection's key in the layout
+    # (GPT-2 has a `c_proj` under both `attn` and `mlp`: keys "c_proj" and "mlp.c_proj")
+    module: str | None = None
+
+    @property
+    def module_name(self) -> str:
+        return self.module or self.name
 
     def has_bias(self, cfg: Any) -> bool:
         return bool(config_value(cfg, self.bias, False)) if isinstance(self.bias, str) else bool(self.bias)
@@ -116,18 +126,20 @@ class Layout:
 
     def hf_module(self, layer: int, name: str) -> str:
         """The HF module name PEFT matches targets against, e.g. `model.layers.3.self_attn.q_proj`."""
-        return f"{self.hf_layers}.{layer}.{self.parent(name)}.{name}"
+        return f"{self.hf_layers}.{layer}.{self.parent(name)}.{self.projection(name).module_name}"
 
     def layer_path(self, layer: int, scan: bool) -> tuple[str, ...]:
         """Where layer `layer` lives in the Flax tree (scanned: the stack, indexed at `layer`)."""
         return (self.layers,) if scan else (f"{self.layers}_{layer}",)
 
     def module_path(self, layer: int, name: str, scan: bool) -> tuple[str, ...]:
-        return self.layer_path(layer, scan) + (self.parent(name), name)
+        return self.layer_path(layer, scan) + (self.parent(name), self.projection(name).module_name)
 
     def kernel_axes(self) -> dict[tuple[str | None, str], tuple[str, str]]:
         """(parent, module) -> logical axes of its `[in, out]` kernel; parent None: a top-level module."""
-        out: dict[tuple[str | None, str], tuple[str, str]] = {(p.parent, p.name): p.axes for p in self.projections}
+        out: dict[tuple[str | None, str], tuple[str, str]] = {
+            (p.parent, p.module_name): p.axes for p in self.projections
+        }
         out[(None, self.lm_head)] = self.lm_head_axes
         return out
 
@@ -184,10 +196,65 @@ QWEN3_LAYOUT = _with_biases(
 )
 # Mistral: no biases anywhere
 MISTRAL_LAYOUT = _with_biases(LLAMA_LAYOUT, "mistral", {p.name: False for p in LLAMA_LAYOUT.projections})
+# Gemma 3 (text): attention biases by `attention_bias`, no MLP bias, per-head q/k norms, and four
+# norms per layer (around attention and around the MLP)
+GEMMA3_LAYOUT = _with_biases(
+    LLAMA_LAYOUT,
+    "gemma3_text",
+    {"gate_proj": False, "up_proj": False, "down_proj": False},
+    head_norms=("q_norm", "k_norm"),
+    layer_norms=(
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
+)
+
+
+def _gpt2_dims(cfg: Any) -> dict[str, int]:
+    d = config_value(cfg, "n_embd", config_value(cfg, "hidden_size"))  # GPT-2's name, or the common one
+    return {
+        "embed": d,
+        "heads": d,
+        "qkv": 3 * d,
+        "mlp": config_value(cfg, "n_inner", 4 * d),
+        "vocab": config_value(cfg, "vocab_size"),
+    }
+
+
+# GPT-2: HF's Conv1D projections (weights stored `[in, out]`, the Flax kernel layout: no transpose),
+# all with biases; a fused q/k/v `c_attn`; `c_proj` under both `attn` and `mlp` (keys "c_proj" and
+# "mlp.c_proj"); LayerNorms with biases; learned positions (`wpe`); lm_head tied to `wte`
+GPT2_LAYOUT = Layout(
+    family="gpt2",
+    projections=(
+        Projection("c_attn", "attn", ("embed", "qkv"), True),
+        Projection("c_proj", "attn", ("heads", "embed"), True),
+        Projection("c_fc", "mlp", ("embed", "mlp"), True),
+        Projection("mlp.c_proj", "mlp", ("mlp", "embed"), True, module="c_proj"),
+    ),
+    dims=_gpt2_dims,
+    layer_norms=("ln_1", "ln_2"),
+    hf_base="transformer",
+    layers="h",
+    embed="wte",
+    final_norm="ln_f",
+)
 
 LAYOUTS: dict[str, Layout] = {
-    layout.family: layout for layout in (LLAMA_LAYOUT, QWEN2_LAYOUT, QWEN3_LAYOUT, MISTRAL_LAYOUT)
+    layout.family: layout for layout in (LLAMA_LAYOUT, QWEN2_LAYOUT, QWEN3_LAYOUT, MISTRAL_LAYOUT, GPT2_LAYOUT)
 }
+LAYOUTS[GEMMA3_LAYOUT.family] = GEMMA3_LAYOUT
+
+
+def layout_of_params(params: Mapping[str, Any]) -> Layout:
+    """The layout of a parameter tree, told by its layer stack's name (`layers`, `h`, or `h_0`...);
+    families sharing a stack name share projection names, so the first such layout serves."""
+    for layout in LAYOUTS.values():
+        if layout.layers in params or f"{layout.layers}_0" in params:
+            return layout
+    return LLAMA_LAYOUT
 
 
 def layout_of(cfg: Any) -> Layout:
@@ -200,4 +267,4 @@ def layout_of(cfg: Any) -> Layout:
 
 def projection_names() -> frozenset[str]:
     """Every projection name of every family (what quantisation treats as a projection kernel)."""
-    return frozenset(n for layout in LAYOUTS.values() for n in layout.names)
+    return frozenset(p.module_name for layout in LAYOUTS.values() for p in layout.projections)

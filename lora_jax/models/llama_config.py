@@ -51,8 +51,13 @@ SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 assert set(SUPPORTED_MODEL_TYPES) <= set(LAYOUTS)
 
 
+# the families with a config class of their own (`models/gpt2_config.py`, `models/gemma3_config.py`),
+# named here so that the refusal lists every family
+_OTHER_FAMILIES = {"gpt2": "GPT2LMHeadModel", "gemma3_text": "Gemma3ForCausalLM"}
+
+
 def _unsupported_model_type(model_type: Any) -> ConfigError:
-    known = ", ".join(f"{t!r} ({a})" for t, a in ARCHITECTURES.items())
+    known = ", ".join(f"{t!r} ({a})" for t, a in {**ARCHITECTURES, **_OTHER_FAMILIES}.items())
     return ConfigError(f"model_type={model_type!r} is not supported; lora_jax implements {known}")
 
 

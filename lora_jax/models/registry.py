@@ -8,13 +8,18 @@ from __future__ import annotations
 import flax.linen as nn
 
 from lora_jax.errors import ConfigError
+from lora_jax.models.gemma3 import Gemma3
+from lora_jax.models.gemma3_config import Gemma3Config
+from lora_jax.models.gpt2 import GPT2
+from lora_jax.models.gpt2_config import GPT2Config
 from lora_jax.models.llama import Llama
 from lora_jax.models.llama_config import LlamaConfig
 
 __all__ = ["build_model"]
 
 # config class -> the module class that takes it
-_FAMILIES: dict[type, type[nn.Module]] = {LlamaConfig: Llama}
+_FAMILIES: dict[type, type[nn.Module]] = {LlamaConfig: Llama, GPT2Config: GPT2}
+_FAMILIES[Gemma3Config] = Gemma3
 
 
 def build_model(cfg) -> nn.Module:

@@ -22,6 +22,7 @@ from lora_jax.lora.optim import make_optimizer
 from lora_jax.lora.tree import combine
 from lora_jax.models.llama_config import LlamaConfig
 from lora_jax.run_config import OptimConfig
+from lora_jax.sharding import batch_sharding, tree_shardings
 from lora_jax.train.loss import chunked_cross_entropy, head_weight
 
 __all__ = [
@@ -102,8 +103,6 @@ def shard_state(state: TrainState, frozen, mesh, rules) -> tuple[TrainState, Any
     """Place state and frozen base by the logical-axis rules (optimizer moments follow their
     adapters, since their paths end like the adapter's); returns them with the step's shardings."""
     from jax.sharding import NamedSharding, PartitionSpec
-
-    from lora_jax.sharding import batch_sharding, tree_shardings
 
     state_sh, frozen_sh = tree_shardings(state, mesh, rules), tree_shardings(frozen, mesh, rules)
     shardings = StepShardings(state_sh, frozen_sh, batch_sharding(mesh, 2, rules), NamedSharding(mesh, PartitionSpec()))

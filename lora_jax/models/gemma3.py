@@ -1,0 +1,273 @@
+"""A Flax (linen) Gemma 3 text model (`Gemma3ForCausalLM`, model_type `gemma3_text`) whose parameter
+tree mirrors Hugging Face's module names, so LoRA reaches its plain `nn.Dense` projections (`q_proj`,
+`k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`) through method interception, as
+for Llama. Its layout record is `lora_jax.models.layout.GEMMA3_LAYOUT`.
+
+What differs from Llama, each as transformers 5 computes it (`modeling_gemma3`):
+
+- RMSNorm multiplies by `1 + weight` (weights stored zero-centred), in fp32, then casts to the
+  input's dtype; the same norm over each head of q and k (`self_attn/q_norm`, `self_attn/k_norm`).
+- Embeddings are scaled by `sqrt(hidden_size)`, that constant rounded to the embedding's dtype.
+- GeGLU MLP: `down(gelu_tanh(gate(x)) * up(x))`.
+- Four norms per layer: `input_layernorm` before attention, `post_attention_layernorm` on its
+  output, `pre_feedforward_layernorm` / `post_feedforward_layernorm` around the MLP.
+- Local (`sliding_attention`) and global (`full_attention`) layers interleave (`layer_types`): local
+  layers attend within `sliding_window` tokens and use RoPE base `rope_local_base_freq`, global ones
+  `rope_theta` (linear scaling allowed). A window shorter than the sequence runs on the XLA
+  attention only (`lora_jax.models.attention.attention` refuses it on the flash kernels).
+- Attention scale `query_pre_attn_scalar ** -0.5`; optional final logit softcapping; tied head.
+
+With scanned layers the layer type is a scanned input: RoPE tables are selected per layer and the
+attention runs through `lax.cond` between the windowed and the full call.
+
+KV-cache decoding is not implemented for this family (refused).
+
+Parameter tree (Flax kernels are `[in, out]`):
+
+    embed_tokens/embedding                    [vocab, embed]
+    layers/self_attn/{q,k,v,o}_proj/kernel    [layers, ...]          (scan_layers=True)
+    layers/self_attn/{q,k}_norm/scale         [layers, head_dim]
+    layers/{input,post_attention,pre_feedforward,post_feedforward}_layernorm/scale
+    layers/mlp/{gate,up,down}_proj/kernel
+    norm/scale
+    lm_head/kernel                            [embed, vocab]         (absent when tied)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from lora_jax.errors import ConfigError
+from lora_jax.models.attention import attention
+from lora_jax.models.gemma3_config import Gemma3Config
+from lora_jax.models.layout import GEMMA3_LAYOUT
+from lora_jax.models.llama import _POLICIES, _apply_rope
+
+__all__ = ["Gemma3", "gemma_rms_norm", "gemma3_inv_freq"]
+
+Array = jax.Array
+
+
+def gemma_rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """Gemma's RMSNorm as transformers computes it: normalise and multiply by `1 + weight`, both in
+    fp32, then cast to the input's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    w = 1.0 + weight.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (y * w).astype(x.dtype)
+
+
+class Gemma3RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param("scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+        return gemma_rms_norm(x, weight, self.eps)
+
+
+def gemma3_inv_freq(cfg: Gemma3Config, local: bool) -> np.ndarray:
+    """RoPE inverse frequencies of local (`rope_local_base_freq`) or global (`rope_theta`, divided
+    by `rope_factor` when linear) layers, computed in fp32 as transformers does."""
+    dim = cfg.head_dim
+    base = cfg.rope_local_base_freq if local else cfg.rope_theta
+    inv = 1.0 / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    if not local and cfg.rope_type == "linear":
+        inv = inv / np.float32(cfg.rope_factor)
+    return inv.astype(np.float32)
+
+
+def _rope(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _dense(cfg: Gemma3Config, features: int, name: str, bias: bool) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+class Gemma3Attention(nn.Module):
+    config: Gemma3Config
+
+    @nn.compact
+    def __call__(self, x_btd, rope, segment_ids, sliding):
+        cfg = self.config
+        bias = lambda name: GEMMA3_LAYOUT.projection(name).has_bias(cfg)
+        b, t, _ = x_btd.shape
+        n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = _dense(cfg, n * h, "q_proj", bias("q_proj"))(x_btd).reshape(b, t, n, h)
+        kk = _dense(cfg, k * h, "k_proj", bias("k_proj"))(x_btd).reshape(b, t, k, h)
+        v = _dense(cfg, k * h, "v_proj", bias("v_proj"))(x_btd).reshape(b, t, k, h)
+        q = Gemma3RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="q_norm")(q)
+        kk = Gemma3RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="k_norm")(kk)
+        cos_g, sin_g, cos_l, sin_l = rope
+        if isinstance(sliding, bool):  # unrolled layers: the layer type is known here
+            cos, sin = (cos_l, sin_l) if sliding else (cos_g, sin_g)
+        else:  # scanned layers: a traced flag per layer
+            cos, sin = jax.lax.select(sliding, cos_l, cos_g), jax.lax.select(sliding, sin_l, sin_g)
+        q, kk = _apply_rope(q, cos, sin), _apply_rope(kk, cos, sin)
+        # the kernels scale by head_dim ** -0.5; Gemma scales by query_pre_attn_scalar ** -0.5
+        q = q * jnp.asarray(math.sqrt(h) / math.sqrt(cfg.query_pre_attn_scalar), q.dtype)
+        q, kk, v = (checkpoint_name(a, "qkv") for a in (q, kk, v))
+
+        def run(window, q, kk, v):
+            return attention(
+                q,
+                kk,
+                v,
+                segment_ids,
+                implementation=cfg.attention,
+                max_segments=cfg.max_segments,
+                sliding_window=window,
+            )
+
+        if isinstance(sliding, bool):
+            out = run(cfg.sliding_window if sliding else None, q, kk, v)
+        elif cfg.sliding_window >= t or not any(cfg.sliding_layers):
+            out = run(None, q, kk, v)  # no window cuts anything at this length
+        elif all(cfg.sliding_layers):
+            out = run(cfg.sliding_window, q, kk, v)
+        else:
+            out = jax.lax.cond(
+                sliding,
+                lambda q, kk, v: run(cfg.sliding_window, q, kk, v),
+                lambda q, kk, v: run(None, q, kk, v),
+                q,
+                kk,
+                v,
+            )
+        out = checkpoint_name(out, "attn_out")
+        return _dense(cfg, cfg.hidden_size, "o_proj", bias("o_proj"))(out.reshape(b, t, n * h))
+
+
+class Gemma3MLP(nn.Module):
+    config: Gemma3Config
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg, cfg.intermediate_size, "gate_proj", False)(x)
+        up = _dense(cfg, cfg.intermediate_size, "up_proj", False)(x)
+        return _dense(cfg, cfg.hidden_size, "down_proj", False)(jax.nn.gelu(gate, approximate=True) * up)
+
+
+class Gemma3Block(nn.Module):
+    """One decoder layer; fits `nn.scan`: `(x, rope, segment_ids, sliding) -> (x, None)`."""
+
+    config: Gemma3Config
+
+    @nn.compact
+    def __call__(self, x, rope, segment_ids, sliding):
+        cfg = self.config
+        norm = lambda name: Gemma3RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
+        attn = Gemma3Attention(cfg, name="self_attn")(norm("input_layernorm")(x), rope, segment_ids, sliding)
+        x = x + norm("post_attention_layernorm")(attn)
+        mlp = Gemma3MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x))
+        return x + norm("post_feedforward_layernorm")(mlp), None
+
+
+def _block_class(cfg: Gemma3Config):
+    block = Gemma3Block
+    if cfg.remat_policy != "none":
+        block = nn.remat(block, policy=_POLICIES[cfg.remat_policy](), prevent_cse=not cfg.scan_layers)
+    return block
+
+
+class Gemma3(nn.Module):
+    """Gemma 3 causal LM. `__call__(input_ids, positions=None, segment_ids=None)` -> logits.
+
+    `segment_ids` ([batch, seq], 0 = padding) keeps packed documents apart; `return_hidden=True`
+    returns the final normed hidden states (refused with final logit softcapping, which a loss on
+    hidden states would skip). KV-cache decoding (`cache=`) is not implemented for this family.
+    """
+
+    config: Gemma3Config
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids,
+        positions=None,
+        segment_ids=None,
+        *,
+        return_hidden=False,
+        cache=None,
+        cache_index=None,
+        cache_mask=None,
+    ):
+        cfg = self.config
+        if cache is not None:
+            raise ConfigError(
+                "KV-cache decoding is not implemented for gemma3_text; score or train full sequences "
+                "(or generate with transformers from a merged export)"
+            )
+        if return_hidden and cfg.final_logit_softcapping is not None:
+            raise ConfigError(
+                f"return_hidden=True with final_logit_softcapping={cfg.final_logit_softcapping} would skip "
+                "the softcapping in a loss computed from hidden states; use the logits"
+            )
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        rope = _rope(positions, gemma3_inv_freq(cfg, local=False)) + _rope(positions, gemma3_inv_freq(cfg, local=True))
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=nn.initializers.normal(0.02),
+            name="embed_tokens",
+        )
+        x = embed(input_ids)
+        # transformers multiplies by sqrt(hidden_size) rounded to the embedding weight's dtype
+        scale = jnp.asarray(cfg.hidden_size**0.5, jnp.float32).astype(cfg.param_dtype)
+        x = x * scale.astype(x.dtype)
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={True: 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0),
+                length=cfg.num_hidden_layers,
+            )
+            sliding = jnp.asarray(cfg.sliding_layers)
+            x, _ = scanned(cfg, name="layers")(x, rope, segment_ids, sliding)
+        else:
+            for i, is_sliding in enumerate(cfg.sliding_layers):
+                x, _ = block(cfg, name=f"layers_{i}")(x, rope, segment_ids, is_sliding)
+        x = Gemma3RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x)
+        if return_hidden:
+            return x
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                kernel_init=nn.initializers.normal(0.02),
+                name="lm_head",
+            )(x)
+        if cfg.final_logit_softcapping is not None:
+            c = cfg.final_logit_softcapping
+            logits = jnp.tanh(logits / c) * c
+        return logits

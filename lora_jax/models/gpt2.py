@@ -1,0 +1,145 @@
+"""A Flax (linen) GPT-2 (`GPT2LMHeadModel`) whose parameter tree mirrors Hugging Face's module names.
+
+Learned positions (`wpe`), pre-LayerNorm blocks (LayerNorms with biases), a fused q/k/v projection
+(`attn.c_attn`), tanh-GELU (`gelu_new`) MLP, and an LM head tied to `wte`. The projections are plain
+`nn.Dense`s, so adapters enter through the same method interception as the Llama's; their names,
+parents and shapes are `lora_jax.models.layout.GPT2_LAYOUT`. HF's Conv1D stores weights `[in, out]`,
+which is already the Flax kernel layout.
+
+Parameter tree:
+
+    wte/embedding                      [vocab, embed]
+    wpe/embedding                      [n_positions, embed]
+    h/ln_1/scale, h/ln_1/bias          [layers, embed]                (scan_layers=True)
+    h/attn/c_attn/kernel               [layers, embed, 3 * embed]
+    h_3/mlp/c_proj/kernel              [4 * embed, embed]             (scan_layers=False)
+    ln_f/scale, ln_f/bias
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from lora_jax.errors import ConfigError
+from lora_jax.models.attention import attention
+from lora_jax.models.gpt2_config import GPT2Config
+
+__all__ = ["GPT2"]
+
+Array = jax.Array
+
+_POLICIES = {
+    "full": lambda: jax.checkpoint_policies.nothing_saveable,
+    "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv": lambda: jax.checkpoint_policies.save_only_these_names("qkv"),
+    "save_qkv_out": lambda: jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
+}
+
+
+def _dense(cfg: GPT2Config, features: int, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=True,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+
+
+class GPT2Attention(nn.Module):
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x_btd, segment_ids):
+        cfg = self.config
+        b, t, d = x_btd.shape
+        n, h = cfg.n_head, cfg.head_dim
+        qkv = _dense(cfg, 3 * d, "c_attn")(x_btd)
+        q, k, v = (a.reshape(b, t, n, h) for a in jnp.split(qkv, 3, axis=-1))
+        q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
+        out = attention(q, k, v, segment_ids, implementation=cfg.attention, max_segments=cfg.max_segments)
+        out = checkpoint_name(out, "attn_out")
+        return _dense(cfg, d, "c_proj")(out.reshape(b, t, d))
+
+
+class GPT2MLP(nn.Module):
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        hidden = nn.gelu(_dense(cfg, cfg.intermediate_size, "c_fc")(x), approximate=True)
+        return _dense(cfg, cfg.n_embd, "c_proj")(hidden)
+
+
+class GPT2Block(nn.Module):
+    """One layer. Signature fits `nn.scan`: `(x, segment_ids) -> (x, None)`."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, segment_ids):
+        cfg = self.config
+        x = x + GPT2Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), segment_ids)
+        x = x + GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x))
+        return x, None
+
+
+class GPT2(nn.Module):
+    """GPT-2 causal LM. `__call__(input_ids, positions=None, segment_ids=None)` -> logits.
+
+    - `positions` ([batch, seq]) index the learned position table; default 0..seq-1.
+    - `segment_ids` ([batch, seq], 0 = padding) keeps packed documents from attending to each other
+      (pass per-document `positions` with them, as packing does).
+    - `return_hidden=True` returns the final normed hidden states instead of logits.
+    Decoding with a KV cache is not implemented (`cache` is refused).
+    """
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden=False, cache=None, **kwargs):
+        cfg = self.config
+        if cache is not None or kwargs:
+            raise ConfigError(
+                "GPT2 does not implement KV-cache decoding (cache=, cache_index=, cache_mask=); run it without a cache"
+            )
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        init = nn.initializers.normal(0.02)
+        wte = nn.Embed(
+            cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=init, name="wte"
+        )
+        wpe = nn.Embed(
+            cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=init, name="wpe"
+        )
+        x = wte(input_ids) + wpe(positions)
+        block: type[nn.Module] = GPT2Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(block, policy=_POLICIES[cfg.remat_policy](), prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={True: 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=cfg.n_layer,
+            )
+            x, _ = scanned(cfg, name="h")(x, segment_ids)
+        else:
+            for i in range(cfg.n_layer):
+                x, _ = block(cfg, name=f"h_{i}")(x, segment_ids)
+        x = _layer_norm(cfg, "ln_f")(x)
+        if return_hidden:
+            return x
+        return wte.attend(x)

@@ -1,0 +1,149 @@
+"""GPT-2 (`GPT2LMHeadModel`) against transformers and PEFT: a tiny random model built with transformers,
+every weight perturbed (biases and LayerNorms included), saved with save_pretrained and loaded from
+disk. fp32 logits, a real PEFT adapter (Conv1D, fan_in_fan_out) loaded with `load_peft`, our
+`save_peft` export loaded in PEFT, the merged export loaded by `AutoModelForCausalLM`, and the
+trainable-parameter count of GPT-2 124M with r=8 on c_attn/c_proj, all as PEFT has them."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from lora_jax.models.gpt2_config import GPT2Config
+from tests.helpers import FP32_ATOL, max_diff, random_ids
+
+TINY_GPT2 = dict(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+IDS = random_ids(TINY_GPT2["vocab_size"], (2, 13), seed=5)
+TARGETS = ["c_attn", "c_proj"]
+
+
+def report(label, diff, bound=FP32_ATOL):
+    print(f"[gpt2] {label}: max abs diff {diff:.3e} (bound {bound:.1e})")
+    assert diff <= bound, f"{label}: max abs diff {diff:.3e} > {bound:.1e}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**TINY_GPT2)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("gpt2")
+    model.save_pretrained(os.fspath(out))
+    return os.fspath(out)
+
+
+def hf_model(model_dir):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+
+def torch_out(model, ids=IDS) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(ids)).long()).logits.float().numpy()
+
+
+def ours(cfg, params, lora=None, lcfg=None, ids=IDS) -> np.ndarray:
+    model = lj.build_model(cfg)
+    if lora is None:
+        return np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    return np.asarray(lj.apply(model, params, lora, lcfg, jnp.asarray(ids)))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_logits_match_transformers(model_dir, scan):
+    cfg, params = lj.load_pretrained(model_dir, scan_layers=scan)
+    assert isinstance(cfg, GPT2Config) and isinstance(lj.build_model(cfg), lj.GPT2)
+    assert set(params) == {"wte", "wpe", "ln_f", "h" if scan else "h_0"} | (set() if scan else {"h_1"})
+    report(f"logits scan={scan}", max_diff(ours(cfg, params), torch_out(hf_model(model_dir))))
+
+
+def test_peft_adapter_both_ways_and_merged_export(model_dir, tmp_path):
+    import peft
+    import torch
+
+    torch.manual_seed(1)
+    base = hf_model(model_dir)
+    pcfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False, fan_in_fan_out=True)
+    pm = peft.get_peft_model(base, pcfg).eval()
+    adapter = tmp_path / "peft"
+    pm.save_pretrained(os.fspath(adapter))
+    want = torch_out(pm)
+
+    cfg, params = lj.load_pretrained(model_dir)
+    lora, lcfg = lj.load_peft(adapter, params)
+    assert set(lora["h"]["attn"]) == {"c_attn", "c_proj"} and set(lora["h"]["mlp"]) == {"c_proj"}
+    got = ours(cfg, params, lora, lcfg)
+    report("PEFT adapter loaded", max_diff(got, want))
+
+    ours_dir = tmp_path / "ours"
+    lj.save_peft(ours_dir, lora, lcfg, cfg)
+    assert json.loads((ours_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    back = peft.PeftModel.from_pretrained(hf_model(model_dir), os.fspath(ours_dir)).eval()
+    report("save_peft export in PEFT", max_diff(torch_out(back), got))
+
+    merged = tmp_path / "merged"
+    lj.save_pretrained(merged, params, cfg, lora, lcfg)
+    report("merged export in transformers", max_diff(torch_out(hf_model(os.fspath(merged))), got))
+    # and the merged export reads back
+    cfg2, params2 = lj.load_pretrained(merged, scan_layers=False)
+    report("merged export reloaded", max_diff(ours(cfg2, params2), got))
+
+
+def test_gpt2_124m_trainable_parameters_match_peft():
+    cfg = GPT2Config()  # n_embd 768, 12 layers, 12 heads, vocab 50257
+    model = lj.build_model(cfg)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    lcfg = lj.LoraConfig(r=8, target_modules=TARGETS)
+    trainable, total = lj.count_parameters(params, lcfg)
+    assert trainable == 811_008
+    line = lj.print_trainable_parameters(params, lcfg)
+
+    import peft
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=8, target_modules=TARGETS, fan_in_fan_out=True))
+    peft_trainable, peft_total = pm.get_nb_trainable_parameters()
+    assert (trainable, total) == (peft_trainable, peft_total)
+    assert line.startswith("trainable params: 811,008 || all params: 125,250,816")
+
+
+def test_packed_segments_match_separate_documents(model_dir):
+    cfg, params = lj.load_pretrained(model_dir)
+    model = lj.build_model(cfg)
+    a, b = IDS[0, :6], IDS[1, :7]
+    packed = jnp.asarray(np.concatenate([a, b]))[None]
+    seg = jnp.asarray([[1] * 6 + [2] * 7])
+    pos = jnp.asarray([list(range(6)) + list(range(7))])
+    out = np.asarray(model.apply({"params": params}, packed, pos, seg))
+    sep_a = np.asarray(model.apply({"params": params}, jnp.asarray(a)[None]))
+    sep_b = np.asarray(model.apply({"params": params}, jnp.asarray(b)[None]))
+    report("packed vs separate", max(max_diff(out[:, :6], sep_a), max_diff(out[:, 6:], sep_b)))
+
+
+def test_refusals(model_dir, tmp_path):
+    with pytest.raises(lj.ConfigError, match="not implemented for gpt2"):
+        lj.load_pretrained(model_dir, quantize="nf4")
+    with pytest.raises(lj.ConfigError, match="scale_attn_by_inverse_layer_idx"):
+        GPT2Config.from_hf({**TINY_GPT2, "model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
+    cfg, params = lj.load_pretrained(model_dir)
+    with pytest.raises(lj.ConfigError, match="KV-cache"):
+        lj.build_model(cfg).apply({"params": params}, jnp.asarray(IDS), cache=object())
