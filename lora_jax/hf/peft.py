@@ -247,7 +247,8 @@ def save_peft(
                     f"{list(e.hf_shape)}; pass the params and LlamaConfig of one model"
                 )
             tensors[PREFIX + e.hf_key] = np.ascontiguousarray(t.astype(target))
-    config = peft_config_dict(lcfg, None if base_model_name_or_path is None else os.fspath(base_model_name_or_path))
+    base = None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
+    config = peft_config_dict(lcfg, base, [shape.layout.hf_module(t.layer, t.name) for t in targets])
     config["fan_in_fan_out"] = gpt2  # GPT-2's Conv1D stores [in, out] (PEFT sets it for Conv1D anyway)
     with atomic_dir(out_dir, "peft", overwrite) as tmp:
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -45,15 +45,21 @@ _UNSUPPORTED = (
 )
 
 
-def peft_config_dict(lcfg: LoraConfig, base_model_name_or_path: str | None) -> dict:
+def peft_config_dict(lcfg: LoraConfig, base_model_name_or_path: str | None, adapted: list[str] | None = None) -> dict:
     """adapter_config.json as PEFT's LoraConfig reads it (only fields PEFT >= 0.17 knows; PEFT fills
-    the rest with its defaults)."""
-    targets = lcfg.target_modules
+    the rest with its defaults).
+
+    adapted: the HF names of the modules adapted (`plan_targets`). Given, a regex `target_modules` is
+    written as that explicit list, so PEFT adapts exactly those modules whatever else its pattern
+    would match in the model (and so is `all-linear` with `layers_to_transform`, a pair PEFT
+    refuses); names and `all-linear` are written as given (PEFT resolves them as
+    lora_jax does)."""
+    targets: str | list[str] = (
+        lcfg.target_modules if isinstance(lcfg.target_modules, str) else list(lcfg.target_modules)
+    )
     layers = lcfg.layers_to_transform
-    if isinstance(targets, str):
-        # lora_jax's planner, like PEFT's matcher, ignores layers_to_transform for a regex target
-        # (PEFT refuses the pair outright), so dropping it keeps the same adapted set.
-        layers = None
+    if isinstance(targets, str) and (targets != "all-linear" or layers is not None) and adapted is not None:
+        targets = list(adapted)
     excl = lcfg.exclude_modules
     init = lcfg.init_lora_weights
     if init == "pissa":  # exported relative to the residual base: plain LoRA (module docstring)
@@ -68,7 +74,7 @@ def peft_config_dict(lcfg: LoraConfig, base_model_name_or_path: str | None) -> d
         "r": lcfg.r,
         "lora_alpha": lcfg.lora_alpha,
         "lora_dropout": lcfg.lora_dropout,
-        "target_modules": targets if isinstance(targets, str) else list(targets),
+        "target_modules": targets,
         "exclude_modules": excl if excl is None or isinstance(excl, str) else list(excl),
         "layers_to_transform": None if layers is None else list(layers),
         "layers_pattern": None,

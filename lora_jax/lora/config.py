@@ -18,7 +18,9 @@ from lora_jax.models.llama_config import _check_bool, _check_int, _check_number
 
 __all__ = ["LoraConfig", "ALL_LINEAR"]
 
-ALL_LINEAR = LLAMA_LAYOUT.names  # what target_modules="all-linear" expands to
+# what target_modules="all-linear" means for a Llama; for any family it is that family's projections
+# (`Layout.names`: every Linear / Conv1D but lm_head, as PEFT has it), resolved when targets are planned
+ALL_LINEAR = LLAMA_LAYOUT.names
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
 
 # What the list-like fields take, as `--set` reads them (`lora_jax.run_config.parse_field_value`):
@@ -76,8 +78,10 @@ class LoraConfig:
 
     `target_modules`: module names (matched as PEFT does: equal to, or a dotted suffix of, the HF
     module name such as `model.layers.3.self_attn.q_proj`), a string regex (full match), or
-    `"all-linear"` for the seven projections. Patterns (`rank_pattern`, `alpha_pattern`) are keyed
-    by regexes matched against the end of the HF module name, as in PEFT.
+    `"all-linear"` for every projection of the model's family. A regex or name that also matches a
+    module that is not a projection (`mlp.act_fn`) is refused when targets are planned, as PEFT
+    does. Patterns (`rank_pattern`, `alpha_pattern`) are keyed by regexes matched against the end
+    of the HF module name, as in PEFT.
 
     Example:
 
@@ -120,7 +124,7 @@ class LoraConfig:
         _check_number(self, "lora_dropout", "", "in [0, 1), e.g. 0.05", lambda v: 0 <= v < 1)
         targets = self.target_modules
         if targets == "all-linear":
-            targets = ALL_LINEAR
+            pass  # kept as is: the family's projections, resolved by `plan_targets`
         elif isinstance(targets, str):
             if not targets.strip():
                 raise ConfigError(
@@ -148,6 +152,12 @@ class LoraConfig:
             if any(i < 0 for i in layers):
                 raise ConfigError(
                     f"layers_to_transform={list(layers)} has a negative index; layers are numbered from 0"
+                )
+            if isinstance(targets, str) and targets != "all-linear":
+                raise ConfigError(
+                    f"layers_to_transform={list(layers)} cannot be used with target_modules={targets!r} "
+                    "(a regex; PEFT refuses the pair too); name modules such as [q_proj, v_proj], or "
+                    "write the layers into the regex"
                 )
         object.__setattr__(self, "layers_to_transform", layers)
         object.__setattr__(self, "rank_pattern", _as_pairs(self.rank_pattern, "rank_pattern", int))

@@ -15,7 +15,15 @@ from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraConfig
 from lora_jax.models.layout import LLAMA_LAYOUT, Layout, layout_of, layout_of_params
 
-__all__ = ["Target", "ModelShape", "plan_targets", "model_shape", "shape_from_config", "hf_module_name"]
+__all__ = [
+    "Target",
+    "ModelShape",
+    "plan_targets",
+    "resolved_targets",
+    "model_shape",
+    "shape_from_config",
+    "hf_module_name",
+]
 
 
 class ModelShape(NamedTuple):
@@ -76,8 +84,9 @@ def shape_from_config(cfg, layout: Layout | None = None) -> ModelShape:
     return ModelShape(cfg.num_hidden_layers, cfg.scan_layers, layout.shapes(cfg), layout)
 
 
-def _target_match(lcfg: LoraConfig, key: str) -> bool:
-    """PEFT's check_target_module_exists, for the modules a Llama has."""
+def _target_match(lcfg: LoraConfig, key: str, targets: str | tuple[str, ...]) -> bool:
+    """PEFT's check_target_module_exists; `targets` is `lcfg.target_modules` with `all-linear`
+    resolved to the family's projection names."""
     excl = lcfg.exclude_modules
     if excl:
         if isinstance(excl, str):
@@ -85,15 +94,24 @@ def _target_match(lcfg: LoraConfig, key: str) -> bool:
                 return False
         elif key in excl or any(key.endswith(f".{e}") for e in excl):
             return False
-    if isinstance(lcfg.target_modules, str):
-        return re.fullmatch(lcfg.target_modules, key) is not None
-    found = key in lcfg.target_modules or any(key.endswith(f".{t}") for t in lcfg.target_modules)
+    # PEFT never puts an adapter inside a module it saves whole
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in lcfg.modules_to_save):
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    found = key in targets or any(key.endswith(f".{t}") for t in targets)
     if found and lcfg.layers_to_transform is not None:
         m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-        assert m is not None  # keys are `Layout.hf_module` names, e.g. `model.layers.3.self_attn.q_proj`
-        layer = int(m.group("idx"))
-        found = layer in lcfg.layers_to_transform
+        found = m is not None and int(m.group("idx")) in lcfg.layers_to_transform
     return found
+
+
+def resolved_targets(lcfg: LoraConfig, layout: Layout) -> str | tuple[str, ...]:
+    """`lcfg.target_modules`, with `all-linear` resolved to `layout`'s projections (PEFT: every
+    Linear / Conv1D but the output head, matched by the last part of their names)."""
+    if lcfg.target_modules == "all-linear":
+        return tuple(dict.fromkeys(p.module_name for p in layout.projections))
+    return lcfg.target_modules
 
 
 def _pattern_value(pairs, key: str, default):
@@ -122,11 +140,24 @@ def plan_targets(shape: ModelShape, lcfg: LoraConfig) -> list[Target]:
                 f"pattern key {pattern!r} matches no module; module names look like "
                 f"{names[0]!r} (projections: {', '.join(projections)})"
             )
+    wanted = resolved_targets(lcfg, layout)
+    others = [k for k in layout.hf_other_modules(shape.num_layers) if _target_match(lcfg, k, wanted)]
+    if others:
+        what = (
+            "LoRA on embeddings or lm_head is not supported (use modules_to_save for them)"
+            if others[0].rsplit(".", 1)[-1] in (layout.embed, layout.lm_head)
+            else "PEFT cannot adapt it either"
+        )
+        raise ConfigError(
+            f"target_modules={_show(lcfg.target_modules)} matches {others[0]!r}, which is not a "
+            f"projection ({what}); the adaptable modules are {', '.join(projections)} (full names "
+            rf"like {names[0]!r}): narrow the pattern, e.g. r'.*\.(q_proj|v_proj)', or use exclude_modules"
+        )
     targets = []
     for i in range(shape.num_layers):
         for name in projections:
             key = layout.hf_module(i, name)
-            if not _target_match(lcfg, key):
+            if not _target_match(lcfg, key, wanted):
                 continue
             r = _pattern_value(lcfg.rank_pattern, key, lcfg.r)
             alpha = _pattern_value(lcfg.alpha_pattern, key, lcfg.lora_alpha)

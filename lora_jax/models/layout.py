@@ -93,6 +93,11 @@ class Layout:
     lm_head: str = "lm_head"
     lm_head_axes: tuple[str, str] = ("embed", "vocab")
     embed_axes: tuple[str, str] = ("vocab", "embed")
+    # the HF modules holding no weight LoRA could adapt, besides the containers, norms and embeddings
+    # named above: per layer (relative to it) and at the top; with them, `hf_other_modules` is every
+    # module `named_modules()` lists that is not a projection (what PEFT would refuse to adapt)
+    layer_extras: tuple[str, ...] = ("mlp.act_fn",)
+    top_extras: tuple[str, ...] = ("model.rotary_emb",)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -127,6 +132,17 @@ class Layout:
     def hf_module(self, layer: int, name: str) -> str:
         """The HF module name PEFT matches targets against, e.g. `model.layers.3.self_attn.q_proj`."""
         return f"{self.hf_layers}.{layer}.{self.parent(name)}.{self.projection(name).module_name}"
+
+    def hf_other_modules(self, num_layers: int) -> list[str]:
+        """Every HF module name of the model that is not a projection (containers, norms, embeddings,
+        activations, `lm_head`, the root `""`), as `named_modules()` of the transformers model has them."""
+        base, out = self.hf_base, ["", self.hf_base, f"{self.hf_base}.{self.embed}", self.hf_layers]
+        out += [f"{base}.{self.final_norm}", self.lm_head, *self.top_extras]
+        for i in range(num_layers):
+            layer = f"{self.hf_layers}.{i}"
+            rel = [*self.parents, *self.layer_norms, *(f"{self.head_norm_parent}.{n}" for n in self.head_norms)]
+            out += [layer, *(f"{layer}.{m}" for m in (*rel, *self.layer_extras))]
+        return out
 
     def layer_path(self, layer: int, scan: bool) -> tuple[str, ...]:
         """Where layer `layer` lives in the Flax tree (scanned: the stack, indexed at `layer`)."""
@@ -240,6 +256,8 @@ GPT2_LAYOUT = Layout(
     layers="h",
     embed="wte",
     final_norm="ln_f",
+    layer_extras=("attn.attn_dropout", "attn.resid_dropout", "mlp.act", "mlp.dropout"),
+    top_extras=("transformer.wpe", "transformer.drop"),
 )
 
 LAYOUTS: dict[str, Layout] = {
