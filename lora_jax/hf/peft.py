@@ -10,6 +10,7 @@ The file layout is the one `peft.PeftModel.save_pretrained` writes for a Llama (
 Flax `a` is `lora_A.weight.T`, `b` is `lora_B.weight.T`, `m` is the magnitude vector. Only real
 entries are written: layers an adapter leaves alone are skipped and ranks padded to the largest
 (`rank_pattern` with scanned layers) are sliced back to each module's own `r`.
+Saving and loading stay together (a little over 400 lines): each is the other's inverse, key for key.
 
 Loading is stricter than PEFT: a key the config does not explain, a key it needs that is absent
 (DoRA magnitudes included) and a shape that does not fit the base are errors naming the key, so an
