@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lora_jax.lora.kernel import dropout_keep_mask
+from lora_jax.lora.dropout import dropout_keep_mask
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.1, 0.5])
