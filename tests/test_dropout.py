@@ -1,5 +1,6 @@
 """LoRA dropout's keep-mask: Bernoulli at the configured rate (to 2**-16), independent elements,
-the same under `vmap` and sharding (so a sweep and a mesh train what a single run trains)."""
+rows and keys, equal to a numpy reference of its stream, the same under `vmap` and sharding (so a
+sweep and a mesh train what a single run trains)."""
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,54 @@ def test_drop_rate_and_independence(rate):
     for lag in (1, 2, 3, 4, 5):
         both = np.mean(dropped[:-lag] & dropped[lag:])
         assert abs(both - rate * rate) < 5 * np.sqrt(rate * rate * (1 - rate * rate) / n), lag
+
+
+def _reference_mask(key, rate, n):
+    """The stream of `keep_bits` in numpy: word i = mix(mix(i ^ k0) + k1), two 16-bit draws each
+    (high half first), dropped below round(rate * 2**16)."""
+
+    def mix(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x21F0AAAD)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x735A2D97)
+        return x ^ (x >> np.uint32(15))
+
+    k = np.asarray(jax.random.key_data(key), np.uint32).reshape(-1)
+    k0, k1 = np.bitwise_xor.reduce(k[0::2]), np.bitwise_xor.reduce(k[1::2])
+    words = np.arange((n + 1) // 2, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        h = mix(mix(words ^ k0) + k1)
+    draws = np.stack([h >> np.uint32(16), h & np.uint32(0xFFFF)], axis=-1).reshape(-1)[:n]
+    return draws >= np.uint32(round(rate * 65536))
+
+
+@pytest.mark.parametrize("key", [jax.random.key(7), jax.random.key(7, impl="rbg")], ids=["threefry", "rbg"])
+def test_mask_equals_the_numpy_reference(key):
+    keep, keep_p = dropout_keep_mask(key, 0.05, (37, 19))  # 703 elements: a partial last byte
+    np.testing.assert_array_equal(np.asarray(keep).reshape(-1), _reference_mask(key, 0.05, 37 * 19))
+    assert float(keep_p) == 1 - round(0.05 * 65536) / 65536
+
+
+def test_mask_rows_bit_positions_and_keys_are_independent():
+    """Drop rate per bit position of a byte, the spread of per-row drop counts (binomial), and no
+    correlation between rows, between bytes, or between the masks of related keys (fold_in)."""
+    rate, rows, d = 0.05, 1024, 2048
+    key = jax.random.key(9)
+    dropped = ~np.asarray(dropout_keep_mask(key, rate, (rows, d))[0])
+    flat = dropped.reshape(-1)
+    n = flat.size
+    per_position = flat.reshape(-1, 8).mean(axis=0)
+    assert np.all(np.abs(per_position - rate) < 5 * np.sqrt(rate * (1 - rate) / (n / 8))), per_position
+    counts = dropped.sum(axis=1)
+    expected_var = d * rate * (1 - rate)
+    assert 0.8 < counts.var() / expected_var < 1.2, counts.var() / expected_var
+    tol = 5 * np.sqrt(rate * rate * (1 - rate * rate) / n)
+    for lag in (6, 7, 8, 9, 15, 16, 17, 31, 32, 64, d):
+        assert abs(np.mean(flat[:-lag] & flat[lag:]) - rate * rate) < tol, lag
+    for other in (jax.random.fold_in(key, 1), jax.random.fold_in(key, 2), jax.random.key(10)):
+        o = ~np.asarray(dropout_keep_mask(other, rate, (rows, d))[0]).reshape(-1)
+        assert abs(np.mean(flat & o) - rate * rate) < tol
 
 
 def test_keys_give_different_masks_and_traced_rates_work():
@@ -79,8 +128,8 @@ def test_lora_dense_with_dropout_equals_the_explicit_formula(out_features):
 
 
 def test_dropout_keeps_no_dropped_copy_for_the_backward_pass(capsys):
-    """The residuals of an adapted projection under dropout are its inputs (x, A, the key), not
-    a mask or a dropped copy of x per projection."""
+    """The residuals of an adapted projection under dropout are its inputs (x, A) and the mask as
+    packed bits (one byte per eight elements), not a bool mask or a dropped copy of x."""
     from jax.ad_checkpoint import print_saved_residuals
 
     from lora_jax.lora.kernel import lora_dense
@@ -99,3 +148,4 @@ def test_dropout_keeps_no_dropped_copy_for_the_backward_pass(capsys):
         token_sized = [ln for ln in lines if "[64,32]" in ln]
         assert len(token_sized) == 1 and "argument x" in token_sized[0], lines
         assert not any(ln.startswith("bool") for ln in lines), lines
+        assert any(ln.startswith("u8[256]") for ln in lines), lines  # 64 * 32 / 8

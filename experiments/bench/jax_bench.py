@@ -124,6 +124,7 @@ def measure(
     scan: bool = True,
     quantize: str | None = None,
     fuse_wide: bool = True,
+    dropout: float = 0.0,
 ) -> dict:
     cfg, model, params = build(shape, remat, attention, scan, quantize, fuse_wide)
     base_gib = sum(x.nbytes for x in jax.tree.leaves(params)) / GIB
@@ -133,11 +134,11 @@ def measure(
         lcfg = lj.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", modules_to_save=("input_layernorm",))
         lora = {}
     else:
-        lcfg = lj.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear")
+        lcfg = lj.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=dropout)
         lora = lj.init_lora(params, lcfg, jax.random.key(1))
     split = lj.split_trainable(params, lora, lcfg)
     del params, lora
-    ocfg = lj.config.OptimConfig(lr=1e-4, warmup_steps=0)
+    ocfg = lj.OptimConfig(lr=1e-4, warmup_steps=0)
     schedule = make_schedule(ocfg, 1000)
     tx = make_tx(lcfg, ocfg, schedule)
     state = init_state(split.trainable, tx, 0)
@@ -179,6 +180,7 @@ def measure(
         "attention": attention or "auto",
         "scan": scan,
         "fuse_wide": fuse_wide,
+        "lora_dropout": dropout,
         "tokens_per_s": tps,
         "mfu_798": flops.mfu(tps, fpt, flops.PEAK_H100_MEASURED),
         "mfu_989": flops.mfu(tps, fpt, flops.PEAK_H100_DATASHEET),
@@ -287,6 +289,7 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="lora", choices=("lora", "nolora"))
     p.add_argument("--profile-dir", help="also trace 3 steps and print device time per kernel")
     p.add_argument("--quantize", choices=("nf4", "int8"), help="QLoRA: a quantised frozen base")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (the shipped configs use 0.05)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     attention = None if args.attention == "auto" else args.attention
@@ -306,6 +309,7 @@ def main(argv=None) -> int:
                 scan=not args.no_scan,
                 quantize=args.quantize,
                 fuse_wide=not args.no_fuse_wide,
+                dropout=args.dropout,
             )
         except Exception as e:  # noqa: BLE001 - report and go on to the next config
             status = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"

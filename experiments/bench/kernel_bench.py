@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lora_jax.lora.kernel import dropout_keep_mask  # noqa: E402
+from lora_jax.lora.dropout import dropout_keep_mask  # noqa: E402
 from lora_jax.models.attention import _cudnn_packed, attention, segments_per_row  # noqa: E402
 
 

@@ -7,13 +7,13 @@ of a training step, which is why its bits and its backward pass are hand-made he
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
-from jax.extend.random import threefry2x32_p
 
-__all__ = ["dropout_keep_mask", "dropped", "dropout_project"]
+__all__ = ["keep_bits", "unpack_keep", "dropout_keep_mask", "dropped", "dropout_project"]
 
 
 def _mm(x, w):
@@ -31,32 +31,72 @@ def _over_tokens(a, b):
     return jax.lax.dot_general(a, b, ((lead, lead), ((), ())))
 
 
+def _mix32(x):
+    """A bijective 32-bit integer hash (C. Wellons' "lowbias32", found by his hash-prospector
+    search for low avalanche bias): two multiply-xorshift rounds."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x735A2D97)
+    return x ^ (x >> 15)
+
+
+def _key_words(key) -> tuple[jax.Array, jax.Array]:
+    """Two 32-bit words from a key of any PRNG implementation (its words folded by xor)."""
+    data = jax.random.key_data(key).reshape(-1)
+    return functools.reduce(jnp.bitwise_xor, data[0::2]), functools.reduce(jnp.bitwise_xor, data[1::2])
+
+
+def keep_bits(key, rate, n: int) -> tuple[jax.Array, jax.Array]:
+    """`(bits uint8 [ceil(n/8)], keep probability)`: the keep-mask of `n` elements, eight to a byte
+    (element `8j + b` is bit `b` of byte `j`).
+
+    Each 32-bit word `i` of the stream is `mix(mix(i ^ k0) + k1)` for the key's words `k0, k1`, and
+    gives two 16-bit draws; an element is dropped when its draw is below `round(rate * 2**16)`.
+    Why not `jax.random.bernoulli`: it spends a Threefry hash (20 rounds) per element, and LoRA
+    dropout draws a mask over the input of seven projections per layer, so the hashes were a large
+    part of a training step (JAX's Philox and RBG implementations cost about the same, see
+    experiments/bench/kernel_bench.py); two multiply-xorshift rounds per two elements cost a
+    fraction of that, and the masks pass the tests of tests/test_dropout.py (drop rate, independent
+    neighbours, rows and keys). The drop probability is `rate` rounded to a multiple of 2**-16 (0.05
+    becomes 0.0500031) and kept values are scaled by the exact keep probability, so the layer stays
+    unbiased. The stream runs over the flat index, so a mask does not depend on sharding or `vmap`,
+    and packed bits are what the backward pass keeps: 1 bit per element instead of a second draw.
+    """
+    if n >= 2**33:
+        raise ValueError(f"a dropout mask of {n} elements is more than the 2**33 its 32-bit word counter covers")
+    rate = jnp.asarray(rate, jnp.float32)
+    threshold = jnp.round(rate * 65536.0)
+    k0, k1 = _key_words(key)
+    t = threshold.astype(jnp.uint32)
+    byte = jax.lax.iota(jnp.uint32, -(-n // 8))
+    bits = jnp.zeros_like(byte)
+    for w in range(4):  # word 4j + w gives bits 2w (its high half) and 2w + 1 (its low half)
+        h = _mix32(_mix32((byte * 4 + w) ^ k0) + k1)
+        bits = (
+            bits
+            | ((h >> 16) >= t).astype(jnp.uint32) << (2 * w)
+            | ((h & 0xFFFF) >= t).astype(jnp.uint32) << (2 * w + 1)
+        )
+    # one elementwise expression per byte: it fuses into a single loop, with no per-word array
+    return bits.astype(jnp.uint8), 1.0 - threshold / 65536.0
+
+
+def unpack_keep(bits, shape) -> jax.Array:
+    """The bool keep-mask `[shape]` from `keep_bits`'s bytes. Unpacked in uint8 so that an
+    unfused intermediate costs a byte per element, not four."""
+    n = math.prod(shape)
+    flat = ((bits[:, None] >> jax.lax.iota(jnp.uint8, 8)[None, :]) & jnp.uint8(1)).reshape(-1)
+    if flat.shape[0] != n:
+        flat = flat[:n]
+    return flat.reshape(shape) != 0
+
+
 def dropout_keep_mask(key, rate, shape) -> tuple[jax.Array, jax.Array]:
     """`(keep [shape] bool, keep probability)` for inverted dropout at `rate` (a number or a
-    traced scalar).
-
-    Four masks elements come from each 64-bit Threefry output: a 16-bit draw each, dropped below
-    `round(rate * 2**16)`. `jax.random.bernoulli` spends one Threefry hash per element and keeps
-    32 of its 64 bits, and LoRA dropout draws a mask over the input of every adapted projection,
-    so the hashes were a visible part of a training step; a quarter of them makes that small. The
-    drop probability is `rate` rounded to a multiple of 2**-16 (0.05 becomes 0.0500031) and the
-    kept values are scaled by the exact keep probability, so the layer stays unbiased. The count
-    runs over the flat index, as JAX's partitionable Threefry does, so the mask does not depend on
-    sharding or on `vmap`. Keys of other PRNG implementations take `jax.random.bernoulli`.
-    """
-    rate = jnp.asarray(rate, jnp.float32)
-    data = jax.random.key_data(key)
-    if data.shape != (2,) or data.dtype != jnp.uint32:
-        keep_p = 1.0 - rate
-        return jax.random.bernoulli(key, keep_p, shape), keep_p
-    n = math.prod(shape)
-    words = -(-n // 4)
-    counts = jax.lax.iota(jnp.uint32, words)
-    hi, lo = threefry2x32_p.bind(data[0], data[1], jnp.zeros_like(counts), counts)
-    u16 = jax.lax.bitcast_convert_type(jnp.stack([hi, lo], axis=-1), jnp.uint16).reshape(-1)
-    threshold = jnp.round(rate * 65536.0)
-    keep = u16[:n].reshape(shape).astype(jnp.int32) >= threshold.astype(jnp.int32)
-    return keep, 1.0 - threshold / 65536.0
+    traced scalar); see `keep_bits` for how it is drawn."""
+    bits, keep_p = keep_bits(key, rate, math.prod(shape))
+    return unpack_keep(bits, shape), keep_p
 
 
 def dropped(x, key, rate):
@@ -64,26 +104,33 @@ def dropped(x, key, rate):
     return keep, keep_p.astype(x.dtype)
 
 
+def _apply(x, bits, keep_p):
+    return jnp.where(unpack_keep(bits, x.shape), x / keep_p, 0).astype(x.dtype)
+
+
 @jax.custom_vjp
 def dropout_project(x, a, key, rate):
-    """`dropout(x) @ a`, the adapter's first product under LoRA dropout, keeping only its inputs
-    for the backward pass: the mask is drawn again from `key` there, so no dropped copy of each
-    projection's input (nor its mask) is stored; autodiff would keep one per adapted projection."""
-    keep, keep_p = dropped(x, key, rate)
-    return _mm(jnp.where(keep, x / keep_p, 0).astype(x.dtype), a)
+    """`dropout(x) @ a`, the adapter's first product under LoRA dropout. For the backward pass it
+    keeps the mask as packed bits (1 bit per element) beside x, which the frozen matmul keeps
+    anyway: autodiff would keep a dropped copy of x and a bool mask per adapted projection (17x
+    the bits), and drawing the mask again would double its cost."""
+    bits, keep_p = keep_bits(key, rate, x.size)
+    return _mm(_apply(x, bits, keep_p.astype(x.dtype)), a)
 
 
 def _dropout_project_fwd(x, a, key, rate):
-    return dropout_project(x, a, key, rate), (x, a, key, rate)
+    bits, keep_p = keep_bits(key, rate, x.size)
+    keep_p = keep_p.astype(x.dtype)
+    return _mm(_apply(x, bits, keep_p), a), (x, a, bits, keep_p, rate)
 
 
 def _dropout_project_bwd(res, g):
-    x, a, key, rate = res
-    # The mask depends on the key alone, so XLA could draw it once for both passes and keep it,
-    # or draw every layer's at the start of the backward pass: tying the key to the incoming
-    # gradient makes it drawn here, when this projection's gradient is due.
-    key, g = jax.lax.optimization_barrier((key, g))
-    keep, keep_p = dropped(x, key, rate)
+    x, a, bits, keep_p, rate = res
+    # Nothing here depends on the incoming gradient but the products, so XLA could unpack every
+    # layer's mask and dropped input at the start of the backward pass and keep them all: tying
+    # the bits to the gradient makes them unpacked when this projection's gradient is due.
+    bits, g = jax.lax.optimization_barrier((bits, g))
+    keep = unpack_keep(bits, x.shape)
     xd = jnp.where(keep, x / keep_p, 0).astype(x.dtype)
     dx = jnp.where(keep, _mm_t(g, a) / keep_p, 0).astype(x.dtype)
     return dx, _over_tokens(xd, g).astype(a.dtype), None, jnp.zeros_like(rate)
