@@ -16,6 +16,7 @@ summary = lj.train(run_config)                         # what `lora-jax train` r
 # configs and errors
 from lora_jax.data.config import DataConfig
 from lora_jax.errors import CheckpointFormatError, ConfigError, DataError, LoraJaxError
+from lora_jax.fp8 import Fp8Kernel, with_fp8_gemm  # an FP8 frozen base
 from lora_jax.generate import generate, generate_text
 
 # Hugging Face I/O: base checkpoints, PEFT adapters, merged models
@@ -50,9 +51,7 @@ from lora_jax.models.gpt2_config import GPT2Config
 from lora_jax.models.llama import KVCache, Llama, init_kv_cache
 from lora_jax.models.llama_config import LlamaConfig
 from lora_jax.models.registry import build_model
-
-# quantisation (QLoRA)
-from lora_jax.quant import QuantizedKernel, dequantize, quantize, quantize_params
+from lora_jax.quant import QuantizedKernel, dequantize, quantize, quantize_params  # QLoRA's NF4 / int8
 from lora_jax.run_config import MeshConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 
 # training and sweeps
@@ -120,4 +119,6 @@ __all__ = [
     "quantize_params",
     "dequantize",
     "QuantizedKernel",
+    "Fp8Kernel",
+    "with_fp8_gemm",
 ]

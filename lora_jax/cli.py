@@ -196,7 +196,10 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lora-jax", description="LoRA fine-tuning of Llama models in JAX")
+    parser = _Parser(
+        prog="lora-jax",
+        description="LoRA fine-tuning of decoder language models in JAX (Llama, Qwen2, Qwen3, Mistral, GPT-2, Gemma 3)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)  # subparsers are _Parser too
 
     p = sub.add_parser("train", help="fine-tune (no arguments: the built-in demonstration)")
@@ -222,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text with a base model and optional adapter")
-    p.add_argument("--model", type=path_arg, help="HF Llama directory (default: the built-in demo model)")
+    p.add_argument("--model", type=path_arg, help="Hugging Face model directory (default: the built-in demo model)")
     p.add_argument("--adapter", type=path_arg, help="PEFT adapter directory")
     p.add_argument(
         "--checkpoint",

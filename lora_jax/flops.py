@@ -11,12 +11,15 @@ and both sides of a comparison divide by exactly the same FLOP count:
 * ``N_lora``: adapter parameters ``r * (in + out)`` per adapted projection. Trainable, so forward,
   input-gradient and weight-gradient: 6.
 * ``12 * L * s * d``: attention scores and weighted values, forward + backward, counted
-  non-causally (PaLM convention), so causal masking never changes the denominator.
+  non-causally (PaLM convention), so causal masking never changes the denominator. ``d`` is the
+  attention width ``heads * head_dim`` (the hidden size in Llama and GPT-2; Qwen3 and Gemma 3 may
+  differ), and a sliding-window layer counts ``min(s, window)`` keys (Mistral, Gemma 3's local layers).
 
 Recomputation from gradient checkpointing is not counted: MFU measures useful model FLOPs.
 
-Projection names and shapes are the layout's (`lora_jax/models/layout.py`, pure Python too). Loaded
-by file path (no package), this module loads the layout file the same way.
+Projection names and shapes are the layout of the config's family (`lora_jax/models/layout.py`,
+pure Python too), so every family (Llama, Qwen, Mistral, GPT-2, Gemma 3) is counted by the same
+rule. Loaded by file path (no package), this module loads the layout file the same way.
 """
 
 from __future__ import annotations
@@ -65,23 +68,30 @@ def projection_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
     return layout_of(cfg).shapes(cfg)
 
 
+def _layers(cfg: Any) -> int:
+    return _get(cfg, "num_hidden_layers", _get(cfg, "n_layer"))  # GPT-2's kwargs name it n_layer
+
+
 def matmul_params(cfg: Any) -> int:
     """N_mm: weights of all matmuls in the model, including the (possibly tied) LM head."""
+    dims = layout_of(cfg).dims(cfg)
     per_layer = sum(i * o for i, o in projection_shapes(cfg).values())
-    return _get(cfg, "num_hidden_layers") * per_layer + _get(cfg, "vocab_size") * _get(cfg, "hidden_size")
+    return _layers(cfg) * per_layer + dims["vocab"] * dims["embed"]
 
 
-def _normalize_targets(targets: Iterable[str] | None) -> tuple[str, ...]:
-    """Accept HF names ("q_proj") or short ones ("q"); None means all seven projections."""
+def _normalize_targets(cfg: Any, targets: Iterable[str] | None) -> tuple[str, ...]:
+    """The family's projection names ("q_proj", GPT-2's "c_attn"; a Llama-like's short "q" too);
+    None means all of them."""
+    names = layout_of(cfg).names
     if targets is None:
-        return ALL_TARGETS
+        return names
     if isinstance(targets, str):
         targets = (targets,)
     out = []
     for t in targets:
-        name = t if t.endswith("_proj") else f"{t}_proj"
-        if name not in ALL_TARGETS:
-            raise ValueError(f"unknown LoRA target {t!r}; expected one of {ALL_TARGETS}")
+        name = t if t in names or t.endswith("_proj") else f"{t}_proj"
+        if name not in names:
+            raise ValueError(f"unknown LoRA target {t!r} for {layout_of(cfg).family}; expected one of {names}")
         out.append(name)
     return tuple(out)
 
@@ -89,13 +99,23 @@ def _normalize_targets(targets: Iterable[str] | None) -> tuple[str, ...]:
 def lora_params(cfg: Any, r: int, targets: Iterable[str] | None = None) -> int:
     """N_lora: r * (in + out) summed over adapted projections across all layers."""
     shapes = projection_shapes(cfg)
-    per_layer = sum(r * sum(shapes[t]) for t in _normalize_targets(targets))
-    return _get(cfg, "num_hidden_layers") * per_layer
+    per_layer = sum(r * sum(shapes[t]) for t in _normalize_targets(cfg, targets))
+    return _layers(cfg) * per_layer
+
+
+def _attended(cfg: Any, seq_len: int) -> int:
+    """Keys per query summed over layers: `seq_len` each, a sliding-window layer at most its window."""
+    window = _get(cfg, "sliding_window")
+    if window is None or _get(cfg, "use_sliding_window", True) is False:  # Qwen's config has an unused one
+        return _layers(cfg) * seq_len
+    types = _get(cfg, "layer_types", ())  # Gemma 3: which layers slide; Mistral: all of them
+    sliding = [t == "sliding_attention" for t in types] if types else [True] * _layers(cfg)
+    return sum(min(seq_len, window) if s else seq_len for s in sliding)
 
 
 def flops_per_token(cfg: Any, seq_len: int, r: int, targets: Iterable[str] | None = None) -> float:
     """Training FLOPs per token (forward + backward) of a LoRA step at sequence length seq_len."""
-    attn = 12 * _get(cfg, "num_hidden_layers") * seq_len * _get(cfg, "hidden_size")
+    attn = 12 * _attended(cfg, seq_len) * layout_of(cfg).dims(cfg)["heads"]
     return float(4 * matmul_params(cfg) + 6 * lora_params(cfg, r, targets) + attn)
 
 

@@ -1,4 +1,5 @@
 """Text generation with a KV cache: greedy or sampled, one jitted program per (shape, settings).
+Every family decodes through its own module's cache path (`cache=`, `cache_index=`, `cache_mask=`).
 
 Prompts are left-padded into one batch; positions count from each prompt's first real token and a
 key mask hides the padding, so a padded prompt decodes exactly as it would alone.
@@ -21,8 +22,8 @@ from lora_jax.errors import CheckpointFormatError, ConfigError
 from lora_jax.hf.peft import load_peft
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.intercept import lora_interception
-from lora_jax.models.llama import Llama, init_kv_cache
-from lora_jax.models.llama_config import LlamaConfig
+from lora_jax.models.llama import init_kv_cache
+from lora_jax.models.registry import FamilyConfig, build_model, config_from_hf
 from lora_jax.run_config import ModelConfig
 from lora_jax.session import load_model, load_run, open_model_dir, resolve_model_path
 
@@ -35,9 +36,9 @@ def _round_up(n: int, multiple: int) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _decoder(
-    cfg: LlamaConfig, lcfg: LoraConfig | None, batch: int, prompt_len: int, max_new: int, sample: bool, top_k: int
+    cfg: FamilyConfig, lcfg: LoraConfig | None, batch: int, prompt_len: int, max_new: int, sample: bool, top_k: int
 ):
-    model = Llama(cfg)
+    model = build_model(cfg)
 
     def forward(variables, ids, positions, cache, index, cache_mask):
         with lora_interception(lcfg, fuse_wide=cfg.fuse_wide_adapters):
@@ -84,7 +85,7 @@ def _decoder(
 
 
 def generate(
-    cfg: LlamaConfig,
+    cfg: FamilyConfig,
     params,
     prompts: Sequence[Sequence[int]],
     *,
@@ -152,7 +153,7 @@ def generate(
 
 
 def check_settings(
-    cfg: LlamaConfig | None, *, max_new_tokens, temperature, top_k, seed=0, names: Mapping[str, str] | None = None
+    cfg: FamilyConfig | None, *, max_new_tokens, temperature, top_k, seed=0, names: Mapping[str, str] | None = None
 ) -> None:
     """ConfigError naming the value unless max_new_tokens >= 1, temperature is finite and >= 0,
     0 <= top_k <= vocab_size (top_k only when sampling: temperature > 0) and seed is an integer >= 0.
@@ -192,7 +193,7 @@ def check_settings(
         raise ConfigError(f"{n['seed']}{seed!r} must be an integer in [0, 2**63)")
 
 
-def generate_text(cfg: LlamaConfig, params, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
+def generate_text(cfg: FamilyConfig, params, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
     """String in, string out; special tokens are dropped from the output."""
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
@@ -257,7 +258,7 @@ def generate_cli(
         )
     model_path = _run_model_path(checkpoint) if checkpoint else resolve_model_path(model)
     tokenizer = open_model_dir(model_path)  # config.json, weights and tokenizer, one clear error each
-    cfg = LlamaConfig.from_hf(model_path)
+    cfg = config_from_hf(model_path)
     check_settings(cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, names=_FLAGS)
     context = cfg.max_position_embeddings
     ids = [tokenizer(p)["input_ids"] for p in prompts]

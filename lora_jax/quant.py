@@ -31,6 +31,10 @@ never holds full-precision copies of the projections (and, inside `nn.scan`, nev
 `QuantizedKernel` answers `.shape`, `.ndim`, `.size` and `.dtype` as the kernel it replaces does,
 `.astype(dtype)` dequantises, and `q[i]` takes layer i: code that only inspects or casts kernels
 (targeting, merging, export) works on it unchanged.
+
+`kind="fp8"` is the third kind of frozen base (`lora_jax.fp8.Fp8Kernel`: e4m3 codes, per-channel
+scales, multiplied in FP8 where the GPU can); `is_quantized`, `quantize`, `dequantize` and
+`quantize_like` answer for it too, so every caller treats the three kinds alike.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax.errors import ConfigError
+from lora_jax.fp8 import Fp8Kernel, dequantize_fp8, quantize_fp8
 from lora_jax.models.layout import projection_names
 
 __all__ = [
@@ -63,7 +68,7 @@ __all__ = [
     "is_projection_kernel",
 ]
 
-QUANT_KINDS = ("nf4", "int8")
+QUANT_KINDS = ("nf4", "int8", "fp8")
 _PROJECTIONS = projection_names()  # every family's projections (lora_jax.models.layout)
 BLOCK = 64  # weights per absmax scale
 DQ_BLOCK = 256  # scales per second-level scale
@@ -228,7 +233,8 @@ jax.tree_util.register_pytree_with_keys(
 
 
 def is_quantized(x) -> bool:
-    return isinstance(x, QuantizedKernel)
+    """Whether `x` is a frozen base kernel in a quantised form (NF4/int8 or FP8)."""
+    return isinstance(x, (QuantizedKernel, Fp8Kernel))
 
 
 def check_kind(kind: str | None) -> str | None:
@@ -267,13 +273,16 @@ def dequantize_scales(q: QuantizedKernel) -> jax.Array:
 
 def quantize(
     w, kind: str = "nf4", *, block: int = BLOCK, dq_block: int = DQ_BLOCK, dtype: Any = None
-) -> QuantizedKernel:
+) -> QuantizedKernel | Fp8Kernel:
     """Quantise a kernel `[..., in, out]` (any leading axes); traceable (jit it, or use
     `quantize_params` / `load_pretrained(quantize=...)`). Arithmetic in fp32.
-    dtype: what `dequantize` returns by default (default: `w`'s dtype)."""
+    dtype: what `dequantize` returns by default (default: `w`'s dtype).
+    kind="fp8": `lora_jax.fp8.quantize_fp8` (per-channel scales; `block`, `dq_block` unused)."""
     check_kind(kind)
     if kind is None:
-        raise ConfigError("quantize() needs kind='nf4' or 'int8'")
+        raise ConfigError("quantize() needs kind='nf4', 'int8' or 'fp8'")
+    if kind == "fp8":
+        return quantize_fp8(w, dtype=dtype)
     w = jnp.asarray(w)
     if w.ndim < 2:
         raise ConfigError(f"quantize() takes a kernel [..., in, out]; got shape {list(w.shape)}")
@@ -313,9 +322,11 @@ def _code_values(q: QuantizedKernel) -> jax.Array:
     return c.astype(jnp.float32) / 127.0
 
 
-def dequantize(q: QuantizedKernel, dtype: Any = None) -> jax.Array:
+def dequantize(q: QuantizedKernel | Fp8Kernel, dtype: Any = None) -> jax.Array:
     """The kernel `[..., in, out]` in `dtype` (default: the kernel's own): code value x scale in fp32,
     cast once."""
+    if isinstance(q, Fp8Kernel):
+        return dequantize_fp8(q, dtype)
     spec = q.spec
     values = _code_values(q)
     scales = dequantize_scales(q)
@@ -325,8 +336,11 @@ def dequantize(q: QuantizedKernel, dtype: Any = None) -> jax.Array:
     return w.astype(jnp.dtype(dtype or spec.dtype))
 
 
-def quantize_like(w, like: QuantizedKernel) -> QuantizedKernel:
+def quantize_like(w, like: QuantizedKernel | Fp8Kernel) -> QuantizedKernel | Fp8Kernel:
     """`w` quantised with the settings (kind, blocks, dtype) of `like`."""
+    if isinstance(like, Fp8Kernel):
+        q = quantize_fp8(w)
+        return Fp8Kernel(q.codes, q.scale, like.spec)
     s = like.spec
     return quantize(w, s.kind, block=s.block, dq_block=s.dq_block, dtype=s.dtype)
 

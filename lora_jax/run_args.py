@@ -42,13 +42,14 @@ def add_run_args(p: argparse.ArgumentParser, output_help: str) -> None:
         "lora.target_modules=[q_proj,v_proj] (repeatable; values are YAML, and text "
         "as it is for text fields such as train.output_dir)",
     )
-    p.add_argument("--model", type=path_arg, help="Hugging Face Llama directory (default: the built-in demo model)")
+    p.add_argument("--model", type=path_arg, help="Hugging Face model directory (default: the built-in demo model)")
     p.add_argument("--data", type=path_arg, help="training JSONL ({text} | {prompt, completion} | {messages})")
     p.add_argument("--eval-data", type=path_arg, help="held-out JSONL (default: a split of --data)")
     p.add_argument(
         "--quantize",
-        choices=("nf4", "int8"),
-        help="QLoRA: a 4-bit NF4 (or int8) frozen base; same as --set model.quantize=...",
+        choices=("nf4", "int8", "fp8"),
+        help="a quantised frozen base: nf4 (QLoRA), int8, or fp8 (FP8 GEMMs on Hopper/Ada); "
+        "same as --set model.quantize=...",
     )
     p.add_argument("--output-dir", type=path_arg, help=output_help)
     p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds")

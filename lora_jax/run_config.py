@@ -63,8 +63,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: RematPolicy = "none"
     loss_chunk_tokens: int = 2048  # the LM-head cross-entropy runs over chunks of this many tokens
-    # "nf4" (QLoRA) | "int8": a quantised frozen base (lora_jax.quant)
-    quantize: Literal["nf4", "int8"] | None = None
+    # "nf4" (QLoRA) | "int8": a quantised frozen base (lora_jax.quant); "fp8": e4m3 projections
+    # multiplied in FP8 on Hopper/Ada GPUs, dequantised elsewhere (lora_jax.fp8)
+    quantize: Literal["nf4", "int8", "fp8"] | None = None
     # the gate/up adapters inside the frozen matmul (faster; false: ~2% less peak memory, for the
     # longest context that fits)
     fuse_wide_adapters: bool = True
@@ -75,8 +76,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"model.attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
-        if self.quantize not in (None, "nf4", "int8"):
-            raise ConfigError(f"model.quantize={self.quantize!r}; choose 'nf4', 'int8' or null (no quantisation)")
+        if self.quantize not in (None, "nf4", "int8", "fp8"):
+            raise ConfigError(
+                f"model.quantize={self.quantize!r}; choose 'nf4', 'int8', 'fp8' or null (no quantisation)"
+            )
         if self.dtype not in ("auto",) + _DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r}; choose 'auto', 'float32' or 'bfloat16'")
         if self.remat_policy not in REMAT_POLICIES:

@@ -27,7 +27,7 @@ from lora_jax.hf import load as hf_load  # through the module: tests stand in fo
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.tree import combine, init_lora, split_trainable, unmerge
 from lora_jax.models.attention import segments_per_row
-from lora_jax.models.llama_config import LlamaConfig
+from lora_jax.models.registry import FamilyConfig, config_from_hf
 from lora_jax.run_config import ModelConfig, RunConfig
 from lora_jax.train.step import init_state, make_schedule, make_tx
 
@@ -62,8 +62,8 @@ def resolve_dtype(dtype: str) -> str:
 
 
 def open_model_dir(model_path: str):
-    """Check a model directory (a Llama config.json, safetensors weights) before anything is
-    written, one clear error each; returns its tokenizer."""
+    """Check a model directory (the config.json of a supported family, safetensors weights,
+    tokenizer files) before anything is written, one clear error each; returns its tokenizer."""
     # imported on first use: a slow import, and `lora-jax` sets its verbosity before it
     # (lora_jax.cli._quiet_startup)
     import transformers
@@ -71,9 +71,9 @@ def open_model_dir(model_path: str):
     if not os.path.isdir(model_path):
         raise ConfigError(
             f"model directory {model_path} does not exist; pass --model DIR (a Hugging Face "
-            "Llama directory: config.json, *.safetensors, tokenizer files)"
+            "model directory: config.json, *.safetensors, tokenizer files)"
         )
-    LlamaConfig.from_hf(model_path)
+    config_from_hf(model_path)
     hf_load.weight_files(model_path)
     needed = (
         "tokenizer.json (or tokenizer.model, or vocab.json + merges.txt) and tokenizer_config.json; "
@@ -111,14 +111,25 @@ def open_inputs(run: RunConfig) -> Inputs:
     dcfg = data_config(run)
     model_path = resolve_model_path(run.model.path)
     tokenizer = open_model_dir(model_path)
+    _check_positions(config_from_hf(model_path), dcfg)
     return Inputs(model_path, tokenizer, dcfg, build_datasets(dcfg, tokenizer))
 
 
+def _check_positions(cfg: FamilyConfig, dcfg: DataConfig) -> None:
+    """GPT-2's positions are a learned table of `n_positions` rows: a longer row would index past
+    it (JAX clamps the index, silently), so it is refused. RoPE families extrapolate: not checked."""
+    if cfg.model_type == "gpt2" and dcfg.seq_len > cfg.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len={dcfg.seq_len} exceeds this gpt2 model's n_positions={cfg.max_position_embeddings} "
+            f"(its learned position table); set data.seq_len to at most {cfg.max_position_embeddings}"
+        )
+
+
 def load_model(model: ModelConfig, path: str | None = None, *, mesh=None, rules=None):
-    """`(LlamaConfig, params)` of the base model, loaded as the run's model options say (dtype,
-    layer scan, remat, quantisation, adapter fusion, attention kernel); `path` (default
-    `model.path`, or the demonstration model) overrides where from. With `mesh`, each leaf goes to
-    its sharding under the logical-axis `rules`."""
+    """`(model config, params)` of the base model (its family's config: `LlamaConfig`, `GPT2Config`,
+    ...), loaded as the run's model options say (dtype, layer scan, remat, quantisation, adapter
+    fusion, attention kernel); `path` (default `model.path`, or the demonstration model) overrides
+    where from. With `mesh`, each leaf goes to its sharding under the logical-axis `rules`."""
     path = resolve_model_path(model.path) if path is None else path
     return hf_load.load_pretrained(
         path,
@@ -133,7 +144,7 @@ def load_model(model: ModelConfig, path: str | None = None, *, mesh=None, rules=
     )
 
 
-def fit_to_data(cfg: LlamaConfig, inputs: Inputs) -> LlamaConfig:
+def fit_to_data(cfg: FamilyConfig, inputs: Inputs) -> FamilyConfig:
     """Packed rows: the bound on segments per row that cuDNN's packed attention sizes its buffers by."""
     if inputs.data.packing:
         return cfg.replace(max_segments=segments_per_row(inputs.datasets.train_rows + inputs.datasets.eval_rows))
@@ -143,7 +154,7 @@ def fit_to_data(cfg: LlamaConfig, inputs: Inputs) -> LlamaConfig:
 class LoadedRun(NamedTuple):
     """A training run restored from its directory (`load_run`)."""
 
-    cfg: LlamaConfig
+    cfg: Any  # FamilyConfig: the base's config (Any while hf.save_pretrained is typed for LlamaConfig)
     params: Any  # the base, with `modules_to_save` as trained
     lora: Any
     lcfg: LoraConfig

@@ -179,3 +179,77 @@ def cli_error(capsys, argv, code: int = 2) -> str:
     prefix = "lora-jax: error:" if code == 2 else "lora-jax: "
     assert len(err.splitlines()) == 1 and err.startswith(prefix), err[-3000:]
     return err
+
+
+# ------------------------------------------------------------------------------------------ families
+# tiny random models of each family with the demo model's tokenizer (its 857-token vocabulary), so
+# they train through `lora-jax train`; each differs from Llama where its family does
+FAMILY_TINY = dict(
+    vocab_size=857,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+FAMILY_OVERRIDES = {
+    "qwen2": dict(tie_word_embeddings=True),  # q/k/v biases
+    "qwen3": dict(head_dim=12),  # q/k norms; head_dim != hidden / heads
+    "mistral": dict(sliding_window=6),  # narrower than the sequences
+    "gemma3_text": dict(
+        head_dim=8,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=12,
+        final_logit_softcapping=3.0,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 5000.0},
+        },
+    ),
+    "gpt2": dict(n_positions=128, n_embd=32, n_layer=2, n_head=4),
+}
+
+
+def make_hf_family(
+    out_dir, model_type: str, seed: int = 0, with_tokenizer: bool = True, weight_std: float | None = None, **overrides
+) -> str:
+    """A tiny random transformers model of `model_type` (FAMILY_OVERRIDES), every weight perturbed
+    (norms and biases too, so a mix-up cannot pass), saved with save_pretrained together with the
+    demo model's tokenizer files; returns the directory. `weight_std`: draw the other weights with
+    this deviation (a larger one than the 0.02 init makes greedy decoding vary from token to token)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from lora_jax.demo import DEMO_MODEL
+
+    torch.manual_seed(seed)
+    if model_type == "gpt2":
+        ids = {k: FAMILY_TINY[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+        config = transformers.GPT2Config(**ids, **{**FAMILY_OVERRIDES["gpt2"], **overrides})
+    else:
+        config = transformers.AutoConfig.for_model(
+            model_type, **{**FAMILY_TINY, **FAMILY_OVERRIDES[model_type], **overrides}
+        )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+            elif "norm" in name or ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif weight_std is not None:
+                p.copy_(weight_std * torch.randn_like(p))
+            elif model_type == "gemma3_text":
+                p.copy_(0.1 * torch.randn_like(p))  # its embeddings are scaled up by sqrt(hidden)
+    model.save_pretrained(os.fspath(out_dir))
+    if with_tokenizer:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(DEMO_MODEL, name), os.fspath(out_dir))
+    return os.fspath(out_dir)

@@ -174,12 +174,10 @@ def test_unimplemented_options_refused(tmp_path):
             lj.load_pretrained(tmp_path / name)
 
 
-def test_window_refused_outside_xla_and_no_cache(gemma3, monkeypatch):
+def test_window_refused_outside_xla(gemma3, monkeypatch):
     from lora_jax.models import attention as attention_module
 
     path, cfg, params = gemma3
     monkeypatch.setattr(attention_module, "_platform", lambda: "gpu")
     with pytest.raises(lj.ConfigError, match="sliding_window=5 is shorter than the sequence"):
         lj.build_model(cfg.replace(attention="pallas")).apply({"params": params}, jnp.asarray(IDS))
-    with pytest.raises(lj.ConfigError, match="KV-cache decoding is not implemented for gemma3_text"):
-        lj.build_model(cfg).apply({"params": params}, jnp.asarray(IDS), cache=object(), cache_index=0)

@@ -140,10 +140,25 @@ def test_packed_segments_match_separate_documents(model_dir):
 
 
 def test_refusals(model_dir, tmp_path):
-    with pytest.raises(lj.ConfigError, match="not implemented for gpt2"):
-        lj.load_pretrained(model_dir, quantize="nf4")
     with pytest.raises(lj.ConfigError, match="scale_attn_by_inverse_layer_idx"):
         GPT2Config.from_hf({**TINY_GPT2, "model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
-    cfg, params = lj.load_pretrained(model_dir)
-    with pytest.raises(lj.ConfigError, match="KV-cache"):
-        lj.build_model(cfg).apply({"params": params}, jnp.asarray(IDS), cache=object())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp8"])
+def test_quantized_base_equals_its_dequantised_weights(model_dir, kind):
+    """QLoRA on GPT-2's Conv1D `[in, out]` weights: the quantised base's logits equal those of a
+    plain model holding the dequantised kernels, and differ from the original by the rounding."""
+    from lora_jax.quant import dequantize, is_quantized
+
+    cfg, params = lj.load_pretrained(model_dir, dtype="float32")
+    qcfg, qparams = lj.load_pretrained(model_dir, dtype="float32", quantize=kind)
+    assert sum(is_quantized(leaf) for leaf in jax.tree.leaves(qparams, is_leaf=is_quantized)) > 0
+    deq = jax.tree.map(
+        lambda leaf: dequantize(leaf, jnp.float32) if is_quantized(leaf) else leaf, qparams, is_leaf=is_quantized
+    )
+    ids = jnp.asarray(IDS)
+    ours = lj.apply(lj.build_model(qcfg), qparams, {}, None, ids)
+    reference = lj.build_model(cfg).apply({"params": deq}, ids)
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+    original = lj.build_model(cfg).apply({"params": params}, ids)
+    assert 1e-3 < float(jnp.max(jnp.abs(ours - original)))

@@ -161,7 +161,7 @@ def test_unknown_field_is_a_config_error():
         ("optim.clip_norm=abc", "optim.clip_norm='abc'; use a number or null"),
         ("data.eval_fraction={a: 1}", "data.eval_fraction={'a': 1}; use a number"),
         ("optim.schedule=cosin", "optim.schedule='cosin'; use 'cosine', 'linear' or 'constant'"),
-        ("model.quantize=int4", "model.quantize='int4'; use 'nf4', 'int8' or null"),
+        ("model.quantize=int4", "model.quantize='int4'; use 'nf4', 'int8', 'fp8' or null"),
         ("model.remat_policy=some", "model.remat_policy='some'; use 'none', 'full'"),
         ("model.attention=flash", "model.attention='flash'; use 'auto'"),
         ("lora.r=0", "r=0 must be a positive integer"),  # the range: the section's own check

@@ -13,7 +13,15 @@ compile seconds.
     python experiments/bench/cli_bench.py --shape 8b --config experiments/configs/llama-3-8b.yaml --steps 8
     python experiments/bench/cli_bench.py --shape 8b --config experiments/configs/llama-3-8b-long.yaml \\
         --doc-words 139264 139264 --steps 3                     # one long document per row
+    python experiments/bench/cli_bench.py --shape qwen3-1.7b --config experiments/configs/qwen3-1.7b.yaml
+    python experiments/bench/cli_bench.py --shape gemma-3-1b --config experiments/configs/gemma-3-1b.yaml
     python experiments/bench/cli_bench.py --shape tiny --steps 5 --work /tmp/bench  # CPU smoke test
+    python experiments/bench/cli_bench.py --shape gemma3-tiny --config experiments/configs/gemma-3-1b.yaml \\
+        --steps 3 --set data.seq_len=64 --set train.batch_size=2 --doc-words 20 60 --work /tmp/bench  # CPU
+
+The architecture is the shape's (shapes.py, each with its `model_type`); the config gives only the
+run settings, so pair a family's shape with its config. FLOPs and MFU are the loop's own
+(`lora_jax/flops.py`, read off the loaded model's config: per-family widths, Gemma's window).
 """
 
 from __future__ import annotations
@@ -32,15 +40,16 @@ _ROOT = os.path.dirname(os.path.dirname(_HERE))
 sys.path.insert(0, _HERE)
 sys.path.insert(0, _ROOT)
 
-from shapes import get_shape  # noqa: E402
+from shapes import config_for, get_shape  # noqa: E402
 
 GIB = 2**30
 
 
 def make_model(shape: str, out: str) -> None:
-    """A random Llama of `shape` saved by transformers (bf16 safetensors) plus a word-level
-    tokenizer whose words `w0 ... w{vocab-1}` are the token ids. Runs in its own process so torch
-    frees the device before JAX starts."""
+    """A random model of `shape`, built by transformers for the shape's family (`AutoConfig.for_model`
+    of its `model_type`, `AutoModelForCausalLM.from_config`: Llama, Qwen3, Gemma 3) and saved as bf16
+    safetensors, plus a word-level tokenizer whose words `w0 ... w{vocab-1}` are the token ids. Runs
+    in its own process so torch frees the device before JAX starts."""
     import numpy as np
     import tokenizers
     import torch
@@ -51,7 +60,7 @@ def make_model(shape: str, out: str) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+        model = transformers.AutoModelForCausalLM.from_config(config_for(shape), dtype=torch.bfloat16)
     with torch.no_grad():  # random, non-zero weights everywhere (norms too)
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * (0.02 if p.ndim > 1 else 0.1) + (1.0 if p.ndim == 1 else 0.0))
@@ -60,10 +69,12 @@ def make_model(shape: str, out: str) -> None:
     vocab = {f"w{i}": i for i in range(hf["vocab_size"])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    bos, eos = hf.get("bos_token_id"), hf.get("eos_token_id")
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=f"w{hf.get('bos_token_id', 1)}",
-        eos_token=f"w{np.atleast_1d(hf.get('eos_token_id', 2))[0]}",
+        bos_token=f"w{1 if bos is None else bos}",
+        eos_token=f"w{2 if eos is None else np.atleast_1d(eos)[0]}",
+        **({"pad_token": f"w{hf['pad_token_id']}"} if hf.get("pad_token_id") is not None else {}),
     )
     fast.save_pretrained(tmp)
     os.replace(tmp, out)
@@ -121,6 +132,7 @@ def run(args) -> dict:
     result = {
         "system": "lora-jax train",
         "shape": args.shape,
+        "model_type": get_shape(args.shape).get("model_type", "llama"),
         "config": os.path.relpath(args.config, _ROOT) if args.config else "demo",
         "overrides": args.overrides,
         "batch": batch,
@@ -170,7 +182,9 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="1b", help="a shape of experiments/bench/shapes.py")
+    p.add_argument(
+        "--shape", default="1b", help="a shape of experiments/bench/shapes.py (its model_type picks the family)"
+    )
     p.add_argument("--config", default=None, help="a run config YAML (default: the demonstration's)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument(

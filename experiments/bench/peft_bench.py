@@ -1,7 +1,8 @@
 """PyTorch/PEFT LoRA training throughput benchmark: the baseline the JAX side is compared against.
 
-Builds `transformers.LlamaForCausalLM` from a shape in `shapes.py` with random weights (the GPU
-machine has no internet), wraps it with PEFT LoRA (r=16, all seven projections), and times full
+Builds the family's transformers model (`AutoModelForCausalLM.from_config`: Llama, Qwen3, Gemma 3, by
+the shape's `model_type`) from a shape in `shapes.py` with random weights (the GPU machine has no
+internet), wraps it with PEFT LoRA (r=16, all seven projections: lora-jax's `all-linear`), and times full
 training steps (forward, loss, backward, fused AdamW) on random token batches. Throughput is
 turned into MFU with `lora_jax/flops.py`, loaded by file path so neither JAX nor the `lora_jax`
 package (which imports JAX) is needed here.
@@ -18,7 +19,10 @@ sweep several configs.
     python experiments/bench/peft_bench.py --shape 1b --batch 8 --seq 2048 --mode eager compile
     python experiments/bench/peft_bench.py --shape 8b --batch 1 --seq 8192 --grad-ckpt
     python experiments/bench/peft_bench.py --max-seq-search            # 8B, batch 1, grad ckpt
+    python experiments/bench/peft_bench.py --shape qwen3-1.7b --batch 8 --seq 2048 --mode eager compile
+    python experiments/bench/peft_bench.py --shape gemma-3-1b --batch 32 --seq 512 --mode eager compile
     python experiments/bench/peft_bench.py --shape tiny --device cpu --batch 2 --seq 64 --steps 2
+    python experiments/bench/peft_bench.py --shape gemma3-tiny --device cpu --batch 2 --seq 64 --steps 2 --warmup 1
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(os.path.dirname(_HERE))
 sys.path.insert(0, _HERE)
-from shapes import SHAPES, get_shape  # noqa: E402
+from shapes import SHAPES, config_for, model_type  # noqa: E402
 
 
 def _load_flops():
@@ -52,7 +56,7 @@ def _load_flops():
 
 flops = _load_flops()
 
-TARGETS = list(flops.ALL_TARGETS)
+TARGETS = list(flops.ALL_TARGETS)  # Llama's names; a family's own are `_targets(config)`
 MAX_SEQ_SEARCH_DEFAULT = (16384, 24576, 28672, 32768, 40960)
 GIB = 2**30
 
@@ -85,22 +89,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _targets(config) -> list[str]:
+    """The family's projections (q/k/v/o, gate/up/down for Llama, Qwen3 and Gemma 3): lora-jax's
+    `all-linear`, which leaves the LM head out as PEFT's does."""
+    return list(flops.layout_of(config).names)
+
+
 def build_model(shape: str, device: torch.device, r: int = 16, grad_ckpt: bool = False):
-    """Random-init bf16 Llama directly on `device`, wrapped with PEFT LoRA on all 7 projections.
+    """Random-init bf16 model of the shape's family directly on `device`, wrapped with PEFT LoRA on
+    all its projections.
 
     Constructing under `torch.device(device)` with bf16 as default dtype avoids materialising an
     fp32 copy on the CPU first (32 GB for the 8B shape). No blanket `.to(bfloat16)`: that would
     also round the fp32 RoPE `inv_freq` buffer, which `from_pretrained(dtype=bfloat16)` keeps.
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(**get_shape(shape), attn_implementation="sdpa", use_cache=False)
+    config = config_for(shape, attn_implementation="sdpa", use_cache=False)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(previous)
     for param in model.parameters():  # no-op unless some version creates a parameter in fp32
@@ -110,7 +121,7 @@ def build_model(shape: str, device: torch.device, r: int = 16, grad_ckpt: bool =
         # enabled anyway as PEFT's own recipe does, so embeddings never cut the backward graph.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=_targets(config), lora_dropout=0.0, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.train()
     return model, config
@@ -157,7 +168,7 @@ def _measure(shape, batch, seq, mode, grad_ckpt, device, steps, warmup, r, autoc
 
     step_s = statistics.median(times)
     tokens_per_s = batch * seq / step_s
-    f_tok = flops.flops_per_token(config, seq, r, TARGETS)
+    f_tok = flops.flops_per_token(config, seq, r, _targets(config))
     return {
         "tokens_per_s": tokens_per_s,
         "mfu_798": flops.mfu(tokens_per_s, f_tok, flops.PEAK_H100_MEASURED),
@@ -198,6 +209,7 @@ def run_config(
         "system": "pytorch-peft",
         "mode": mode,
         "shape": shape,
+        "model_type": model_type(shape),
         "batch": batch,
         "seq": seq,
         "remat": "full" if grad_ckpt else "none",

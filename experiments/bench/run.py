@@ -11,6 +11,7 @@ the results are gathered into `results.jsonl` and a Markdown table.
     python experiments/bench/run.py --suite 8b        # 8B: experiments/configs/llama-3-8b.yaml
     python experiments/bench/run.py --suite long      # 8B, batch 1: llama-3-8b-long.yaml, 80 GB cap
     python experiments/bench/run.py --suite dropout   # the 1B config with and without LoRA dropout
+    python experiments/bench/run.py --suite families  # Qwen3-1.7B and Gemma-3-1B: shipped configs vs PEFT
     python experiments/bench/run.py --suite 1b 8b long --out-dir bench_out
 """
 
@@ -23,12 +24,28 @@ import os
 import subprocess
 import sys
 
+import yaml
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(os.path.dirname(_HERE))
 PY = sys.executable
 
 _1B = ["--shape", "1b", "--config", "experiments/configs/llama-3.2-1b.yaml", "--steps", "30"]
 _8B = ["--shape", "8b", "--config", "experiments/configs/llama-3-8b.yaml", "--steps", "8"]
 _LONG = ["--shape", "8b", "--config", "experiments/configs/llama-3-8b-long.yaml", "--steps", "3"]
+
+
+def _family(shape: str, config: str, steps: int = 30) -> list[tuple[str, list[str]]]:
+    """`lora-jax train` with a family's shipped config beside PEFT (eager and torch.compile) at the
+    config's own batch x seq (Qwen3-1.7B 8 x 2048; Gemma-3-1B 32 x 512, its sliding window)."""
+    with open(os.path.join(_ROOT, config)) as f:
+        cfg = yaml.safe_load(f)
+    batch, seq = cfg["train"]["batch_size"], cfg["data"]["seq_len"]
+    return [
+        ("cli", ["--shape", shape, "--config", config, "--steps", str(steps)]),
+        ("peft", ["--shape", shape, "--batch", str(batch), "--seq", str(seq), "--mode", "eager", "compile"]),
+    ]
+
 
 SUITES = {
     "1b": [
@@ -49,6 +66,8 @@ SUITES = {
         ("cli", _LONG + ["--doc-words", "200", "1800"]),
         ("peft", ["--max-seq-search", "--seq", "28672", "32768"]),
     ],
+    "families": _family("qwen3-1.7b", "experiments/configs/qwen3-1.7b.yaml")
+    + _family("gemma-3-1b", "experiments/configs/gemma-3-1b.yaml"),
 }
 
 SCRIPTS = {
@@ -83,7 +102,7 @@ def run_one(side: str, args: list[str], log) -> list[dict]:
     print("+", " ".join(cmd), flush=True)
     proc = subprocess.Popen(
         cmd,
-        cwd=os.path.dirname(os.path.dirname(_HERE)),
+        cwd=_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

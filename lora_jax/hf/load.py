@@ -4,7 +4,7 @@ Tensors stream one at a time from the safetensors files; each Flax leaf is assem
 buffer (stacked over layers when scanning) and moved to its device(s) as soon as it is complete, so
 host memory holds at most the leaves still being filled, never a second copy of the model.
 
-With `quantize="nf4"` (QLoRA) or `"int8"`, each projection tensor is quantised on its device(s) as it
+With `quantize="nf4"` (QLoRA), `"int8"` or `"fp8"`, each projection tensor is quantised on its device(s) as it
 is read, straight into the stacked quantised leaf there: host memory holds one tensor at a time
 and the device never holds a full-precision projection beyond the one being quantised.
 """
@@ -31,7 +31,7 @@ from lora_jax.models.gemma3_config import Gemma3Config
 from lora_jax.models.gpt2_config import GPT2Config
 from lora_jax.models.layout import get_path
 from lora_jax.models.llama_config import ARCHITECTURES, LlamaConfig, _hf_dict
-from lora_jax.quant import QuantizedKernel, check_kind, is_projection_kernel
+from lora_jax.quant import check_kind, is_projection_kernel
 from lora_jax.quant import quantize as quantize_kernel  # `quantize` is load_pretrained's argument
 from lora_jax.sharding import DEFAULT_RULES, param_sharding, tree_shardings
 
@@ -171,6 +171,8 @@ def load_pretrained(
     compute_dtype: activation dtype; defaults to the parameter dtype.
     quantize: `"nf4"` or `"int8"`: the seven projection kernels become `lora_jax.quant.QuantizedKernel`s
         (quantised from `dtype`, layer by layer as they stream in, sharded like the kernels);
+        `"fp8"`: `lora_jax.fp8.Fp8Kernel`s (e4m3 codes, per-channel scales computed in fp32 from
+        the `dtype` weights), multiplied in FP8 on GPUs that have FP8 GEMMs, dequantised elsewhere;
         embeddings, norms and the LM head stay in `dtype`. Such params run inside
         `lora_interception()` (`lj.apply`, training, `generate`).
     fuse_wide_adapters: `LlamaConfig.fuse_wide_adapters` (how the gate/up adapters run).
@@ -186,8 +188,6 @@ def load_pretrained(
             "model directory (config.json + *.safetensors)"
         )
     hf_cfg = _config_from_hf(path)  # validates model type and options before reading weights
-    if quantize is not None and hf_cfg.model_type == "gpt2":
-        raise ConfigError(f"quantize={quantize!r} (QLoRA) is not implemented for gpt2; load it without quantize")
     files = weight_files(path)
     found = _index_tensors(files)
     entries = check_tensors(hf_cfg, found)
@@ -308,8 +308,9 @@ class _Quantizer:
             return
         if leaf not in self.buffers:
             n = self.cfg.num_hidden_layers
-            self.buffers[leaf] = QuantizedKernel(*(np.zeros((n,) + a.shape, a.dtype) for a in q.arrays()), q.spec)
-        for buf, part in zip(self.buffers[leaf].arrays(), q.arrays()):
+            parts, tree = jax.tree.flatten(q)
+            self.buffers[leaf] = jax.tree.unflatten(tree, [np.zeros((n,) + a.shape, a.dtype) for a in parts])
+        for buf, part in zip(jax.tree.leaves(self.buffers[leaf]), jax.tree.leaves(q)):
             buf[layer] = part
 
     def finish(self, leaf):

@@ -1,6 +1,7 @@
 """PEFT adapter directories (`adapter_config.json` + `adapter_model.safetensors`) <-> adapter trees.
 
-The file layout is the one `peft.PeftModel.save_pretrained` writes for a Llama (checked against PEFT 0.21):
+The file layout is the one `peft.PeftModel.save_pretrained` writes (checked against PEFT 0.21); for a
+Llama (other families: their layout's module names, e.g. GPT-2's `transformer.h.{i}.attn.c_attn`):
 
     base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight       [r, in]
     base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_B.weight       [out, r]
@@ -10,7 +11,7 @@ The file layout is the one `peft.PeftModel.save_pretrained` writes for a Llama (
 Flax `a` is `lora_A.weight.T`, `b` is `lora_B.weight.T`, `m` is the magnitude vector. Only real
 entries are written: layers an adapter leaves alone are skipped and ranks padded to the largest
 (`rank_pattern` with scanned layers) are sliced back to each module's own `r`.
-Saving and loading stay together (a little over 400 lines): each is the other's inverse, key for key.
+Saving and loading stay together (under 500 lines): each is the other's inverse, key for key.
 
 Loading is stricter than PEFT: a key the config does not explain, a key it needs that is absent
 (DoRA magnitudes included) and a shape that does not fit the base are errors naming the key, so an
@@ -54,7 +55,9 @@ from lora_jax.hf.save import atomic_dir, check_export_target
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.targets import Target, model_shape, plan_targets, shape_from_config
 from lora_jax.lora.tree import adapter_paths, build_tree
-from lora_jax.models.layout import LLAMA_LAYOUT, Layout, get_path
+from lora_jax.models.gemma3_config import Gemma3Config
+from lora_jax.models.gpt2_config import GPT2Config
+from lora_jax.models.layout import GEMMA3_LAYOUT, LLAMA_LAYOUT, Layout, get_path, layout_of
 from lora_jax.models.llama_config import LlamaConfig
 
 __all__ = ["save_peft", "load_peft", "apply_modules_to_save", "read_peft_config", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
@@ -68,16 +71,41 @@ _LORA_KEY = re.compile(
 
 
 # ------------------------------------------------------------------------------------ base entries
-def _config_from_params(params, layout: Layout = LLAMA_LAYOUT) -> LlamaConfig:
-    """A LlamaConfig with the tensor names and shapes of `params` (for the HF key table only: head
-    counts are recovered up to a common factor, which changes no shape)."""
-    shape = model_shape(params, layout)
+def _config_from_params(params) -> LlamaConfig | GPT2Config | Gemma3Config:
+    """A model config of the family of `params` with their tensor names and shapes (for the HF key
+    table only: head counts are recovered up to a common factor, which changes no shape)."""
+    shape = model_shape(params)
+    layout = shape.layout
     layer0 = params[layout.layers] if shape.scan_layers else params[f"{layout.layers}_0"]
+    vocab, hidden = params[layout.embed]["embedding"].shape
+    if layout.family == "gpt2":  # one head: GPT-2's head count changes no tensor shape
+        return GPT2Config(
+            vocab_size=int(vocab),
+            n_positions=int(params["wpe"]["embedding"].shape[0]),
+            n_embd=int(hidden),
+            n_layer=shape.num_layers,
+            n_head=1,
+            n_inner=shape.io["c_fc"][1],
+            scan_layers=shape.scan_layers,
+        )
+    if GEMMA3_LAYOUT.layer_norms[2] in layer0:  # pre_feedforward_layernorm: Gemma 3's, not Llama's
+        head_dim = int(layer0["self_attn"]["q_norm"]["scale"].shape[-1])
+        return Gemma3Config(
+            vocab_size=int(vocab),
+            hidden_size=int(hidden),
+            intermediate_size=shape.io["gate_proj"][1],
+            num_hidden_layers=shape.num_layers,
+            num_attention_heads=shape.io["q_proj"][1] // head_dim,
+            num_key_value_heads=shape.io["k_proj"][1] // head_dim,
+            head_dim=head_dim,
+            attention_bias="bias" in layer0["self_attn"]["q_proj"],
+            tie_word_embeddings=layout.lm_head not in params,
+            scan_layers=shape.scan_layers,
+        )
     sizes = {axis: n for p in layout.projections for axis, n in zip(p.axes, shape.io[p.name])}
     biases: dict[str, Any] = {  # LlamaConfig's bias flags, named by the layout
         p.bias: "bias" in layer0[p.parent][p.name] for p in layout.projections if isinstance(p.bias, str)
     }
-    vocab, hidden = params[layout.embed]["embedding"].shape
     head_dim = math.gcd(sizes["heads"], sizes["kv_heads"])
     attn = layer0[layout.head_norm_parent]
     model_type = "llama"  # the family whose layout has these tensors
@@ -104,15 +132,17 @@ def _module_of(hf_key: str) -> str:
     return hf_key.rsplit(".", 1)[0]
 
 
-def _saved_entries(cfg: LlamaConfig, modules) -> list[Entry]:
+def _saved_entries(cfg, modules) -> list[Entry]:
     """Base tensors of the `modules_to_save` modules, matched as PEFT does (name ends with)."""
+    layout = layout_of(cfg)
     entries = [e for e in hf_entries(cfg) if any(_module_of(e.hf_key).endswith(m) for m in modules)]
     unmatched = [m for m in modules if not any(_module_of(e.hf_key).endswith(m) for e in entries)]
     if unmatched:
-        tied = " (lm_head is tied to embed_tokens in this model)" if cfg.tie_word_embeddings else ""
+        tied = f" ({layout.lm_head} is tied to {layout.embed} in this model)" if cfg.tie_word_embeddings else ""
+        examples = ", ".join(repr(m) for m in (layout.embed, layout.final_norm, *layout.layer_norms))
         raise ConfigError(
             f"modules_to_save={list(modules)}: {unmatched} match no module of the model{tied}; "
-            "modules are e.g. 'lm_head', 'embed_tokens', 'norm', 'input_layernorm'"
+            f"modules of this {layout.family} model are e.g. {examples}"
         )
     return entries
 
@@ -147,7 +177,7 @@ def _adapter_tensors(
                 f"the adapter tree holds {_short('/'.join(p) for p in sorted(have - want))}, which lcfg does not target"
             )
         raise ConfigError(
-            "; ".join(parts) + ". Pass the LoraConfig the adapters were made with (and the LlamaConfig of their base)"
+            "; ".join(parts) + ". Pass the LoraConfig the adapters were made with (and the model config of their base)"
         )
     out: dict[str, np.ndarray] = {}
     by_path: dict[tuple, list[Target]] = defaultdict(list)
@@ -202,7 +232,7 @@ def save_peft(
     out_dir: str,
     lora,
     lcfg: LoraConfig,
-    cfg: LlamaConfig,
+    cfg: LlamaConfig | GPT2Config | Gemma3Config,
     base_model_name_or_path: str | None = None,
     dtype: str = "float32",
     params=None,
@@ -211,7 +241,7 @@ def save_peft(
 ) -> str:
     """Write `lora` as a PEFT adapter directory that `peft.PeftModel.from_pretrained` loads.
 
-    cfg: the base model's LlamaConfig (fixes the shapes targets are planned against).
+    cfg: the base model's config, of its family (fixes the shapes targets are planned against).
     dtype: tensor dtype in the file ("float32", "bfloat16", "float16").
     params: the (trained) parameters, needed only when `lcfg.modules_to_save` is set: those modules'
         weights are written as PEFT writes them (`base_model.model.lm_head.weight`, ...).
@@ -227,8 +257,6 @@ def save_peft(
     target = np_dtype(dtype)
     shape = shape_from_config(cfg)
     gpt2 = shape.layout.family == "gpt2"
-    if gpt2 and lcfg.modules_to_save:
-        raise ConfigError("modules_to_save is not implemented for gpt2 adapters; leave it empty")
     targets = plan_targets(shape, lcfg)
     tensors = _adapter_tensors(lora, lcfg, targets, target, shape.layout)
     if lcfg.modules_to_save:
@@ -237,7 +265,7 @@ def save_peft(
                 f"lcfg.modules_to_save={list(lcfg.modules_to_save)}: pass params= (the trained "
                 "parameters) so save_peft can write those modules' weights"
             )
-        scan = LLAMA_LAYOUT.layers in params
+        scan = shape.layout.layers in params
         for e in _saved_entries(cfg, lcfg.modules_to_save):
             leaf = get_path(params, flax_path(e, scan))
             t = np.asarray(jax.device_get(leaf[e.layer] if (scan and e.layer is not None) else leaf))
@@ -245,7 +273,7 @@ def save_peft(
             if t.shape != e.hf_shape:
                 raise ConfigError(
                     f"params tensor for {e.hf_key} has shape {list(t.shape)} but cfg implies "
-                    f"{list(e.hf_shape)}; pass the params and LlamaConfig of one model"
+                    f"{list(e.hf_shape)}; pass the params and model config of one model"
                 )
             tensors[PREFIX + e.hf_key] = np.ascontiguousarray(t.astype(target))
     base = None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
@@ -306,8 +334,6 @@ def _read_checked(adapter_dir, params):
     shape = model_shape(params)
     gpt2 = shape.layout.family == "gpt2"
     lcfg = read_peft_config(adapter_dir, fan_in_fan_out=gpt2)
-    if gpt2 and lcfg.modules_to_save:
-        raise CheckpointFormatError(f"adapter {adapter_dir}: modules_to_save is not implemented for gpt2")
     try:
         targets = plan_targets(shape, lcfg)
     except ConfigError as e:
@@ -321,19 +347,20 @@ def _read_checked(adapter_dir, params):
         expected[f"{key}.lora_B.weight"] = (t.fan_out, t.r)
         if lcfg.use_dora:
             expected[f"{key}.lora_magnitude_vector"] = (t.fan_out,)
-    base_cfg = None if gpt2 else _config_from_params(params)
-    base = {} if base_cfg is None else {PREFIX + e.hf_key: e for e in hf_entries(base_cfg)}
+    base_cfg = _config_from_params(params)
+    base = {PREFIX + e.hf_key: e for e in hf_entries(base_cfg)}
     try:
         saved = (
             {PREFIX + e.hf_key: e for e in _saved_entries(base_cfg, lcfg.modules_to_save)}
-            if lcfg.modules_to_save and base_cfg is not None
+            if lcfg.modules_to_save
             else {}
         )
     except ConfigError as e:
         raise CheckpointFormatError(f"adapter {adapter_dir}: {e}") from None
     # PEFT's save_embedding_layers writes embed_tokens / lm_head weights without modules_to_save;
     # PEFT loads them into the base, and so does apply_modules_to_save.
-    for key in (PREFIX + "model.embed_tokens.weight", PREFIX + "lm_head.weight"):
+    layout = shape.layout
+    for key in (f"{PREFIX}{layout.hf_base}.{layout.embed}.weight", f"{PREFIX}{layout.lm_head}.weight"):
         if key in tensors and key in base:
             saved.setdefault(key, base[key])
     for key, entry in saved.items():
@@ -420,7 +447,7 @@ def _tree_from_tensors(lcfg: LoraConfig, shape, targets: list[Target], tensors, 
 def _apply_modules(params, module_tensors: dict[Entry, np.ndarray]):
     if not module_tensors:
         return params
-    scan = LLAMA_LAYOUT.layers in params
+    scan = model_shape(params).layout.layers in params
     flat = traverse_util.flatten_dict(params)
     by_leaf: dict[tuple, list[tuple[Entry, np.ndarray]]] = defaultdict(list)
     for e, t in module_tensors.items():

@@ -134,7 +134,7 @@ def read_peft_config(adapter_dir: str, *, fan_in_fan_out: bool = False) -> LoraC
     if task not in (None, "CAUSAL_LM"):
         raise CheckpointFormatError(
             f"{path}: task_type={task!r} is not supported; lora_jax runs "
-            "LlamaForCausalLM, so the adapter must be task_type 'CAUSAL_LM'"
+            "causal language models, so the adapter must be task_type 'CAUSAL_LM'"
         )
     for field, off, what in _UNSUPPORTED:
         if field == "fan_in_fan_out" and fan_in_fan_out:

@@ -7,7 +7,8 @@ leaves the target as it was and no temporary behind. A target that holds anythin
 `overwrite=True`, and even then only a previous export of the same kind (recognised by its exact
 contents, `is_previous_export`) is replaced; a file at the target is always refused.
 
-A quantised base (`lora_jax.quant`, QLoRA) is written dequantised, one layer slice at a time, in
+A quantised base (`lora_jax.quant`, QLoRA, or `lora_jax.fp8`) is written dequantised (an FP8 base
+in the params' dtype: its e4m3-rounded weights, not the original ones), one layer slice at a time, in
 fp32 arithmetic cast once to the export dtype; merged with adapters, the merge runs on that fp32
 slice (dequantise, add s*A@B in fp32, cast once)."""
 

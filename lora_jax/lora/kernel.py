@@ -18,6 +18,8 @@ A quantised kernel (`lora_jax.quant.QuantizedKernel`, QLoRA) is dequantised here
 `quantized_matmul` forms the one `[in, out]` kernel in the compute dtype under `jax.checkpoint`, so
 the backward pass dequantises it again instead of keeping it (inside `nn.scan` a kept copy would be
 stacked over all layers). Gradients reach the activations and adapters, never the codes.
+An FP8 kernel (`lora_jax.fp8.Fp8Kernel`) is not dequantised where the device has FP8 GEMMs: it runs
+`fp8_matmul`, both of its GEMMs in FP8; elsewhere it is dequantised like the others.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from lora_jax.fp8 import fp8_matmul, is_fp8, uses_fp8_gemm
 from lora_jax.lora.dropout import dropout_project, dropped
 from lora_jax.quant import dequantize, is_quantized
 
@@ -46,6 +49,8 @@ def quantized_matmul(x, qkernel):
 
 
 def _base_mm(x, kernel):
+    if is_fp8(kernel) and uses_fp8_gemm(kernel):
+        return fp8_matmul(x, kernel)
     return quantized_matmul(x, kernel) if is_quantized(kernel) else _mm(x, kernel)
 
 

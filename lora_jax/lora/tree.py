@@ -222,7 +222,8 @@ def dora_weight_norms(params, lora, lcfg: LoraConfig | None = None) -> dict:
 def merge(params, lora, lcfg: LoraConfig | None = None) -> dict:
     """Plain params with each adapter folded in: W + s*A@B (DoRA: m * (W + s*A@B) / ||W + s*A@B||).
     fp32 arithmetic, cast back to the kernel's dtype once; every other leaf is returned as is.
-    A quantised kernel (`lora_jax.quant`) is dequantised in fp32 and merged into a plain kernel.
+    A quantised kernel (`lora_jax.quant`: NF4, int8 or FP8) is dequantised in fp32 and merged into a
+    plain kernel in the params' dtype (an FP8 base loaded from bf16 merges into bf16).
 
     Example, on a tiny random model in memory:
 

@@ -20,7 +20,8 @@ What differs from Llama, each as transformers 5 computes it (`modeling_gemma3`):
 With scanned layers the layer type is a scanned input: RoPE tables are selected per layer and the
 attention runs through `lax.cond` between the windowed and the full call.
 
-KV-cache decoding is not implemented for this family (refused).
+KV-cache decoding (`cache=`, as Llama's) keeps every slot and masks: a local layer sees the last
+`sliding_window` slots of the cache, a global layer all of them.
 
 Parameter tree (Flax kernels are `[in, out]`):
 
@@ -44,11 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from lora_jax.errors import ConfigError
 from lora_jax.models.attention import attention
 from lora_jax.models.gemma3_config import Gemma3Config
 from lora_jax.models.layout import GEMMA3_LAYOUT
-from lora_jax.models.llama import _POLICIES, _apply_rope
+from lora_jax.models.llama import _POLICIES, KVCache, _apply_rope, _cache_mask
 
 __all__ = ["Gemma3", "gemma_rms_norm", "gemma3_inv_freq"]
 
@@ -106,7 +106,7 @@ class Gemma3Attention(nn.Module):
     config: Gemma3Config
 
     @nn.compact
-    def __call__(self, x_btd, rope, segment_ids, sliding):
+    def __call__(self, x_btd, rope, seg_mask, cache, sliding):
         cfg = self.config
         bias = lambda name: GEMMA3_LAYOUT.projection(name).has_bias(cfg)
         b, t, _ = x_btd.shape
@@ -125,6 +125,14 @@ class Gemma3Attention(nn.Module):
         # the kernels scale by head_dim ** -0.5; Gemma scales by query_pre_attn_scalar ** -0.5
         q = q * jnp.asarray(math.sqrt(h) / math.sqrt(cfg.query_pre_attn_scalar), q.dtype)
         q, kk, v = (checkpoint_name(a, "qkv") for a in (q, kk, v))
+        segment_ids, mask_global, mask_local = seg_mask
+        new_cache = None
+        if cache is not None:  # decoding: this call's keys and values go into the cache at `index`
+            cache_k, cache_v, index = cache
+            kk = jax.lax.dynamic_update_slice_in_dim(cache_k, kk.astype(cache_k.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+            new_cache = (kk, v)
+            kk, v = kk.astype(q.dtype), v.astype(q.dtype)
 
         def run(window, q, kk, v):
             return attention(
@@ -137,7 +145,13 @@ class Gemma3Attention(nn.Module):
                 sliding_window=window,
             )
 
-        if isinstance(sliding, bool):
+        if mask_global is not None:  # decoding against a cache: XLA's attention with the layer's mask
+            if isinstance(sliding, bool):
+                mask = mask_local if sliding else mask_global
+            else:
+                mask = jax.lax.select(sliding, mask_local, mask_global)
+            out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation="xla")
+        elif isinstance(sliding, bool):
             out = run(cfg.sliding_window if sliding else None, q, kk, v)
         elif cfg.sliding_window >= t or not any(cfg.sliding_layers):
             out = run(None, q, kk, v)  # no window cuts anything at this length
@@ -153,7 +167,7 @@ class Gemma3Attention(nn.Module):
                 v,
             )
         out = checkpoint_name(out, "attn_out")
-        return _dense(cfg, cfg.hidden_size, "o_proj", bias("o_proj"))(out.reshape(b, t, n * h))
+        return _dense(cfg, cfg.hidden_size, "o_proj", bias("o_proj"))(out.reshape(b, t, n * h)), new_cache
 
 
 class Gemma3MLP(nn.Module):
@@ -168,18 +182,21 @@ class Gemma3MLP(nn.Module):
 
 
 class Gemma3Block(nn.Module):
-    """One decoder layer; fits `nn.scan`: `(x, rope, segment_ids, sliding) -> (x, None)`."""
+    """One decoder layer; fits `nn.scan`: `(x, rope, (segment_ids, mask_global, mask_local), cache,
+    sliding) -> (x, cache)`."""
 
     config: Gemma3Config
 
     @nn.compact
-    def __call__(self, x, rope, segment_ids, sliding):
+    def __call__(self, x, rope, seg_mask, cache, sliding):
         cfg = self.config
         norm = lambda name: Gemma3RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
-        attn = Gemma3Attention(cfg, name="self_attn")(norm("input_layernorm")(x), rope, segment_ids, sliding)
+        attn, new_cache = Gemma3Attention(cfg, name="self_attn")(
+            norm("input_layernorm")(x), rope, seg_mask, cache, sliding
+        )
         x = x + norm("post_attention_layernorm")(attn)
         mlp = Gemma3MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x))
-        return x + norm("post_feedforward_layernorm")(mlp), None
+        return x + norm("post_feedforward_layernorm")(mlp), new_cache
 
 
 def _block_class(cfg: Gemma3Config):
@@ -193,8 +210,10 @@ class Gemma3(nn.Module):
     """Gemma 3 causal LM. `__call__(input_ids, positions=None, segment_ids=None)` -> logits.
 
     `segment_ids` ([batch, seq], 0 = padding) keeps packed documents apart; `return_hidden=True`
-    returns the final normed hidden states (refused with final logit softcapping, which a loss on
-    hidden states would skip). KV-cache decoding (`cache=`) is not implemented for this family.
+    returns the final normed hidden states, before the head and its final logit softcapping (the
+    training loss, `lora_jax.train.loss`, applies both). `cache` (a `KVCache`) with `cache_index`
+    and `cache_mask` ([batch, max_len], valid key slots) runs incremental decoding and returns
+    `(logits, new_cache)`, as Llama's does.
     """
 
     config: Gemma3Config
@@ -207,24 +226,21 @@ class Gemma3(nn.Module):
         segment_ids=None,
         *,
         return_hidden=False,
-        cache=None,
+        cache: KVCache | None = None,
         cache_index=None,
         cache_mask=None,
     ):
         cfg = self.config
-        if cache is not None:
-            raise ConfigError(
-                "KV-cache decoding is not implemented for gemma3_text; score or train full sequences "
-                "(or generate with transformers from a merged export)"
-            )
-        if return_hidden and cfg.final_logit_softcapping is not None:
-            raise ConfigError(
-                f"return_hidden=True with final_logit_softcapping={cfg.final_logit_softcapping} would skip "
-                "the softcapping in a loss computed from hidden states; use the logits"
-            )
         b, t = input_ids.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            start = 0 if cache is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        seg_mask = (segment_ids, None, None)
+        layer_cache = None
+        if cache is not None:  # each layer picks the full or the windowed mask over the cache
+            masks = [_cache_mask(t, cache, cache_index, cache_mask, w) for w in (None, cfg.sliding_window)]
+            seg_mask = (None, *masks)
+            layer_cache = (cache.k, cache.v, jnp.broadcast_to(cache_index, (cfg.num_hidden_layers,)))
         rope = _rope(positions, gemma3_inv_freq(cfg, local=False)) + _rope(positions, gemma3_inv_freq(cfg, local=True))
 
         embed = nn.Embed(
@@ -245,17 +261,21 @@ class Gemma3(nn.Module):
                 block,
                 variable_axes={True: 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, 0, 0),
                 length=cfg.num_hidden_layers,
             )
             sliding = jnp.asarray(cfg.sliding_layers)
-            x, _ = scanned(cfg, name="layers")(x, rope, segment_ids, sliding)
+            x, new_layer_cache = scanned(cfg, name="layers")(x, rope, seg_mask, layer_cache, sliding)
         else:
+            outs = []
             for i, is_sliding in enumerate(cfg.sliding_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, rope, segment_ids, is_sliding)
+                li = None if layer_cache is None else jax.tree.map(lambda c: c[i], layer_cache)
+                x, out = block(cfg, name=f"layers_{i}")(x, rope, seg_mask, li, is_sliding)
+                outs.append(out)
+            new_layer_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
         x = Gemma3RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x)
         if return_hidden:
-            return x
+            return x if cache is None else (x, KVCache(*new_layer_cache))
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -270,4 +290,6 @@ class Gemma3(nn.Module):
         if cfg.final_logit_softcapping is not None:
             c = cfg.final_logit_softcapping
             logits = jnp.tanh(logits / c) * c
-        return logits
+        if cache is None:
+            return logits
+        return logits, KVCache(*new_layer_cache)

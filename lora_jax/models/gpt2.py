@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from lora_jax.errors import ConfigError
 from lora_jax.models.attention import attention
 from lora_jax.models.gpt2_config import GPT2Config
+from lora_jax.models.llama import KVCache, _cache_mask
 
 __all__ = ["GPT2"]
 
@@ -59,16 +59,26 @@ class GPT2Attention(nn.Module):
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x_btd, segment_ids):
+    def __call__(self, x_btd, segment_ids, mask, cache):
         cfg = self.config
         b, t, d = x_btd.shape
         n, h = cfg.n_head, cfg.head_dim
         qkv = _dense(cfg, 3 * d, "c_attn")(x_btd)
         q, k, v = (a.reshape(b, t, n, h) for a in jnp.split(qkv, 3, axis=-1))
         q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
-        out = attention(q, k, v, segment_ids, implementation=cfg.attention, max_segments=cfg.max_segments)
+        new_cache = None
+        if cache is not None:  # decoding: this call's keys and values go into the cache at `index`
+            cache_k, cache_v, index = cache
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+            new_cache = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if mask is None:  # training and scoring: a flash kernel, packed or not
+            out = attention(q, k, v, segment_ids, implementation=cfg.attention, max_segments=cfg.max_segments)
+        else:  # decoding against a cache: few queries, XLA's attention with the cache's mask
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
         out = checkpoint_name(out, "attn_out")
-        return _dense(cfg, d, "c_proj")(out.reshape(b, t, d))
+        return _dense(cfg, d, "c_proj")(out.reshape(b, t, d)), new_cache
 
 
 class GPT2MLP(nn.Module):
@@ -82,16 +92,17 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    """One layer. Signature fits `nn.scan`: `(x, segment_ids) -> (x, None)`."""
+    """One layer. Signature fits `nn.scan`: `(x, (segment_ids, mask), cache) -> (x, cache)`."""
 
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x, segment_ids):
+    def __call__(self, x, seg_mask, cache):
         cfg = self.config
-        x = x + GPT2Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), segment_ids)
+        attn, new_cache = GPT2Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), seg_mask[0], seg_mask[1], cache)
+        x = x + attn
         x = x + GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x))
-        return x, None
+        return x, new_cache
 
 
 class GPT2(nn.Module):
@@ -101,21 +112,35 @@ class GPT2(nn.Module):
     - `segment_ids` ([batch, seq], 0 = padding) keeps packed documents from attending to each other
       (pass per-document `positions` with them, as packing does).
     - `return_hidden=True` returns the final normed hidden states instead of logits.
-    Decoding with a KV cache is not implemented (`cache` is refused).
+    - `cache` (a `KVCache`, `lora_jax.models.llama.init_kv_cache`) with `cache_index` and
+      `cache_mask` ([batch, max_len], valid key slots) runs incremental decoding and returns
+      `(logits, new_cache)`, as Llama's does.
     """
 
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden=False, cache=None, **kwargs):
+    def __call__(
+        self,
+        input_ids,
+        positions=None,
+        segment_ids=None,
+        *,
+        return_hidden=False,
+        cache: KVCache | None = None,
+        cache_index=None,
+        cache_mask=None,
+    ):
         cfg = self.config
-        if cache is not None or kwargs:
-            raise ConfigError(
-                "GPT2 does not implement KV-cache decoding (cache=, cache_index=, cache_mask=); run it without a cache"
-            )
         b, t = input_ids.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            start = 0 if cache is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = None if cache is None else _cache_mask(t, cache, cache_index, cache_mask)
+        seg_mask = (segment_ids if cache is None else None, mask)
+        layer_cache = None
+        if cache is not None:
+            layer_cache = (cache.k, cache.v, jnp.broadcast_to(cache_index, (cfg.n_layer,)))
         init = nn.initializers.normal(0.02)
         wte = nn.Embed(
             cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=init, name="wte"
@@ -132,14 +157,19 @@ class GPT2(nn.Module):
                 block,
                 variable_axes={True: 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=nn.broadcast,
+                in_axes=(nn.broadcast, 0),
                 length=cfg.n_layer,
             )
-            x, _ = scanned(cfg, name="h")(x, segment_ids)
+            x, new_layer_cache = scanned(cfg, name="h")(x, seg_mask, layer_cache)
         else:
+            outs = []
             for i in range(cfg.n_layer):
-                x, _ = block(cfg, name=f"h_{i}")(x, segment_ids)
+                li = None if layer_cache is None else jax.tree.map(lambda c: c[i], layer_cache)
+                x, out = block(cfg, name=f"h_{i}")(x, seg_mask, li)
+                outs.append(out)
+            new_layer_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
         x = _layer_norm(cfg, "ln_f")(x)
-        if return_hidden:
-            return x
-        return wte.attend(x)
+        out = x if return_hidden else wte.attend(x)
+        if cache is None:
+            return out
+        return out, KVCache(*new_layer_cache)

@@ -1,4 +1,5 @@
-"""One entry point from a model config to its family's Flax module: `build_model(cfg)`.
+"""The model families in one table: a model directory's config (`config_from_hf(path)`, dispatched
+on its `model_type`) and a config's Flax module (`build_model(cfg)`).
 
 Each family is a model file and a layout record; adding one is a new row here.
 """
@@ -13,13 +14,26 @@ from lora_jax.models.gemma3_config import Gemma3Config
 from lora_jax.models.gpt2 import GPT2
 from lora_jax.models.gpt2_config import GPT2Config
 from lora_jax.models.llama import Llama
-from lora_jax.models.llama_config import LlamaConfig
+from lora_jax.models.llama_config import LlamaConfig, _hf_dict
 
-__all__ = ["build_model"]
+__all__ = ["build_model", "config_from_hf", "FamilyConfig"]
+
+FamilyConfig = LlamaConfig | GPT2Config | Gemma3Config  # any family's model config
 
 # config class -> the module class that takes it
 _FAMILIES: dict[type, type[nn.Module]] = {LlamaConfig: Llama, GPT2Config: GPT2}
 _FAMILIES[Gemma3Config] = Gemma3
+
+
+def config_from_hf(source) -> FamilyConfig:
+    """The family's model config of a HF model directory (or config.json path, dict, transformers
+    config), by its `model_type`; an unsupported one is refused naming the supported families."""
+    model_type = _hf_dict(source).get("model_type")
+    if model_type == "gpt2":
+        return GPT2Config.from_hf(source)
+    if model_type == "gemma3_text":
+        return Gemma3Config.from_hf(source)
+    return LlamaConfig.from_hf(source)  # the Llama-like families; it refuses any other model_type
 
 
 def build_model(cfg) -> nn.Module:

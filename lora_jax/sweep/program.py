@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax.errors import ConfigError
 from lora_jax.evaluate import eval_loss
-from lora_jax.models.llama import Llama
+from lora_jax.models.registry import build_model
 from lora_jax.sharding import DEFAULT_RULES, tree_shardings
 from lora_jax.sweep.stacking import init_stacked
 from lora_jax.train.step import TrainState, make_schedule, make_tx, train_step
@@ -250,7 +250,7 @@ def build_program(
             "out_shardings": (metric_sh, metric_sh),
         }
 
-    model = Llama(cfg)
+    model = build_model(cfg)
     chunk = run.model.loss_chunk_tokens
     step = make_sweep_step(
         model,

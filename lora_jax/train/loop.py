@@ -50,7 +50,7 @@ from lora_jax.hf.peft import save_peft
 from lora_jax.lora.targets import model_shape, plan_targets
 from lora_jax.lora.tree import combine, init_lora, split_trainable, unmerge
 from lora_jax.models.attention import check_attention
-from lora_jax.models.llama import Llama
+from lora_jax.models.registry import build_model
 from lora_jax.run_config import RunConfig
 from lora_jax.session import fit_to_data, load_model, open_inputs
 from lora_jax.sharding import make_mesh, place, rules_with
@@ -126,7 +126,7 @@ class _Setup(NamedTuple):
     tokenizer: Any
     datasets: Any
     mesh: Any
-    cfg: Any  # LlamaConfig
+    cfg: Any  # the family's model config (LlamaConfig, GPT2Config, Gemma3Config)
     targets: list
     fingerprint: Any
     loader: DataLoader
@@ -184,7 +184,7 @@ def _set_up(run: RunConfig, out: str, resume: bool, overwrite: bool) -> _Setup:
         with open(os.path.join(out, "run.json"), "w") as f:
             json.dump(run_record, f, indent=2)
 
-    model = Llama(cfg)
+    model = build_model(cfg)
     step_fn = make_train_step(
         model,
         cfg,

@@ -20,7 +20,7 @@ from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.intercept import apply
 from lora_jax.lora.optim import make_optimizer
 from lora_jax.lora.tree import combine
-from lora_jax.models.llama_config import LlamaConfig
+from lora_jax.models.registry import FamilyConfig
 from lora_jax.run_config import OptimConfig
 from lora_jax.sharding import batch_sharding, tree_shardings
 from lora_jax.train.loss import chunked_cross_entropy, head_weight
@@ -111,7 +111,7 @@ def shard_state(state: TrainState, frozen, mesh, rules) -> tuple[TrainState, Any
 
 def _loss_sum(
     model,
-    cfg: LlamaConfig,
+    cfg: FamilyConfig,
     lcfg: LoraConfig,
     chunk_tokens: int,
     use_segments: bool,
@@ -136,8 +136,11 @@ def _loss_sum(
         deterministic=deterministic,
         dropout_rate=dropout_rate,
     )
-    weight, vocab_axis = head_weight(params, cfg.tie_word_embeddings)
-    return chunked_cross_entropy(hidden, weight, vocab_axis, batch["targets"], batch["loss_mask"], chunk_tokens)
+    weight, vocab_axis = head_weight(params, cfg)
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma's; the other families have none
+    return chunked_cross_entropy(
+        hidden, weight, vocab_axis, batch["targets"], batch["loss_mask"], chunk_tokens, softcap
+    )
 
 
 def train_step(
@@ -146,7 +149,7 @@ def train_step(
     batch,
     *,
     model,
-    cfg: LlamaConfig,
+    cfg: FamilyConfig,
     lcfg: LoraConfig,
     tx,
     schedule,
@@ -196,7 +199,7 @@ def train_step(
 
 def make_train_step(
     model,
-    cfg: LlamaConfig,
+    cfg: FamilyConfig,
     lcfg: LoraConfig,
     tx,
     schedule,
@@ -227,7 +230,7 @@ def eval_step(
     batch,
     *,
     model,
-    cfg: LlamaConfig,
+    cfg: FamilyConfig,
     lcfg: LoraConfig,
     chunk_tokens: int = 8192,
     use_segments: bool = True,
@@ -236,7 +239,7 @@ def eval_step(
     return _loss_sum(model, cfg, lcfg, chunk_tokens, use_segments, trainable, frozen, batch, jax.random.key(0), True)
 
 
-def make_eval_step(model, cfg: LlamaConfig, lcfg: LoraConfig, *, chunk_tokens: int = 8192, use_segments: bool = True):
+def make_eval_step(model, cfg: FamilyConfig, lcfg: LoraConfig, *, chunk_tokens: int = 8192, use_segments: bool = True):
     """`eval_step(trainable, frozen, batch) -> (loss sum, token count)`, jitted."""
     return jax.jit(
         functools.partial(
