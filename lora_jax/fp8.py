@@ -120,11 +120,12 @@ class Fp8Spec(NamedTuple):
 
 
 class _CodesKey(jax.tree_util.GetAttrKey):
-    """Path entry of the codes: `.key` "kernel", so the sharding rules treat the codes as the kernel
-    (the logical axes apply in the kernel's order to the transposed codes: every device still holds
-    an even share)."""
+    """Path entry of the codes: `.key` "kernel_t" (for sharding), a kernel stored transposed, so the
+    sharding rules give the codes `[..., out, in]` the kernel's logical axes with the last two
+    swapped: the split lands on the same dimension of the weight as the kernel's
+    (`lora_jax.sharding.logical_axes`)."""
 
-    key: ClassVar[str] = "kernel"
+    key: ClassVar[str] = "kernel_t"
 
 
 class _ScaleKey(jax.tree_util.GetAttrKey):

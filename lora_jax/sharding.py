@@ -2,7 +2,13 @@
 
 Every parameter's logical axes follow from its path (the tree mirrors HF names, so this is a table,
 not code paths): a kernel's axes are its family's layout's (`lora_jax.models.layout`); an adapter's
-`a` takes its kernel's input axis, `b` its output axis, rank replicated.
+`a` takes its kernel's input axis, `b` its output axis, rank replicated. A layer stack (each
+layout's `layers`: Llama's `layers`, GPT-2's `h`) adds the leading `layers` axis.
+
+Quantised kernels shard along the axes of the kernel they replace: an NF4/int8 `QuantizedKernel`
+keeps the `[..., in, out]` layout (its arrays' path key is `kernel`); an `Fp8Kernel` stores its
+codes transposed, `[..., out, in]` (path key `kernel_t`: the kernel's axes with the last two
+swapped), and its per-channel scales `[..., out]` (path key `bias`: the output axis).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 # (parent, module) -> logical axes of its [in, out] kernel, for every family; parent None: any parent
 _KERNEL_AXES = {key: axes for layout in LAYOUTS.values() for key, axes in layout.kernel_axes().items()}
 _EMBEDDINGS = {layout.embed: layout.embed_axes for layout in LAYOUTS.values()}
+_LAYER_STACKS = frozenset(layout.layers for layout in LAYOUTS.values())  # scanned layers: "layers", "h"
 
 
 def _module_axes(path: tuple[str, ...]) -> tuple[str, str] | None:
@@ -83,16 +90,19 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
 
 
 def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of a base parameter or adapter leaf, from its path."""
+    """Logical axis names of a base parameter or adapter leaf, from its path; a leaf named
+    `kernel_t` is a kernel stored transposed (`[..., out, in]`, an `Fp8Kernel`'s codes)."""
     path = tuple(str(p) for p in path)
     leaf = path[-1]
-    stacked = "layers" in path
+    stacked = any(p in _LAYER_STACKS for p in path[:-1])
     module = _module_axes(path)
     embedding = next((_EMBEDDINGS[p] for p in path[:-1] if p in _EMBEDDINGS), None)
     if embedding is not None and leaf == "embedding":
         axes: tuple = embedding
     elif module is not None and leaf == "kernel":
         axes = module
+    elif module is not None and leaf == "kernel_t":
+        axes = module[::-1]
     elif module is not None and leaf == "bias":
         axes = (module[1],)
     elif module is not None and leaf == "a":

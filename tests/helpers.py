@@ -1,10 +1,12 @@
-"""Shared test helpers: tiny random HF Llamas, torch reference logits, tolerances, token batches,
-a jaxpr walk, the JSONL and metrics files, the CLI in process and in a subprocess, import lists.
-Fixtures built from these live in conftest.py."""
+"""Shared test helpers: tiny random HF models (Llama and every family), torch and our logits side by
+side with their reported difference, tolerances, token batches, a jaxpr walk, the JSONL and metrics
+files, the CLI in process and in a subprocess, import lists. Fixtures built from these live in
+conftest.py."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import sys
@@ -41,38 +43,92 @@ def cli_env() -> dict:
 FP32_ATOL = 1e-4
 
 
-def make_hf_llama(out_dir, seed: int = 0, max_shard_size=None, **overrides):
-    """Build a random transformers LlamaForCausalLM, perturb every weight (norms included, so a
-    mix-up of norm scales cannot pass), save it with save_pretrained, return the directory."""
+def save_random_hf(out_dir, config, seed: int = 0, *, norm_std=0.1, weight_std=None, max_shard_size=None) -> str:
+    """A random transformers CausalLM of `config` with every weight perturbed, so that a mix-up cannot
+    pass: biases drawn with deviation 0.05, norm weights (RMSNorm, LayerNorm) moved by `norm_std`,
+    the other weights drawn with `weight_std` where given; saved with save_pretrained in `out_dir`,
+    which is returned."""
     import torch
     import transformers
 
-    kw = dict(TINY)
-    kw.update(overrides)
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**kw)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
+            if name.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
+            elif "norm" in name or ".ln_" in name:
+                p.add_(norm_std * torch.randn_like(p))
+            elif weight_std is not None:
+                p.copy_(weight_std * torch.randn_like(p))
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(os.fspath(out_dir), **kwargs)
     return os.fspath(out_dir)
 
 
-def torch_logits(model_dir, input_ids: np.ndarray, dtype="float32") -> np.ndarray:
-    import torch
+def make_hf_tiny(out_dir, model_type: str = "llama", seed: int = 0, max_shard_size=None, **overrides) -> str:
+    """A TINY random transformers model of a Llama-like `model_type` (`save_random_hf`); returns its
+    directory."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), attn_implementation="eager"
-    ).eval()
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    return save_random_hf(out_dir, config, seed, max_shard_size=max_shard_size)
+
+
+def make_hf_llama(out_dir, seed: int = 0, max_shard_size=None, **overrides) -> str:
+    """A TINY random transformers LlamaForCausalLM (`make_hf_tiny`); returns its directory."""
+    return make_hf_tiny(out_dir, "llama", seed, max_shard_size, **overrides)
+
+
+def hf_model(model_dir, **kw):
+    """transformers' CausalLM from `model_dir` with eager attention, in eval mode (with
+    `output_loading_info=True`, `(model, info)`)."""
+    import transformers
+
+    out = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", **kw)
+    return (out[0].eval(), out[1]) if isinstance(out, tuple) else out.eval()
+
+
+def torch_logits_of(model, ids) -> np.ndarray:
+    """A torch CausalLM's (or PeftModel's) fp32 logits of `ids`."""
+    import torch
+
     with torch.no_grad():
-        out = model(torch.from_numpy(np.asarray(input_ids)).long()).logits
-    return out.float().numpy()
+        return model(torch.from_numpy(np.asarray(ids)).long()).logits.float().numpy()
+
+
+def torch_logits(model_dir, input_ids: np.ndarray, dtype="float32") -> np.ndarray:
+    import torch
+
+    return torch_logits_of(hf_model(model_dir, dtype=getattr(torch, dtype)), input_ids)
+
+
+@functools.cache
+def _jitted(cfg, lcfg):
+    import jax
+
+    import lora_jax as lj
+
+    model = lj.build_model(cfg)
+    if lcfg is None:
+        return jax.jit(lambda p, x: model.apply({"params": p}, x))
+    return jax.jit(lambda p, lo, x: lj.apply(model, p, lo, lcfg, x))
+
+
+def our_logits(cfg, params, lora=None, lcfg=None, *, ids) -> np.ndarray:
+    """`lj.apply(lj.build_model(cfg), params, lora, lcfg, ids)`, or the plain model's logits without
+    `lora` (jitted, cached per config)."""
+    import jax.numpy as jnp
+
+    if lora is None:
+        return np.asarray(_jitted(cfg, None)(params, jnp.asarray(ids)))
+    return np.asarray(_jitted(cfg, lcfg)(params, lora, jnp.asarray(ids)))
+
+
+def report_diff(tag: str, label: str, diff: float, bound: float = FP32_ATOL) -> None:
+    """Prints a measured max abs diff (`pytest -s` shows it) and holds it to `bound`."""
+    print(f"[{tag}] {label}: max abs diff {diff:.3e} (bound {bound:.1e})")
+    assert diff <= bound, f"{label}: max abs diff {diff:.3e} > {bound:.1e}"
 
 
 def random_ids(vocab: int, shape=(2, 11), seed: int = 0) -> np.ndarray:
@@ -100,6 +156,51 @@ def unpacked_batch(input_ids, targets, loss_mask) -> dict:
 
 def max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def check_peft_both_ways(model_dir, cfg, params, out_dir, ids, tag: str, name: str = ""):
+    """A random PEFT adapter (all-linear, r=4) on the transformers model at `model_dir`, both ways:
+    loaded with `load_peft`, our logits equal PEFT's; our `save_peft` export loaded in PEFT equals
+    ours; our merged export (`save_pretrained`) loads in transformers as the same architecture,
+    equals ours, and reads back as `cfg`. Each difference is reported under `tag` within FP32_ATOL.
+    Returns the adapter `(lora, lcfg)`."""
+    import peft
+    import torch
+
+    import lora_jax as lj
+
+    out_dir, label = os.fspath(out_dir), (name + " " if name else "")
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(
+        hf_model(model_dir),
+        peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, r=4, lora_alpha=8, target_modules="all-linear"),
+    ).eval()
+    pm.save_pretrained(os.path.join(out_dir, "peft"))
+    expected = torch_logits_of(pm, ids)
+
+    # PEFT -> ours
+    lora, lcfg = lj.load_peft(os.path.join(out_dir, "peft"), params)
+    got = our_logits(cfg, params, lora, lcfg, ids=ids)
+    assert max_diff(got, our_logits(cfg, params, ids=ids)) > 1e-3  # the adapter does something
+    report_diff(tag, f"{label}PEFT->ours", max_diff(got, expected))
+
+    # ours -> PEFT
+    out = lj.save_peft(os.path.join(out_dir, "ours"), lora, lcfg, cfg, base_model_name_or_path=model_dir)
+    pm2 = peft.PeftModel.from_pretrained(hf_model(model_dir), out).eval()
+    report_diff(tag, f"{label}ours->PEFT", max_diff(torch_logits_of(pm2, ids), got))
+
+    # merged export -> transformers
+    merged = lj.save_pretrained(os.path.join(out_dir, "merged"), params, cfg, lora=lora, lcfg=lcfg)
+    with open(os.path.join(merged, "config.json")) as f:
+        written = json.load(f)
+    assert written["model_type"] == cfg.model_type
+    assert written["architectures"] == [type(hf_model(model_dir)).__name__]
+    hf_merged = hf_model(merged)
+    assert type(hf_merged).__name__ == written["architectures"][0]
+    report_diff(tag, f"{label}merged export", max_diff(torch_logits_of(hf_merged, ids), got))
+    cfg2, _ = lj.load_pretrained(merged)
+    assert cfg2.replace(attention=cfg.attention) == cfg
+    return lora, lcfg
 
 
 # ------------------------------------------------------------------------------------------ programs
@@ -185,13 +286,8 @@ def cli_error(capsys, argv, code: int = 2) -> str:
 # tiny random models of each family with the demo model's tokenizer (its 857-token vocabulary), so
 # they train through `lora-jax train`; each differs from Llama where its family does
 FAMILY_TINY = dict(
+    {k: v for k, v in TINY.items() if k not in ("rms_norm_eps", "tie_word_embeddings")},
     vocab_size=857,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
     bos_token_id=1,
     eos_token_id=2,
     pad_token_id=0,
@@ -224,12 +320,10 @@ def make_hf_family(
     this deviation (a larger one than the 0.02 init makes greedy decoding vary from token to token)."""
     import shutil
 
-    import torch
     import transformers
 
     from lora_jax.demo import DEMO_MODEL
 
-    torch.manual_seed(seed)
     if model_type == "gpt2":
         ids = {k: FAMILY_TINY[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
         config = transformers.GPT2Config(**ids, **{**FAMILY_OVERRIDES["gpt2"], **overrides})
@@ -237,18 +331,9 @@ def make_hf_family(
         config = transformers.AutoConfig.for_model(
             model_type, **{**FAMILY_TINY, **FAMILY_OVERRIDES[model_type], **overrides}
         )
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-            elif "norm" in name or ".ln_" in name or name.startswith("transformer.ln_f"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif weight_std is not None:
-                p.copy_(weight_std * torch.randn_like(p))
-            elif model_type == "gemma3_text":
-                p.copy_(0.1 * torch.randn_like(p))  # its embeddings are scaled up by sqrt(hidden)
-    model.save_pretrained(os.fspath(out_dir))
+    if weight_std is None and model_type == "gemma3_text":
+        weight_std = 0.1  # its embeddings are scaled up by sqrt(hidden)
+    save_random_hf(out_dir, config, seed, weight_std=weight_std)
     if with_tokenizer:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(os.path.join(DEMO_MODEL, name), os.fspath(out_dir))

@@ -6,8 +6,6 @@ FP32_ATOL. Mistral's sliding window runs narrower than the sequence; a model_typ
 is refused in one line."""
 
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,17 @@ import pytest
 
 import lora_jax as lj
 from lora_jax.models import attention as attention_module
-from tests.helpers import FP32_ATOL, TINY, max_diff, random_ids
+from tests.helpers import (
+    TINY,
+    check_peft_both_ways,
+    hf_model,
+    make_hf_tiny,
+    max_diff,
+    our_logits,
+    random_ids,
+    report_diff,
+    torch_logits_of,
+)
 
 IDS = random_ids(TINY["vocab_size"], (2, 13), seed=3)
 
@@ -30,60 +38,16 @@ FAMILIES = {
 }
 
 
-def report(label, diff, bound=FP32_ATOL):
-    print(f"[families] {label}: max abs diff {diff:.3e} (bound {bound:.1e})")
-    assert diff <= bound, f"{label}: max abs diff {diff:.3e} > {bound:.1e}"
-
-
-def make_hf_model(out_dir, model_type: str, seed: int = 0, **overrides) -> str:
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    model.save_pretrained(os.fspath(out_dir))
-    return os.fspath(out_dir)
-
-
-def hf_model(model_dir):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
-
-
-def torch_out(model, ids=IDS) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.from_numpy(np.asarray(ids)).long()).logits.float().numpy()
-
-
-@functools.cache
-def _jitted(cfg, lcfg):
-    model = lj.build_model(cfg)
-    if lcfg is None:
-        return jax.jit(lambda p, x: model.apply({"params": p}, x))
-    return jax.jit(lambda p, lo, x: lj.apply(model, p, lo, lcfg, x))
-
-
-def ours(cfg, params, lora=None, lcfg=None, ids=IDS) -> np.ndarray:
-    if lora is None:
-        return np.asarray(_jitted(cfg, None)(params, jnp.asarray(ids)))
-    return np.asarray(_jitted(cfg, lcfg)(params, lora, jnp.asarray(ids)))
+ours = functools.partial(our_logits, ids=IDS)  # (cfg, params, lora=None, lcfg=None) -> logits of IDS
+torch_out = functools.partial(torch_logits_of, ids=IDS)  # a torch model's logits of IDS
+report = functools.partial(report_diff, "families")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     name = request.param
     model_type, overrides = FAMILIES[name]
-    path = make_hf_model(tmp_path_factory.mktemp(name) / "model", model_type, **overrides)
+    path = make_hf_tiny(tmp_path_factory.mktemp(name) / "model", model_type, **overrides)
     cfg, params = lj.load_pretrained(path, attention="xla")
     return name, path, cfg, params
 
@@ -106,41 +70,8 @@ def test_logits_match_transformers(family):
 
 
 def test_peft_both_ways_and_merged_export(family, tmp_path):
-    import peft
-    import torch
-    import transformers
-
     name, path, cfg, params = family
-    torch.manual_seed(1)
-    pm = peft.get_peft_model(
-        hf_model(path),
-        peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, r=4, lora_alpha=8, target_modules="all-linear"),
-    ).eval()
-    pm.save_pretrained(tmp_path / "peft")
-    expected = torch_out(pm)
-
-    # PEFT -> ours
-    lora, lcfg = lj.load_peft(tmp_path / "peft", params)
-    got = ours(cfg, params, lora, lcfg)
-    assert max_diff(got, ours(cfg, params)) > 1e-3  # the adapter does something
-    report(f"{name} PEFT->ours", max_diff(got, expected))
-
-    # ours -> PEFT
-    out = lj.save_peft(tmp_path / "ours", lora, lcfg, cfg, base_model_name_or_path=path)
-    pm2 = peft.PeftModel.from_pretrained(hf_model(path), out).eval()
-    report(f"{name} ours->PEFT", max_diff(torch_out(pm2), got))
-
-    # merged export -> transformers
-    merged = lj.save_pretrained(tmp_path / "merged", params, cfg, lora=lora, lcfg=lcfg)
-    with open(os.path.join(merged, "config.json")) as f:
-        written = json.load(f)
-    assert written["model_type"] == cfg.model_type
-    assert written["architectures"] == [type(hf_model(path)).__name__]
-    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager").eval()
-    assert type(hf_merged).__name__ == written["architectures"][0]
-    report(f"{name} merged export", max_diff(torch_out(hf_merged), got))
-    cfg2, _ = lj.load_pretrained(merged)
-    assert cfg2.replace(attention=cfg.attention) == cfg
+    check_peft_both_ways(path, cfg, params, tmp_path, IDS, "families", name)
 
 
 def test_unsupported_model_type_refused(tmp_path):
@@ -174,7 +105,7 @@ def test_sliding_window_only_for_mistral():
 
 
 def test_qwen_sliding_layers_refused(tmp_path):
-    make_hf_model(tmp_path, "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    make_hf_tiny(tmp_path, "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
     with pytest.raises(lj.ConfigError, match="qwen2 with use_sliding_window=true"):
         lj.load_pretrained(tmp_path)
 
@@ -183,7 +114,7 @@ def test_sliding_window_decoding_matches_full_forward(tmp_path):
     """Decoding against a KV cache honours the window as the full forward does (token by token)."""
     from lora_jax.models.llama import init_kv_cache
 
-    cfg, params = lj.load_pretrained(make_hf_model(tmp_path, "mistral", sliding_window=4), attention="xla")
+    cfg, params = lj.load_pretrained(make_hf_tiny(tmp_path, "mistral", sliding_window=4), attention="xla")
     model = lj.build_model(cfg)
     ids = jnp.asarray(IDS)
     full = ours(cfg, params)

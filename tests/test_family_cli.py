@@ -5,6 +5,7 @@ must finish with finite losses and a lower eval loss, and its exported PEFT adap
 `PeftModel.from_pretrained` with logits within FP32_ATOL of ours; the training loss itself must be
 transformers' loss of the adapted model (Gemma's logit softcap and GPT-2's `wte` head included)."""
 
+import functools
 import json
 import math
 import os
@@ -17,7 +18,16 @@ import lora_jax as lj
 from lora_jax.cli import main
 from lora_jax.demo import DEMO_TRAIN
 from lora_jax.models.layout import layout_of
-from tests.helpers import FP32_ATOL, make_hf_family, max_diff, random_ids, step_losses, unpacked_batch
+from tests.helpers import (
+    FP32_ATOL,
+    hf_model,
+    make_hf_family,
+    max_diff,
+    random_ids,
+    step_losses,
+    torch_logits_of,
+    unpacked_batch,
+)
 
 FAMILIES = ["qwen2", "qwen3", "mistral", "gpt2", "gemma3_text"]
 IDS = random_ids(857, (2, 13), seed=7)  # longer than the sliding windows (6) of Mistral and Gemma 3
@@ -65,17 +75,7 @@ def trained(request, tmp_path_factory, corpus):
     return family, model_dir, str(run_dir)
 
 
-def _hf_model(model_dir):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
-
-
-def _torch_logits(model, ids=IDS) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.from_numpy(np.asarray(ids)).long()).logits.float().numpy()
+_torch_logits = functools.partial(torch_logits_of, ids=IDS)  # a torch model's logits of IDS
 
 
 def test_train_runs_and_learns(trained):
@@ -99,7 +99,7 @@ def test_exported_adapter_loads_in_peft(trained):
     ours = np.asarray(lj.apply(lj.build_model(cfg), params, lora, lcfg, jnp.asarray(IDS)))
     base = np.asarray(lj.build_model(cfg).apply({"params": params}, jnp.asarray(IDS)))
     assert max_diff(ours, base) > 1e-3, f"{family}: the trained adapter changes nothing"
-    pm = peft.PeftModel.from_pretrained(_hf_model(model_dir), os.path.join(run_dir, "adapter")).eval()
+    pm = peft.PeftModel.from_pretrained(hf_model(model_dir), os.path.join(run_dir, "adapter")).eval()
     diff = max_diff(_torch_logits(pm), ours)
     print(f"[family cli] {family} adapter in PEFT: max abs diff {diff:.3e}")
     assert diff <= FP32_ATOL
@@ -122,7 +122,7 @@ def test_training_loss_is_transformers_loss(trained):
     total, n = eval_step(
         split.trainable, split.frozen, batch, model=lj.build_model(cfg), cfg=cfg, lcfg=lcfg, chunk_tokens=7
     )
-    pm = peft.PeftModel.from_pretrained(_hf_model(model_dir), os.path.join(run_dir, "adapter")).eval()
+    pm = peft.PeftModel.from_pretrained(hf_model(model_dir), os.path.join(run_dir, "adapter")).eval()
     with torch.no_grad():
         expected = float(pm(torch.from_numpy(IDS).long(), labels=torch.from_numpy(IDS).long()).loss)
     ours = float(total) / float(n)
@@ -140,7 +140,7 @@ def test_export_and_generate_from_the_run(trained, tmp_path, capsys):
     ours = np.asarray(lj.apply(lj.build_model(cfg), params, lora, lcfg, jnp.asarray(IDS)))
     with open(os.path.join(merged, "config.json")) as f:
         assert json.load(f)["model_type"] == family
-    diff = max_diff(_torch_logits(_hf_model(merged)), ours)
+    diff = max_diff(_torch_logits(hf_model(merged)), ours)
     print(f"[family cli] {family} merged export: max abs diff {diff:.3e}")
     assert diff <= FP32_ATOL
     capsys.readouterr()
@@ -197,7 +197,7 @@ def test_sweep_runs_on_family(family, tmp_path, corpus):
         assert lcfg.r == row["lora.r"]
         ours = np.asarray(lj.apply(model, params, lora, lcfg, jnp.asarray(IDS)))
         assert max_diff(ours, base) > 1e-3
-        pm = peft.PeftModel.from_pretrained(_hf_model(model_dir), adapter).eval()
+        pm = peft.PeftModel.from_pretrained(hf_model(model_dir), adapter).eval()
         assert max_diff(_torch_logits(pm), ours) <= FP32_ATOL
 
 
@@ -338,7 +338,7 @@ def test_dora_and_modules_to_save_through_the_cli(family, extra, tmp_path, corpu
     assert sum(k.endswith("lora_magnitude_vector") for k in keys) == sum(k.endswith("lora_A.weight") for k in keys)
     base_cfg, base_params = lj.load_pretrained(model_dir)
     assert max_diff(_leaf_of(params, cfg), _leaf_of(base_params, cfg)) > 1e-4, "the saved norm did not train"
-    pm = peft.PeftModel.from_pretrained(_hf_model(model_dir), adapter).eval()
+    pm = peft.PeftModel.from_pretrained(hf_model(model_dir), adapter).eval()
     diff = max_diff(_torch_logits(pm), ours)
     print(f"[family cli] {family} DoRA + modules_to_save in PEFT: max abs diff {diff:.3e}")
     assert diff <= FP32_ATOL
@@ -372,7 +372,7 @@ def test_peft_dora_modules_to_save_adapter_loads(family, modules, tmp_path):
         modules_to_save=modules,
         fan_in_fan_out=family == "gpt2",
     )
-    pm = peft.get_peft_model(_hf_model(model_dir), config).eval()
+    pm = peft.get_peft_model(hf_model(model_dir), config).eval()
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "modules_to_save" in name:

@@ -10,7 +10,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax.generate import generate
-from tests.helpers import make_hf_family
+from tests.helpers import hf_model, make_hf_family
 
 FAMILIES = ["qwen2", "qwen3", "mistral", "gpt2", "gemma3_text"]
 NEW = 12  # prompt + NEW tokens run well past the windows (6) of Mistral and Gemma 3
@@ -21,9 +21,7 @@ WEIGHT_STD = {"gemma3_text": 0.1}
 
 
 def _hf_model(model_dir):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    model = hf_model(model_dir)
     model.generation_config.eos_token_id = None  # the full NEW tokens, as ours with no eos
     model.generation_config.pad_token_id = 0
     return model

@@ -392,8 +392,9 @@ def test_train_step_with_fp8_gemms(loaded):
 
 
 def test_load_on_mesh_shards_fp8_leaves(tiny_llama):
-    """On a mesh, each device holds a share of the codes (the kernel's logical axes, applied to the
-    transposed codes: see `lora_jax.fp8._CodesKey`), the scales shard along the output axis, the
+    """On a mesh, each device holds a share of the codes (the kernel's logical axes with the last
+    two swapped, as the codes are stored `[out, in]`: see `lora_jax.fp8._CodesKey`), the scales
+    shard along the output axis, the
     step's path-based shardings agree with where the loader put them, and the values equal an
     unsharded load."""
     from lora_jax.sharding import tree_shardings

@@ -4,6 +4,7 @@ disk. fp32 logits, a real PEFT adapter (Conv1D, fan_in_fan_out) loaded with `loa
 `save_peft` export loaded in PEFT, the merged export loaded by `AutoModelForCausalLM`, and the
 trainable-parameter count of GPT-2 124M with r=8 on c_attn/c_proj, all as PEFT has them."""
 
+import functools
 import json
 import os
 
@@ -14,55 +15,23 @@ import pytest
 
 import lora_jax as lj
 from lora_jax.models.gpt2_config import GPT2Config
-from tests.helpers import FP32_ATOL, max_diff, random_ids
+from tests.helpers import hf_model, max_diff, our_logits, random_ids, report_diff, save_random_hf, torch_logits_of
 
 TINY_GPT2 = dict(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 IDS = random_ids(TINY_GPT2["vocab_size"], (2, 13), seed=5)
 TARGETS = ["c_attn", "c_proj"]
 
 
-def report(label, diff, bound=FP32_ATOL):
-    print(f"[gpt2] {label}: max abs diff {diff:.3e} (bound {bound:.1e})")
-    assert diff <= bound, f"{label}: max abs diff {diff:.3e} > {bound:.1e}"
+ours = functools.partial(our_logits, ids=IDS)  # (cfg, params, lora=None, lcfg=None) -> logits of IDS
+torch_out = functools.partial(torch_logits_of, ids=IDS)  # a torch model's logits of IDS
+report = functools.partial(report_diff, "gpt2")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import torch
     import transformers
 
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(**TINY_GPT2)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    out = tmp_path_factory.mktemp("gpt2")
-    model.save_pretrained(os.fspath(out))
-    return os.fspath(out)
-
-
-def hf_model(model_dir):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
-
-
-def torch_out(model, ids=IDS) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.from_numpy(np.asarray(ids)).long()).logits.float().numpy()
-
-
-def ours(cfg, params, lora=None, lcfg=None, ids=IDS) -> np.ndarray:
-    model = lj.build_model(cfg)
-    if lora is None:
-        return np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
-    return np.asarray(lj.apply(model, params, lora, lcfg, jnp.asarray(ids)))
+    return save_random_hf(tmp_path_factory.mktemp("gpt2"), transformers.GPT2Config(**TINY_GPT2))
 
 
 @pytest.mark.parametrize("scan", [True, False])

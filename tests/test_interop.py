@@ -20,7 +20,15 @@ from safetensors.numpy import load_file, save_file
 
 import lora_jax as lj
 from lora_jax.lora.targets import model_shape, plan_targets, shape_from_config
-from tests.helpers import FP32_ATOL, make_hf_llama, max_diff, random_ids
+from tests.helpers import (
+    hf_model,
+    make_hf_llama,
+    max_diff,
+    our_logits,
+    random_ids,
+    report_diff,
+    torch_logits_of,
+)
 
 IDS = random_ids(97, (2, 13))
 
@@ -50,33 +58,9 @@ VARIANTS = {
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@functools.cache
-def _jitted(cfg, lcfg):
-    model = lj.Llama(cfg)
-    if lcfg is None:
-        return jax.jit(lambda p, x: model.apply({"params": p}, x))
-    return jax.jit(lambda p, lo, x: lj.apply(model, p, lo, lcfg, x))
-
-
-def ours(cfg, params, lora=None, lcfg=None, ids=IDS) -> np.ndarray:
-    """`lj.apply(lj.Llama(cfg), params, lora, lcfg, ids)` (jitted, cached per config)."""
-    if lora is None:
-        return np.asarray(_jitted(cfg, None)(params, jnp.asarray(ids)))
-    return np.asarray(_jitted(cfg, lcfg)(params, lora, jnp.asarray(ids)))
-
-
-def torch_out(model, ids=IDS) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.from_numpy(np.asarray(ids)).long()).logits.float().numpy()
-
-
-def hf_base(model_dir, **kw):
-    import transformers
-
-    out = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", **kw)
-    return (out[0].eval(), out[1]) if isinstance(out, tuple) else out.eval()
+ours = functools.partial(our_logits, ids=IDS)  # (cfg, params, lora=None, lcfg=None) -> logits of IDS
+torch_out = functools.partial(torch_logits_of, ids=IDS)  # a torch model's logits of IDS
+report = functools.partial(report_diff, "interop")
 
 
 def our_adapter(params, kw, seed=1):
@@ -100,7 +84,7 @@ def peft_adapter(base_dir, kw, seed=0, modules_to_save=None):
     torch.manual_seed(seed)
     kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
     pm = peft.get_peft_model(
-        hf_base(base_dir),
+        hf_model(base_dir),
         peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, modules_to_save=modules_to_save, **kw),
     ).eval()
     with torch.no_grad():
@@ -108,11 +92,6 @@ def peft_adapter(base_dir, kw, seed=0, modules_to_save=None):
             if "lora_magnitude_vector" in name or "modules_to_save" in name:
                 p.mul_(1 + 0.3 * (2 * torch.rand_like(p) - 1))
     return pm
-
-
-def report(label, diff, bound=FP32_ATOL):
-    print(f"[interop] {label}: max abs diff {diff:.3e} (bound {bound:.1e})")
-    assert diff <= bound, f"{label}: max abs diff {diff:.3e} > {bound:.1e}"
 
 
 def nothing_written(out_dir):
@@ -150,7 +129,7 @@ def test_our_adapter_in_peft(tiny_llama, bases, tmp_path, variant):
     targets = plan_targets(shape_from_config(cfg), lcfg)
     assert n_keys == len(targets) * (3 if lcfg.use_dora else 2)  # real entries only
 
-    pm = peft.PeftModel.from_pretrained(hf_base(tiny_llama), out).eval()
+    pm = peft.PeftModel.from_pretrained(hf_model(tiny_llama), out).eval()
     assert_same_targets(pm, targets)
     report(f"ours->PEFT {variant}", max_diff(torch_out(pm), expected))
     result = pm.load_adapter(out, adapter_name="again")  # set_peft_model_state_dict's report
@@ -183,7 +162,7 @@ def test_modules_to_save_ours_to_peft_and_back(tiny_llama, bases, tmp_path):
     out = lj.save_peft(tmp_path / "adapter", lora, lcfg, cfg, params=trained)
     assert "base_model.model.lm_head.weight" in load_file(os.path.join(out, "adapter_model.safetensors"))
 
-    pm = peft.PeftModel.from_pretrained(hf_base(tiny_llama), out).eval()
+    pm = peft.PeftModel.from_pretrained(hf_model(tiny_llama), out).eval()
     report("ours->PEFT modules_to_save", max_diff(torch_out(pm), expected))
     assert not pm.load_adapter(out, adapter_name="again").unexpected_keys
 
@@ -212,7 +191,7 @@ def test_pissa_exported_relative_to_residual(tiny_llama, bases, tmp_path):
     out = lj.save_peft(tmp_path / "adapter", lora, lcfg, cfg, base_model_name_or_path=res_dir)
     with open(os.path.join(out, "adapter_config.json")) as f:
         assert json.load(f)["init_lora_weights"] is True
-    pm = peft.PeftModel.from_pretrained(hf_base(res_dir), out).eval()
+    pm = peft.PeftModel.from_pretrained(hf_model(res_dir), out).eval()
     report("ours->PEFT pissa (residual base)", max_diff(torch_out(pm), expected))
 
 
@@ -279,7 +258,7 @@ def test_merged_export_loads_in_transformers(bases, tmp_path, variant, scan, sha
         assert len(files) > 1 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
     else:
         assert files == ["model.safetensors"]
-    model, info = hf_base(out, output_loading_info=True)
+    model, info = hf_model(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     report(f"merged export {variant} (scan={scan}, shard={shard})", max_diff(torch_out(model), expected))
     report(f"merged export {variant} vs adapted", max_diff(torch_out(model), ours(cfg, params, lora, lcfg)))
@@ -305,7 +284,7 @@ def test_base_round_trip_is_exact(tiny_llama, tmp_path, variant):
     (tok / "special_tokens_map.json").write_text("{}")
     cfg, params = lj.load_pretrained(src, scan_layers=variant != "gqa_untied_noscan")
     out = lj.save_pretrained(tmp_path / "out", params, cfg, tokenizer_dir=tok)
-    a, b = hf_base(src).state_dict(), hf_base(out).state_dict()
+    a, b = hf_model(src).state_dict(), hf_model(out).state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k].numpy(), b[k].numpy()), k
@@ -351,7 +330,7 @@ def test_bf16_adapter_round_trip(tiny_llama, bases, tmp_path):
         assert np.array_equal(np.asarray(v16), np.asarray(v).astype(ml_dtypes.bfloat16).astype(np.float32)), path
     fp32 = ours(cfg, params, lora, lcfg)
     got16 = ours(cfg, params, lora16, lcfg)
-    pm = peft.PeftModel.from_pretrained(hf_base(tiny_llama), out).eval()
+    pm = peft.PeftModel.from_pretrained(hf_model(tiny_llama), out).eval()
     report("bf16 adapter: PEFT vs ours (same bf16 weights)", max_diff(torch_out(pm), got16))
     effect = max_diff(fp32, ours(cfg, params))
     report("bf16 adapter vs fp32 adapter", max_diff(got16, fp32), BF16_REL * effect)
@@ -375,7 +354,7 @@ def test_bf16_merged_export(bases, tmp_path):
     cfg16, p16 = lj.load_pretrained(out)
     assert cfg16.param_dtype == "bfloat16"
     p16_as_32 = jax.tree.map(lambda x: x.astype(jnp.float32), p16)
-    model = hf_base(out, dtype=torch.float32)  # bf16 weights, fp32 compute
+    model = hf_model(out, dtype=torch.float32)  # bf16 weights, fp32 compute
     report("bf16 merged export: transformers vs ours (same weights)", max_diff(torch_out(model), ours(cfg, p16_as_32)))
     fp32 = ours(cfg, merged32)
     report("bf16 merged export vs fp32 merge", max_diff(ours(cfg, p16_as_32), fp32), BF16_REL * np.abs(fp32).max())
@@ -460,7 +439,7 @@ def test_real_non_lora_adapter_refused(tiny_llama, bases, tmp_path):
     import peft
 
     pm = peft.get_peft_model(
-        hf_base(tiny_llama),
+        hf_model(tiny_llama),
         peft.IA3Config(
             task_type="CAUSAL_LM", target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]
         ),

@@ -306,6 +306,17 @@ def test_optimizer_state_holds_nothing_for_frozen_leaves(bases):
     assert ub == pytest.approx(16 * ua, rel=1e-3)
 
 
+@pytest.mark.parametrize("stack", ["layers", "h"])  # Llama's scanned layers, GPT-2's
+def test_loraplus_puts_a_scanned_norm_in_group_b(stack):
+    """A 1-d module tensor (a norm in `modules_to_save`) is in LoRA+'s group B, also when scanned
+    layers stack it to 2-d, whatever the family calls its layer stack."""
+    lcfg = lj.LoraConfig(r=4, target_modules="all-linear", modules_to_save=("ln_1",), loraplus_lr_ratio=16)
+    tree = {"params": {stack: {"ln_1": {"scale": jnp.ones((3, 8))}}, "ln_1": {"scale": jnp.ones(8)}}}
+    labels = traverse_util.flatten_dict(lj.lora_labels(tree, lcfg))
+    assert labels[("params", stack, "ln_1", "scale")] == "train_b"
+    assert labels[("params", "ln_1", "scale")] == "train_b"
+
+
 PEFT_CASES = {
     "all_linear": dict(r=8, lora_alpha=16, target_modules="all-linear"),
     "qv_dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),

@@ -1,7 +1,7 @@
 """`LoraConfig`: the adapter settings, with PEFT's field names and meanings, validated at
 construction. It sits beside the LoRA code that reads it and imports nothing of lora_jax but the
 errors and `models/` (the layout's projection names, the shared field checks in
-`lora_jax.models.llama_config`), so it cannot be part of an import cycle.
+`lora_jax.models.config_base`), so it cannot be part of an import cycle.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from lora_jax.errors import ConfigError
+from lora_jax.models.config_base import _check_bool, _check_int, _check_number
 from lora_jax.models.layout import LLAMA_LAYOUT
-from lora_jax.models.llama_config import _check_bool, _check_int, _check_number
 
 __all__ = ["LoraConfig", "ALL_LINEAR"]
 

@@ -18,7 +18,9 @@ What differs from Llama, each as transformers 5 computes it (`modeling_gemma3`):
 - Attention scale `query_pre_attn_scalar ** -0.5`; optional final logit softcapping; tied head.
 
 With scanned layers the layer type is a scanned input: RoPE tables are selected per layer and the
-attention runs through `lax.cond` between the windowed and the full call.
+attention runs through `lax.cond` between the windowed and the full call. The plumbing it shares
+with Llama to the letter (RoPE application, the KV-cache write and mask, remat policies, scanning the
+layers) is `lora_jax.models.common`; the maths above is Gemma's own and stays here.
 
 KV-cache decoding (`cache=`, as Llama's) keeps every slot and masks: a local layer sees the last
 `sliding_window` slots of the cache, a global layer all of them.
@@ -45,10 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from lora_jax.models import common
 from lora_jax.models.attention import attention
 from lora_jax.models.gemma3_config import Gemma3Config
 from lora_jax.models.layout import GEMMA3_LAYOUT
-from lora_jax.models.llama import _POLICIES, KVCache, _apply_rope, _cache_mask
+from lora_jax.models.llama import KVCache
 
 __all__ = ["Gemma3", "gemma_rms_norm", "gemma3_inv_freq"]
 
@@ -85,23 +88,6 @@ def gemma3_inv_freq(cfg: Gemma3Config, local: bool) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def _rope(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def _dense(cfg: Gemma3Config, features: int, name: str, bias: bool) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=bias,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=nn.initializers.normal(0.02),
-        name=name,
-    )
-
-
 class Gemma3Attention(nn.Module):
     config: Gemma3Config
 
@@ -111,9 +97,9 @@ class Gemma3Attention(nn.Module):
         bias = lambda name: GEMMA3_LAYOUT.projection(name).has_bias(cfg)
         b, t, _ = x_btd.shape
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = _dense(cfg, n * h, "q_proj", bias("q_proj"))(x_btd).reshape(b, t, n, h)
-        kk = _dense(cfg, k * h, "k_proj", bias("k_proj"))(x_btd).reshape(b, t, k, h)
-        v = _dense(cfg, k * h, "v_proj", bias("v_proj"))(x_btd).reshape(b, t, k, h)
+        q = common.dense(cfg, n * h, "q_proj", bias("q_proj"))(x_btd).reshape(b, t, n, h)
+        kk = common.dense(cfg, k * h, "k_proj", bias("k_proj"))(x_btd).reshape(b, t, k, h)
+        v = common.dense(cfg, k * h, "v_proj", bias("v_proj"))(x_btd).reshape(b, t, k, h)
         q = Gemma3RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="q_norm")(q)
         kk = Gemma3RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="k_norm")(kk)
         cos_g, sin_g, cos_l, sin_l = rope
@@ -121,18 +107,12 @@ class Gemma3Attention(nn.Module):
             cos, sin = (cos_l, sin_l) if sliding else (cos_g, sin_g)
         else:  # scanned layers: a traced flag per layer
             cos, sin = jax.lax.select(sliding, cos_l, cos_g), jax.lax.select(sliding, sin_l, sin_g)
-        q, kk = _apply_rope(q, cos, sin), _apply_rope(kk, cos, sin)
+        q, kk = common.apply_rope(q, cos, sin), common.apply_rope(kk, cos, sin)
         # the kernels scale by head_dim ** -0.5; Gemma scales by query_pre_attn_scalar ** -0.5
         q = q * jnp.asarray(math.sqrt(h) / math.sqrt(cfg.query_pre_attn_scalar), q.dtype)
         q, kk, v = (checkpoint_name(a, "qkv") for a in (q, kk, v))
         segment_ids, mask_global, mask_local = seg_mask
-        new_cache = None
-        if cache is not None:  # decoding: this call's keys and values go into the cache at `index`
-            cache_k, cache_v, index = cache
-            kk = jax.lax.dynamic_update_slice_in_dim(cache_k, kk.astype(cache_k.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
-            new_cache = (kk, v)
-            kk, v = kk.astype(q.dtype), v.astype(q.dtype)
+        kk, v, new_cache = common.write_cache(cache, kk, v, q.dtype)  # decoding: into the cache at its index
 
         def run(window, q, kk, v):
             return attention(
@@ -167,7 +147,7 @@ class Gemma3Attention(nn.Module):
                 v,
             )
         out = checkpoint_name(out, "attn_out")
-        return _dense(cfg, cfg.hidden_size, "o_proj", bias("o_proj"))(out.reshape(b, t, n * h)), new_cache
+        return common.dense(cfg, cfg.hidden_size, "o_proj", bias("o_proj"))(out.reshape(b, t, n * h)), new_cache
 
 
 class Gemma3MLP(nn.Module):
@@ -176,9 +156,9 @@ class Gemma3MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj", False)(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj", False)(x)
-        return _dense(cfg, cfg.hidden_size, "down_proj", False)(jax.nn.gelu(gate, approximate=True) * up)
+        gate = common.dense(cfg, cfg.intermediate_size, "gate_proj", False)(x)
+        up = common.dense(cfg, cfg.intermediate_size, "up_proj", False)(x)
+        return common.dense(cfg, cfg.hidden_size, "down_proj", False)(jax.nn.gelu(gate, approximate=True) * up)
 
 
 class Gemma3Block(nn.Module):
@@ -197,13 +177,6 @@ class Gemma3Block(nn.Module):
         x = x + norm("post_attention_layernorm")(attn)
         mlp = Gemma3MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x))
         return x + norm("post_feedforward_layernorm")(mlp), new_cache
-
-
-def _block_class(cfg: Gemma3Config):
-    block = Gemma3Block
-    if cfg.remat_policy != "none":
-        block = nn.remat(block, policy=_POLICIES[cfg.remat_policy](), prevent_cse=not cfg.scan_layers)
-    return block
 
 
 class Gemma3(nn.Module):
@@ -233,60 +206,32 @@ class Gemma3(nn.Module):
         cfg = self.config
         b, t = input_ids.shape
         if positions is None:
-            start = 0 if cache is None else cache_index
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+            positions = common.default_positions(b, t, None if cache is None else cache_index)
         seg_mask = (segment_ids, None, None)
-        layer_cache = None
         if cache is not None:  # each layer picks the full or the windowed mask over the cache
-            masks = [_cache_mask(t, cache, cache_index, cache_mask, w) for w in (None, cfg.sliding_window)]
+            masks = [common.decode_mask(t, cache, cache_index, cache_mask, w) for w in (None, cfg.sliding_window)]
             seg_mask = (None, *masks)
-            layer_cache = (cache.k, cache.v, jnp.broadcast_to(cache_index, (cfg.num_hidden_layers,)))
-        rope = _rope(positions, gemma3_inv_freq(cfg, local=False)) + _rope(positions, gemma3_inv_freq(cfg, local=True))
+        layer_cache = common.stacked_cache(cache, cache_index, cfg.num_hidden_layers)
+        # (cos, sin) of the global layers, then of the local ones
+        rope = tuple(a for local in (False, True) for a in common.rope_tables(positions, gemma3_inv_freq(cfg, local)))
 
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=nn.initializers.normal(0.02),
-            name="embed_tokens",
-        )
+        embed = common.embedding(cfg, cfg.vocab_size, "embed_tokens")
         x = embed(input_ids)
         # transformers multiplies by sqrt(hidden_size) rounded to the embedding weight's dtype
         scale = jnp.asarray(cfg.hidden_size**0.5, jnp.float32).astype(cfg.param_dtype)
         x = x * scale.astype(x.dtype)
-        block = _block_class(cfg)
-        if cfg.scan_layers:
-            scanned = nn.scan(
-                block,
-                variable_axes={True: 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, 0),
-                length=cfg.num_hidden_layers,
-            )
-            sliding = jnp.asarray(cfg.sliding_layers)
-            x, new_layer_cache = scanned(cfg, name="layers")(x, rope, seg_mask, layer_cache, sliding)
-        else:
-            outs = []
-            for i, is_sliding in enumerate(cfg.sliding_layers):
-                li = None if layer_cache is None else jax.tree.map(lambda c: c[i], layer_cache)
-                x, out = block(cfg, name=f"layers_{i}")(x, rope, seg_mask, li, is_sliding)
-                outs.append(out)
-            new_layer_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+        block, n = common.remat_block(Gemma3Block, cfg), cfg.num_hidden_layers
+        # the layer type is a per-layer input: a traced flag when scanned, a Python bool unrolled
+        x, new_layer_cache = common.run_layers(
+            block, cfg, "layers", n, x, (rope, seg_mask), layer_cache, (cfg.sliding_layers,)
+        )
         x = Gemma3RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x)
         if return_hidden:
             return x if cache is None else (x, KVCache(*new_layer_cache))
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=nn.initializers.normal(0.02),
-                name="lm_head",
-            )(x)
+            logits = common.dense(cfg, cfg.vocab_size, "lm_head", False)(x)
         if cfg.final_logit_softcapping is not None:
             c = cfg.final_logit_softcapping
             logits = jnp.tanh(logits / c) * c

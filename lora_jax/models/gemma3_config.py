@@ -8,25 +8,29 @@ Field names follow transformers' `Gemma3TextConfig`. Its two RoPE bases live, in
 are `rope_theta` and `rope_local_base_freq`. `layer_types` names each layer's attention
 ("sliding_attention" or "full_attention"; transformers derives it from the legacy
 `sliding_window_pattern`).
+
+What every family's config shares (`replace` / `to_dict` / `from_dict`, the run options' checks, `to_hf`,
+reading a HF config) is `lora_jax.models.config_base`; this file holds only what is Gemma 3's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
 from typing import Any
 
 from lora_jax.errors import ConfigError
-from lora_jax.models.layout import LAYOUTS
-from lora_jax.models.llama_config import (
-    ATTENTION_IMPLS,
-    REMAT_POLICIES,
+from lora_jax.models.config_base import (
+    HF_SIZES,
+    FamilyConfig,
     _auto_config,
-    _check_int,
-    _dtype_name,
     _hf_dict,
+    _hf_sizes,
+    _hf_token_ids,
+    _refuse_hf,
+    _require_hf,
 )
+from lora_jax.models.layout import LAYOUTS
 
 __all__ = ["Gemma3Config", "GEMMA3_MODEL_TYPE", "GEMMA3_ARCHITECTURE", "LAYER_TYPES"]
 
@@ -38,7 +42,7 @@ assert GEMMA3_MODEL_TYPE in LAYOUTS
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Config:
+class Gemma3Config(FamilyConfig):
     """Architecture of a Gemma 3 text model plus how to run it (scan, remat, dtypes, kernel).
 
     `sliding_window`: on "sliding_attention" layers each token attends to itself and the
@@ -82,23 +86,12 @@ class Gemma3Config:
     def __post_init__(self):
         if self.model_type != GEMMA3_MODEL_TYPE:
             raise ConfigError(f"Gemma3Config is model_type {GEMMA3_MODEL_TYPE!r}, not {self.model_type!r}")
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "sliding_window",
-        ):
-            _check_int(self, name, "")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        types = tuple(self.layer_types) or tuple(
+        self._check_positive(
+            ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+            + ("num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window")
+        )
+        self._check_kv_heads(self.num_attention_heads, self.num_key_value_heads)
+        types = tuple(self.layer_types or ()) or tuple(
             "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(self.num_hidden_layers)
         )
         bad = sorted(set(types) - set(LAYER_TYPES))
@@ -123,24 +116,12 @@ class Gemma3Config:
             if not isinstance(self.final_logit_softcapping, (int, float)) or not self.final_logit_softcapping > 0:
                 raise ConfigError(f"final_logit_softcapping={self.final_logit_softcapping!r} must be positive or None")
             object.__setattr__(self, "final_logit_softcapping", float(self.final_logit_softcapping))
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ConfigError(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
-        if self.max_segments is not None:
-            _check_int(self, "max_segments", "")
-        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
-        object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self._check_run_options()
 
     @property
     def sliding_layers(self) -> tuple[bool, ...]:
         """Per layer: whether it is a local (sliding-window) layer."""
         return tuple(t == "sliding_attention" for t in self.layer_types)
-
-    def replace(self, **changes) -> Gemma3Config:
-        return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------------------- HF conversion
     @classmethod
@@ -174,8 +155,7 @@ class Gemma3Config:
             )
         if d.get("use_bidirectional_attention"):
             raise ConfigError("use_bidirectional_attention=true is not implemented; lora_jax runs causal attention")
-        if d.get("attention_dropout", 0.0):
-            raise ConfigError(f"attention_dropout={d['attention_dropout']!r} is not implemented; set it to 0.0")
+        _refuse_hf(d, "attention_dropout", 0.0)
         rope = d.get("rope_parameters") or {}
         full = dict(rope.get("full_attention") or {})
         local = dict(rope.get("sliding_attention") or {})
@@ -187,17 +167,9 @@ class Gemma3Config:
                 f"for gemma3_text (global: {_GLOBAL_ROPE}, local: 'default'); running them as another type "
                 "would give wrong logits, so they are refused"
             )
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise ConfigError(f"the gemma3_text config lacks {missing}; re-export the model with save_pretrained")
+        _require_hf(d, HF_SIZES, GEMMA3_MODEL_TYPE)
         fields = dict(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            **_hf_sizes(d),
             head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
@@ -211,9 +183,7 @@ class Gemma3Config:
             final_logit_softcapping=d.get("final_logit_softcapping"),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             attention_bias=bool(d.get("attention_bias", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
+            **_hf_token_ids(d),
         )
         fields.update(runtime)
         return cls(**fields)
@@ -223,17 +193,10 @@ class Gemma3Config:
         full: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         if self.rope_type == "linear":
             full["factor"] = self.rope_factor
-        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         return {
             "architectures": [GEMMA3_ARCHITECTURE],
             "model_type": GEMMA3_MODEL_TYPE,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
+            **self._hf_fields(HF_SIZES + ("num_key_value_heads", "head_dim")),
             "hidden_activation": "gelu_pytorch_tanh",
             "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings,
@@ -250,33 +213,5 @@ class Gemma3Config:
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
             "attention_dropout": 0.0,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": eos,
-            "pad_token_id": self.pad_token_id,
-            "initializer_range": 0.02,
-            "use_cache": True,
-            "dtype": dtype or self.param_dtype,
+            **self._hf_tail(dtype),
         }
-
-    def to_hf(self, dtype: str | None = None):
-        """A `transformers.Gemma3TextConfig` equal to this architecture."""
-        import transformers
-
-        d = self.to_hf_dict(dtype)
-        d.pop("architectures"), d.pop("model_type")
-        cfg = transformers.AutoConfig.for_model(GEMMA3_MODEL_TYPE, **d)
-        cfg.architectures = [GEMMA3_ARCHITECTURE]
-        return cfg
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["layer_types"] = list(d["layer_types"])
-        if isinstance(d["eos_token_id"], tuple):
-            d["eos_token_id"] = list(d["eos_token_id"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Gemma3Config:
-        d = dict(d)
-        d["layer_types"] = tuple(d.get("layer_types") or ())
-        return cls(**d)

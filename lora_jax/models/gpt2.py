@@ -4,7 +4,9 @@ Learned positions (`wpe`), pre-LayerNorm blocks (LayerNorms with biases), a fuse
 (`attn.c_attn`), tanh-GELU (`gelu_new`) MLP, and an LM head tied to `wte`. The projections are plain
 `nn.Dense`s, so adapters enter through the same method interception as the Llama's; their names,
 parents and shapes are `lora_jax.models.layout.GPT2_LAYOUT`. HF's Conv1D stores weights `[in, out]`,
-which is already the Flax kernel layout.
+which is already the Flax kernel layout. The plumbing it shares with the other families to the letter
+(remat policies, the projections' construction, the KV-cache write and mask, scanning the layers) is
+`lora_jax.models.common`.
 
 Parameter tree:
 
@@ -23,32 +25,18 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from lora_jax.models import common
 from lora_jax.models.attention import attention
 from lora_jax.models.gpt2_config import GPT2Config
-from lora_jax.models.llama import KVCache, _cache_mask
+from lora_jax.models.llama import KVCache
 
 __all__ = ["GPT2"]
 
 Array = jax.Array
 
-_POLICIES = {
-    "full": lambda: jax.checkpoint_policies.nothing_saveable,
-    "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_qkv": lambda: jax.checkpoint_policies.save_only_these_names("qkv"),
-    "save_qkv_out": lambda: jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
-}
-
 
 def _dense(cfg: GPT2Config, features: int, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=True,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=nn.initializers.normal(0.02),
-        name=name,
-    )
+    return common.dense(cfg, features, name, True)  # every GPT-2 projection has a bias
 
 
 def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
@@ -66,13 +54,7 @@ class GPT2Attention(nn.Module):
         qkv = _dense(cfg, 3 * d, "c_attn")(x_btd)
         q, k, v = (a.reshape(b, t, n, h) for a in jnp.split(qkv, 3, axis=-1))
         q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
-        new_cache = None
-        if cache is not None:  # decoding: this call's keys and values go into the cache at `index`
-            cache_k, cache_v, index = cache
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
-            new_cache = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        k, v, new_cache = common.write_cache(cache, k, v, q.dtype)  # decoding: into the cache at its index
         if mask is None:  # training and scoring: a flash kernel, packed or not
             out = attention(q, k, v, segment_ids, implementation=cfg.attention, max_segments=cfg.max_segments)
         else:  # decoding against a cache: few queries, XLA's attention with the cache's mask
@@ -134,40 +116,14 @@ class GPT2(nn.Module):
         cfg = self.config
         b, t = input_ids.shape
         if positions is None:
-            start = 0 if cache is None else cache_index
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = None if cache is None else _cache_mask(t, cache, cache_index, cache_mask)
+            positions = common.default_positions(b, t, None if cache is None else cache_index)
+        mask = None if cache is None else common.decode_mask(t, cache, cache_index, cache_mask)
         seg_mask = (segment_ids if cache is None else None, mask)
-        layer_cache = None
-        if cache is not None:
-            layer_cache = (cache.k, cache.v, jnp.broadcast_to(cache_index, (cfg.n_layer,)))
-        init = nn.initializers.normal(0.02)
-        wte = nn.Embed(
-            cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=init, name="wte"
-        )
-        wpe = nn.Embed(
-            cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, embedding_init=init, name="wpe"
-        )
-        x = wte(input_ids) + wpe(positions)
-        block: type[nn.Module] = GPT2Block
-        if cfg.remat_policy != "none":
-            block = nn.remat(block, policy=_POLICIES[cfg.remat_policy](), prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            scanned = nn.scan(
-                block,
-                variable_axes={True: 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, 0),
-                length=cfg.n_layer,
-            )
-            x, new_layer_cache = scanned(cfg, name="h")(x, seg_mask, layer_cache)
-        else:
-            outs = []
-            for i in range(cfg.n_layer):
-                li = None if layer_cache is None else jax.tree.map(lambda c: c[i], layer_cache)
-                x, out = block(cfg, name=f"h_{i}")(x, seg_mask, li)
-                outs.append(out)
-            new_layer_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+        layer_cache = common.stacked_cache(cache, cache_index, cfg.n_layer)
+        wte = common.embedding(cfg, cfg.vocab_size, "wte")
+        x = wte(input_ids) + common.embedding(cfg, cfg.n_positions, "wpe")(positions)
+        block = common.remat_block(GPT2Block, cfg)
+        x, new_layer_cache = common.run_layers(block, cfg, "h", cfg.n_layer, x, (seg_mask,), layer_cache)
         x = _layer_norm(cfg, "ln_f")(x)
         out = x if return_hidden else wte.attend(x)
         if cache is None:

@@ -7,7 +7,9 @@ The model knows nothing of LoRA: adapters enter only through method interception
 `nn.Dense` projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`).
 Their names, parents, shapes and sharding axes are written once, in `lora_jax.models.layout.LLAMA_LAYOUT`,
 which targeting, the HF key table, sharding, quantisation and FLOPs read (tests/test_layout.py checks
-this module's tree against it).
+this module's tree against it). The plumbing every family shares to the letter (remat policies, the
+projections' construction, RoPE tables, the KV-cache write and mask, scanning the layers) is
+`lora_jax.models.common`; the maths particular to Llama (RMSNorm, SwiGLU, llama3 RoPE) is here.
 
 Parameter tree (Flax kernels are `[in, out]`; HF weights are `[out, in]`):
 
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from lora_jax.models import common
 from lora_jax.models.attention import attention
 from lora_jax.models.layout import layout_of
 from lora_jax.models.llama_config import LlamaConfig
@@ -67,20 +70,6 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled)
     return inv_freq.astype(np.float32)
-
-
-def _rope(positions: Array, cfg: LlamaConfig) -> tuple[Array, Array]:
-    """cos, sin of shape `[batch, seq, head_dim]` in fp32 (split-halves layout, as HF)."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))[None, None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def _apply_rope(x_bthd: Array, cos: Array, sin: Array) -> Array:
-    half = x_bthd.shape[-1] // 2
-    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x_bthd.dtype), sin[:, :, None, :].astype(x_bthd.dtype)
-    return x_bthd * cos + rotated * sin
 
 
 class RMSNorm(nn.Module):
@@ -158,17 +147,6 @@ def _swiglu_bwd(res, dh):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str, bias: bool) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=bias,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=nn.initializers.normal(0.02),
-        name=name,
-    )
-
-
 class LlamaAttention(nn.Module):
     config: LlamaConfig
 
@@ -179,22 +157,16 @@ class LlamaAttention(nn.Module):
         bias = lambda name: layout.projection(name).has_bias(cfg)
         b, t, _ = x_btd.shape
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = _dense(cfg, n * h, "q_proj", bias("q_proj"))(x_btd).reshape(b, t, n, h)
-        kk = _dense(cfg, k * h, "k_proj", bias("k_proj"))(x_btd).reshape(b, t, k, h)
-        v = _dense(cfg, k * h, "v_proj", bias("v_proj"))(x_btd).reshape(b, t, k, h)
+        q = common.dense(cfg, n * h, "q_proj", bias("q_proj"))(x_btd).reshape(b, t, n, h)
+        kk = common.dense(cfg, k * h, "k_proj", bias("k_proj"))(x_btd).reshape(b, t, k, h)
+        v = common.dense(cfg, k * h, "v_proj", bias("v_proj"))(x_btd).reshape(b, t, k, h)
         if layout.head_norms:  # Qwen3: RMSNorm over each head of q and k, before RoPE
             q_norm, k_norm = layout.head_norms
             q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=q_norm)(q)
             kk = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=k_norm)(kk)
-        q, kk = _apply_rope(q, cos, sin), _apply_rope(kk, cos, sin)
+        q, kk = common.apply_rope(q, cos, sin), common.apply_rope(kk, cos, sin)
         q, kk, v = (checkpoint_name(a, "qkv") for a in (q, kk, v))
-        new_cache = None
-        if cache is not None:
-            cache_k, cache_v, index = cache
-            kk = jax.lax.dynamic_update_slice_in_dim(cache_k, kk.astype(cache_k.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
-            new_cache = (kk, v)
-            kk, v = kk.astype(q.dtype), v.astype(q.dtype)
+        kk, v, new_cache = common.write_cache(cache, kk, v, q.dtype)
         if mask is None:  # training and scoring: a flash kernel, packed or not
             out = attention(
                 q,
@@ -208,7 +180,7 @@ class LlamaAttention(nn.Module):
         else:  # decoding against a cache: few queries, XLA's attention with the cache's mask
             out = jax.nn.dot_product_attention(q, kk, v, mask=mask, implementation="xla")
         out = checkpoint_name(out, "attn_out")
-        out = _dense(cfg, cfg.hidden_size, "o_proj", bias("o_proj"))(out.reshape(b, t, n * h))
+        out = common.dense(cfg, cfg.hidden_size, "o_proj", bias("o_proj"))(out.reshape(b, t, n * h))
         return out, new_cache
 
 
@@ -219,9 +191,9 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         bias = lambda name: layout_of(cfg).projection(name).has_bias(cfg)
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj", bias("gate_proj"))(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj", bias("up_proj"))(x)
-        return _dense(cfg, cfg.hidden_size, "down_proj", bias("down_proj"))(swiglu(gate, up))
+        gate = common.dense(cfg, cfg.intermediate_size, "gate_proj", bias("gate_proj"))(x)
+        up = common.dense(cfg, cfg.intermediate_size, "up_proj", bias("up_proj"))(x)
+        return common.dense(cfg, cfg.hidden_size, "down_proj", bias("down_proj"))(swiglu(gate, up))
 
 
 class LlamaBlock(nn.Module):
@@ -239,22 +211,6 @@ class LlamaBlock(nn.Module):
         x = x + attn
         x = x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
         return x, new_cache
-
-
-_POLICIES = {
-    "full": lambda: jax.checkpoint_policies.nothing_saveable,
-    "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_qkv": lambda: jax.checkpoint_policies.save_only_these_names("qkv"),
-    "save_qkv_out": lambda: jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
-}
-
-
-def _block_class(cfg: LlamaConfig):
-    block = LlamaBlock
-    if cfg.remat_policy != "none":
-        block = nn.remat(block, policy=_POLICIES[cfg.remat_policy](), prevent_cse=not cfg.scan_layers)
-    return block
 
 
 class Llama(nn.Module):
@@ -284,73 +240,25 @@ class Llama(nn.Module):
         cfg = self.config
         b, t = input_ids.shape
         if positions is None:
-            start = 0 if cache is None else cache_index
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        rope = _rope(positions, cfg)
+            positions = common.default_positions(b, t, None if cache is None else cache_index)
+        rope = common.rope_tables(positions, rope_inv_freq(cfg))
         # the attention kernels take segment ids; only decoding builds a mask (over the cache)
-        mask = None if cache is None else _cache_mask(t, cache, cache_index, cache_mask, cfg.sliding_window)
+        mask = None if cache is None else common.decode_mask(t, cache, cache_index, cache_mask, cfg.sliding_window)
         seg_mask = (segment_ids if cache is None else None, mask)
 
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=nn.initializers.normal(0.02),
-            name="embed_tokens",
-        )
+        embed = common.embedding(cfg, cfg.vocab_size, "embed_tokens")
         x = embed(input_ids)
-        block = _block_class(cfg)
-        layer_cache = None
-        if cache is not None:
-            layer_cache = (cache.k, cache.v, jnp.broadcast_to(cache_index, (cfg.num_hidden_layers,)))
-        if cfg.scan_layers:
-            # every variable collection is stacked per layer (the frozen "params", and whatever
-            # collection a caller adds beside them, e.g. adapters), so the model names none but its own
-            scanned = nn.scan(
-                block,
-                variable_axes={True: 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0),
-                length=cfg.num_hidden_layers,
-            )
-            x, new_layer_cache = scanned(cfg, name="layers")(x, rope, seg_mask, layer_cache)
-        else:
-            outs = []
-            for i in range(cfg.num_hidden_layers):
-                li = None if layer_cache is None else jax.tree.map(lambda c: c[i], layer_cache)
-                x, out = block(cfg, name=f"layers_{i}")(x, rope, seg_mask, li)
-                outs.append(out)
-            new_layer_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+        layer_cache = common.stacked_cache(cache, cache_index, cfg.num_hidden_layers)
+        x, new_layer_cache = common.run_layers(
+            common.remat_block(LlamaBlock, cfg), cfg, "layers", cfg.num_hidden_layers, x, (rope, seg_mask), layer_cache
+        )
         x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
         if return_hidden:
             out = x
         elif cfg.tie_word_embeddings:
             out = embed.attend(x)
         else:
-            out = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=nn.initializers.normal(0.02),
-                name="lm_head",
-            )(x)
+            out = common.dense(cfg, cfg.vocab_size, "lm_head", False)(x)
         if cache is None:
             return out
         return out, KVCache(*new_layer_cache)
-
-
-def _cache_mask(t, cache, cache_index, cache_mask, sliding_window=None):
-    """`[batch, 1, q, max_len]` boolean: each query sees the cache slots up to its own (and, with a
-    `sliding_window`, only the last `sliding_window` of them, as transformers counts cache slots),
-    and only the valid ones (`cache_mask`)."""
-    max_len = cache.k.shape[2]
-    q_slot = cache_index + jnp.arange(t)
-    k_slot = jnp.arange(max_len)[None, :]
-    allowed = k_slot <= q_slot[:, None]  # [q, k]
-    if sliding_window is not None:
-        allowed = allowed & (k_slot > q_slot[:, None] - sliding_window)
-    if cache_mask is not None:
-        allowed = allowed[None] & cache_mask[:, None, :].astype(bool)
-    return jnp.broadcast_to(allowed, (cache.k.shape[1], t, max_len))[:, None]

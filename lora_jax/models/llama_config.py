@@ -1,24 +1,43 @@
 """`LlamaConfig`: the architecture of a Llama-family model, how to run it, and its Hugging Face
 conversion (`from_hf` / `to_hf`), which refuses what it does not implement so a model is never run
-with options silently ignored.
+with options silently ignored. It serves four families (Llama, Qwen2, Qwen3, Mistral), whose
+differences in fields and conversion live here together.
 
-Also the field checks every config shares (`_check_int`, `_check_number`, ...): this module imports
-nothing of lora_jax but its errors, so any config can use them without an import cycle.
-It serves four families (Llama, Qwen2, Qwen3, Mistral), whose field checks and conversions live
-here together: a little over 400 lines.
+What every family's config shares (the base class `FamilyConfig`, the field checks `_check_int`,
+`_check_number`, ..., reading a HF config) lives in `lora_jax.models.config_base`; the names it held
+before are imported here again for the modules that still read them from this one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import numbers
 import os
 from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import Any
 
 from lora_jax.errors import ConfigError
+
+# What every family shares; the private names are imported here again (`as` marks them re-exported)
+# for `lora_jax.run_config`, `lora_jax.lora.config` and `lora_jax.hf.load`, which read them from here.
+from lora_jax.models.config_base import _DTYPES as _DTYPES
+from lora_jax.models.config_base import (
+    ATTENTION_IMPLS,
+    HF_SIZES,
+    REMAT_POLICIES,
+    AttentionImpl,
+    FamilyConfig,
+    RematPolicy,
+    _auto_config,
+    _check_int,
+    _hf_dict,
+    _hf_sizes,
+    _hf_token_ids,
+    _refuse_hf,
+    _require_hf,
+)
+from lora_jax.models.config_base import _check_bool as _check_bool
+from lora_jax.models.config_base import _check_number as _check_number
+from lora_jax.models.config_base import _check_str as _check_str
 from lora_jax.models.layout import LAYOUTS
 
 __all__ = [
@@ -30,16 +49,6 @@ __all__ = [
     "ARCHITECTURES",
     "SUPPORTED_MODEL_TYPES",
 ]
-
-# What each layer keeps for the backward pass: nothing recomputed ("none"), everything recomputed
-# ("full"), q/k/v kept ("save_qkv": more memory, no recomputing them), q/k/v and the
-# attention output ("save_qkv_out"), every matmul output ("dots", "dots_no_batch")
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "save_qkv", "save_qkv_out"]
-REMAT_POLICIES = get_args(RematPolicy)
-# The attention kernel (`lora_jax.models.attention`): "auto" picks the fastest correct one for the
-# platform; "xla" is the reference (materialises [t, t] scores: the CPU and tests only).
-AttentionImpl = Literal["auto", "cudnn", "pallas", "xla"]
-ATTENTION_IMPLS = get_args(AttentionImpl)
 _SUPPORTED_ROPE = ("default", "llama3")
 # The Llama-like families this config and `lora_jax.models.llama.Llama` run: HF model_type ->
 # architecture. Each has a layout (`lora_jax.models.layout.LAYOUTS`) saying how it differs.
@@ -63,84 +72,8 @@ def _unsupported_model_type(model_type: Any) -> ConfigError:
     return ConfigError(f"model_type={model_type!r} is not supported; lora_jax implements {known}")
 
 
-Dtype = Literal["float32", "bfloat16", "float16"]
-_DTYPES = get_args(Dtype)
-
-
-def _dtype_name(dtype: Any) -> str | None:
-    if dtype is None:
-        return None
-    name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None) or str(dtype)
-    name = str(name).replace("torch.", "")
-    if name not in _DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {_DTYPES}")
-    return name
-
-
-# ---------------------------------------------------------------- field checks shared by every config
-# (the run sections in `lora_jax.run_config`, `lora_jax.lora.config.LoraConfig`): they live here, at
-# the bottom of the import graph, because `models/` may import nothing of `lora/` or the run config.
-
-
-def _check_int(obj, name: str, where: str, minimum: int = 1, hint: str = "", below: int = 2**63) -> None:
-    """`obj.name` must be an integer in [minimum, below) (not a bool, not 1.5, not "12")."""
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= int(value) < below:
-        rule = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        if isinstance(value, numbers.Integral) and int(value) >= below:
-            rule += f" below {below}"
-        raise ConfigError(f"{where}{name}={value!r} must be {rule}{hint}")
-    object.__setattr__(obj, name, int(value))
-
-
-def _check_number(obj, name: str, where: str, rule: str, ok, allow_none: bool = False) -> None:
-    """`obj.name` must be a finite number with `ok(value)`; `rule` says so in the error. A numeric
-    string is read as a number: YAML 1.1 reads `1e-4` (no dot) as a string."""
-    value = getattr(obj, name)
-    if value is None and allow_none:
-        return
-    number = value
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
-        number = None
-    if number is None:
-        raise ConfigError(f"{where}{name}={value!r} is not a number; it must be {rule}")
-    if not math.isfinite(number):
-        raise ConfigError(f"{where}{name}={value!r} is not finite; it must be {rule}")
-    if not ok(number):
-        raise ConfigError(f"{where}{name}={value!r} must be {rule}")
-    if isinstance(value, str):
-        object.__setattr__(obj, name, number)
-
-
-def _check_bool(obj, name: str, where: str) -> None:
-    value = getattr(obj, name)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}{name}={value!r}; use true or false")
-
-
-def _check_str(obj, name: str, where: str, what: str, allow_none: bool = False) -> None:
-    """`obj.name` must be a non-empty string (a path-like is converted), or None when allowed."""
-    value = getattr(obj, name)
-    if value is None and allow_none:
-        return
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-        object.__setattr__(obj, name, value)
-    if not isinstance(value, str) or not value:
-        none = " or null" if allow_none else ""
-        raise ConfigError(
-            f"{where}{name}={value!r} must be {what}{none}"
-            + (" (a string; in YAML, quote a name that looks like a number)" if not isinstance(value, str) else "")
-        )
-
-
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(FamilyConfig):
     """Architecture of a Llama-family model plus how to run it (scan, remat, dtypes).
 
     Field names follow transformers' `LlamaConfig`; `from_hf` accepts both the v5 `rope_parameters`
@@ -198,17 +131,10 @@ class LlamaConfig:
                     f"(this is {self.model_type!r}); set it to None"
                 )
             _check_int(self, "sliding_window", "")
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        self._check_positive(
+            ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+            + ("num_attention_heads", "num_key_value_heads")
+        )
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -216,31 +142,9 @@ class LlamaConfig:
                     f"{self.num_attention_heads}; set head_dim explicitly"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-        if self.rope_type not in _SUPPORTED_ROPE:
-            raise ConfigError(
-                f"rope type {self.rope_type!r} is not implemented; supported: {_SUPPORTED_ROPE}. "
-                "Running it as another type would give wrong logits, so it is refused."
-            )
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ConfigError(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
-        if self.max_segments is not None and (
-            not isinstance(self.max_segments, int) or isinstance(self.max_segments, bool) or self.max_segments < 1
-        ):
-            raise ConfigError(f"max_segments={self.max_segments!r} must be a positive integer or None")
-        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
-        object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-
-    def replace(self, **changes) -> LlamaConfig:
-        return dataclasses.replace(self, **changes)
+        self._check_kv_heads(self.num_attention_heads, self.num_key_value_heads)
+        _check_rope_type(self.rope_type)
+        self._check_run_options()
 
     # ----------------------------------------------------------------------------- HF conversion
     @classmethod
@@ -266,27 +170,12 @@ class LlamaConfig:
                 f"max_window_layers={d.get('max_window_layers')!r} on) is not implemented; set use_sliding_window "
                 "to false (the released checkpoints do)"
             )
-        for key in ("attention_dropout",):
-            if d.get(key, 0.0):
-                raise ConfigError(f"{key}={d[key]!r} is not implemented; set it to 0.0")
-        if d.get("pretraining_tp", 1) not in (1, None):
-            raise ConfigError(f"pretraining_tp={d['pretraining_tp']!r} is not implemented; set it to 1")
-
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise ConfigError(
-                f"the Llama config lacks {missing}; it is not a complete transformers "
-                "config.json (re-export the model with save_pretrained)"
-            )
+        _refuse_hf(d, "attention_dropout", 0.0)
+        _refuse_hf(d, "pretraining_tp", 1, ok=lambda v: v in (1, None))
+        _require_hf(d, HF_SIZES, "Llama")
         rope, rope_type = _rope_of(d)
         fields = dict(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            **_hf_sizes(d),
             head_dim=d.get("head_dim"),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
@@ -295,9 +184,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", False)) and model_type in ("llama", "qwen3"),
             mlp_bias=bool(d.get("mlp_bias", False)) and model_type == "llama",
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
+            **_hf_token_ids(d),
             model_type=model_type,
             sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
         )
@@ -321,17 +208,10 @@ class LlamaConfig:
                 high_freq_factor=self.rope_high_freq_factor,
                 original_max_position_embeddings=self.rope_original_max_position_embeddings,
             )
-        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         d = {
             "architectures": [ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
+            **self._hf_fields(HF_SIZES + ("num_key_value_heads", "head_dim")),
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings,
@@ -343,12 +223,7 @@ class LlamaConfig:
             "attention_bias": self.attention_bias,
             "attention_dropout": 0.0,
             "mlp_bias": self.mlp_bias,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": eos,
-            "pad_token_id": self.pad_token_id,
-            "initializer_range": 0.02,
-            "use_cache": True,
-            "dtype": dtype or self.param_dtype,
+            **self._hf_tail(dtype),
         }
         n = self.num_hidden_layers
         if self.model_type != "llama":  # fields transformers' other families do not have
@@ -361,27 +236,6 @@ class LlamaConfig:
             d["sliding_window"] = self.sliding_window
         return d
 
-    def to_hf(self, dtype: str | None = None):
-        """A transformers config of this family (`transformers.LlamaConfig`, `Qwen2Config`, ...) equal
-        to this architecture."""
-        import transformers
-
-        d = self.to_hf_dict(dtype)
-        d.pop("architectures"), d.pop("model_type")
-        cfg = transformers.AutoConfig.for_model(self.model_type, **d)
-        cfg.architectures = [ARCHITECTURES[self.model_type]]
-        return cfg
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        if isinstance(d["eos_token_id"], tuple):
-            d["eos_token_id"] = list(d["eos_token_id"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
-        return cls(**d)
-
 
 def _rope_of(d: Mapping[str, Any]) -> tuple[dict, str]:
     """(rope parameters, rope type) of a HF config dict (v5 `rope_parameters` or legacy form);
@@ -391,51 +245,13 @@ def _rope_of(d: Mapping[str, Any]) -> tuple[dict, str]:
         rope = dict(d.get("rope_scaling") or {})
         rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
     rope = dict(rope)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    return rope, _check_rope_type(rope.get("rope_type", rope.get("type", "default")))
+
+
+def _check_rope_type(rope_type: Any) -> str:
     if rope_type not in _SUPPORTED_ROPE:
         raise ConfigError(
             f"rope type {rope_type!r} is not implemented; supported: {_SUPPORTED_ROPE}. "
             "Running it as another type would give wrong logits, so it is refused."
         )
-    return rope, rope_type
-
-
-def _auto_config(source: Any, raw: dict) -> dict:
-    """The config of a model directory as transformers reads it (`AutoConfig`, its defaults filled
-    in; never remote code)."""
-    import transformers
-
-    path = os.fspath(source)
-    if os.path.isfile(path):
-        path = os.path.dirname(path) or "."
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"transformers cannot read the {raw.get('model_type')!r} config in {path}: {first}") from None
-    return cfg.to_dict()
-
-
-def _hf_dict(source: Any) -> dict:
-    if isinstance(source, Mapping):
-        return dict(source)
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"no config.json at {os.fspath(source)!r}; point at a Hugging Face model "
-                "directory (config.json + *.safetensors)"
-            )
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); re-export the model config") from None
-    if hasattr(source, "to_dict"):
-        return source.to_dict()
-    raise ConfigError(
-        f"cannot read a Llama config from {type(source).__name__}; pass a directory, "
-        "a config.json path, a dict or a transformers config"
-    )
+    return rope_type
