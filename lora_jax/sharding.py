@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_jax.errors import ConfigError
-from lora_jax.models.layout import LAYOUTS
+from lora_jax.models.layout import LAYER_STACKS, LAYOUTS
 
 __all__ = [
     "make_mesh",
@@ -55,7 +55,6 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 # (parent, module) -> logical axes of its [in, out] kernel, for every family; parent None: any parent
 _KERNEL_AXES = {key: axes for layout in LAYOUTS.values() for key, axes in layout.kernel_axes().items()}
 _EMBEDDINGS = {layout.embed: layout.embed_axes for layout in LAYOUTS.values()}
-_LAYER_STACKS = frozenset(layout.layers for layout in LAYOUTS.values())  # scanned layers: "layers", "h"
 
 
 def _module_axes(path: tuple[str, ...]) -> tuple[str, str] | None:
@@ -94,7 +93,7 @@ def logical_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
     `kernel_t` is a kernel stored transposed (`[..., out, in]`, an `Fp8Kernel`'s codes)."""
     path = tuple(str(p) for p in path)
     leaf = path[-1]
-    stacked = any(p in _LAYER_STACKS for p in path[:-1])
+    stacked = any(p in LAYER_STACKS for p in path[:-1])
     module = _module_axes(path)
     embedding = next((_EMBEDDINGS[p] for p in path[:-1] if p in _EMBEDDINGS), None)
     if embedding is not None and leaf == "embedding":

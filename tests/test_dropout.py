@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_jax.lora.dropout import dropout_keep_mask
+from lora_jax.lora.kernel import lora_dense
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.1, 0.5])
@@ -99,7 +101,6 @@ def test_same_mask_under_vmap_and_sharding():
 def test_lora_dense_with_dropout_equals_the_explicit_formula(out_features):
     """`lora_dense` keeps no dropped copy of its input (the mask is drawn again in the backward
     pass); its value and gradients equal autodiff of `x W + s * dropout(x) A B` with that mask."""
-    from lora_jax.lora.kernel import lora_dense
 
     ks = jax.random.split(jax.random.key(11), 6)
     x = jax.random.normal(ks[0], (3, 10, 16))
@@ -130,9 +131,6 @@ def test_lora_dense_with_dropout_equals_the_explicit_formula(out_features):
 def test_dropout_keeps_no_dropped_copy_for_the_backward_pass(capsys):
     """The residuals of an adapted projection under dropout are its inputs (x, A) and the mask as
     packed bits (one byte per eight elements), not a bool mask or a dropped copy of x."""
-    from jax.ad_checkpoint import print_saved_residuals
-
-    from lora_jax.lora.kernel import lora_dense
 
     x, w, a, b = jnp.ones((64, 32)), jnp.ones((32, 96)), jnp.ones((32, 4)), jnp.ones((4, 96))
     for fuse in (True, False):

@@ -10,16 +10,27 @@ import json
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 
 import lora_jax as lj
 from lora_jax.cli import main
 from lora_jax.demo import DEMO_TRAIN
+from lora_jax.flops import flops_per_token, lora_params, matmul_params
+from lora_jax.lora.targets import plan_targets, shape_from_config
+from lora_jax.lora.tree import split_trainable
 from lora_jax.models.layout import layout_of
+from lora_jax.models.registry import config_from_hf
+from lora_jax.session import load_run
+from lora_jax.train.loss import chunked_cross_entropy
+from lora_jax.train.step import eval_step
 from tests.helpers import (
     FP32_ATOL,
+    REPO,
+    cli_error,
     hf_model,
     make_hf_family,
     max_diff,
@@ -111,9 +122,6 @@ def test_training_loss_is_transformers_loss(trained):
     import peft
     import torch
 
-    from lora_jax.lora.tree import split_trainable
-    from lora_jax.train.step import eval_step
-
     family, model_dir, run_dir = trained
     cfg, params, lora, lcfg, *_ = _load_run(run_dir)
     ids = IDS[:, :-1]
@@ -151,8 +159,6 @@ def test_export_and_generate_from_the_run(trained, tmp_path, capsys):
 def test_flops_count_each_family():
     """The FLOP model reads each family's layout: GPT-2 124M's textbook adapters are PEFT's
     811,008 parameters, and Gemma 3's local layers count at most their window of keys."""
-    from lora_jax.flops import flops_per_token, lora_params, matmul_params
-    from lora_jax.models.registry import config_from_hf
 
     gpt2 = config_from_hf(SHIPPED["gpt2.yaml"])
     assert lora_params(gpt2, 8, ["c_attn", "c_proj", "mlp.c_proj"]) == 811_008
@@ -166,7 +172,6 @@ def test_flops_count_each_family():
 
 
 def _load_run(run_dir):
-    from lora_jax.session import load_run
 
     return load_run(run_dir)
 
@@ -248,7 +253,6 @@ SHIPPED = {
 
 
 def test_every_family_config_is_checked():
-    from tests.helpers import REPO
 
     shipped = set(os.listdir(os.path.join(REPO, "experiments", "configs")))
     assert set(SHIPPED) <= shipped
@@ -260,12 +264,6 @@ def test_shipped_family_config_fits_its_model(name):
     """Beyond parsing (tests/test_train.py parses every shipped config): its targets exist in the
     family it is for, its rows fit the model's context, and no sliding window cuts a row unless the
     attention is XLA's (the flash kernels take no window)."""
-    import yaml
-
-    from lora_jax.flops import flops_per_token
-    from lora_jax.lora.targets import plan_targets, shape_from_config
-    from lora_jax.models.registry import config_from_hf
-    from tests.helpers import REPO
 
     with open(os.path.join(REPO, "experiments", "configs", name)) as f:
         run = lj.RunConfig.from_dict(yaml.safe_load(f))
@@ -284,9 +282,6 @@ def test_shipped_family_config_fits_its_model(name):
 def test_softcapped_chunked_loss_and_gradients(vocab_axis):
     """Gemma's final logit softcap inside the chunked loss (hand-written VJP) against autodiff of
     the plain formula, value and both gradients."""
-    import jax
-
-    from lora_jax.train.loss import chunked_cross_entropy
 
     k = jax.random.split(jax.random.key(0), 4)
     h = jax.random.normal(k[0], (2, 9, 16))
@@ -389,7 +384,6 @@ def test_peft_dora_modules_to_save_adapter_loads(family, modules, tmp_path):
 def test_rows_longer_than_gpt2_positions_are_refused(tmp_path, capsys, corpus):
     """GPT-2's learned position table has n_positions rows (128 here): longer rows are refused in
     one line before anything is written (JAX would clamp the index silently)."""
-    from tests.helpers import cli_error
 
     model_dir = make_hf_family(tmp_path / "model", "gpt2")
     out = tmp_path / "run"

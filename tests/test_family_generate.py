@@ -10,6 +10,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax.generate import generate
+from lora_jax.models.llama import init_kv_cache
 from tests.helpers import hf_model, make_hf_family
 
 FAMILIES = ["qwen2", "qwen3", "mistral", "gpt2", "gemma3_text"]
@@ -90,7 +91,6 @@ def test_greedy_with_adapter_equals_peft(family, tmp_path):
 def test_unrolled_layers_decode_as_scanned(name, tmp_path):
     """Unrolled layers take the Python branch (Gemma 3: the layer type known per layer); logits
     of the cached forward equal the scanned ones, and generation is the same."""
-    from lora_jax.models.llama import init_kv_cache
 
     model_dir = _make(tmp_path / "model", name)
     out = {}
@@ -107,7 +107,6 @@ def test_unrolled_layers_decode_as_scanned(name, tmp_path):
 
 def test_prefill_logits_equal_the_full_forward(family):
     """The cached forward over a prompt gives the logits of the plain forward (windows included)."""
-    from lora_jax.models.llama import init_kv_cache
 
     _, model_dir = family
     cfg, params = lj.load_pretrained(model_dir, attention="xla")

@@ -20,10 +20,12 @@ from flax import traverse_util
 
 import lora_jax as lj
 from lora_jax import fp8, quant
-from lora_jax.config import ModelConfig
+from lora_jax.config import ModelConfig, OptimConfig
 from lora_jax.errors import ConfigError
 from lora_jax.hf.names import projection_parent
-from tests.helpers import FP32_ATOL, all_eqns, max_diff, random_ids, tiny_ids, torch_logits
+from lora_jax.sharding import tree_shardings
+from lora_jax.train.step import init_state, make_schedule, make_train_step, make_tx
+from tests.helpers import FP32_ATOL, all_eqns, max_diff, random_ids, tiny_ids, torch_logits, unpacked_batch
 
 E4M3_MAX, E5M2_MAX = 448.0, 57344.0
 NP_TYPES = {"float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}
@@ -365,9 +367,6 @@ def test_merged_export_loads_in_transformers(loaded, tmp_path):
 
 
 def test_train_step_with_fp8_gemms(loaded):
-    from lora_jax.config import OptimConfig
-    from lora_jax.train.step import init_state, make_schedule, make_train_step, make_tx
-    from tests.helpers import unpacked_batch
 
     cfg, q = loaded["float32", "fp8"]
     q = forced(q, True)
@@ -397,7 +396,6 @@ def test_load_on_mesh_shards_fp8_leaves(tiny_llama):
     shard along the output axis, the
     step's path-based shardings agree with where the loader put them, and the values equal an
     unsharded load."""
-    from lora_jax.sharding import tree_shardings
 
     mesh = lj.make_mesh(1, 8, 1)
     cfg, sharded = lj.load_pretrained(tiny_llama, quantize="fp8", mesh=mesh)

@@ -15,6 +15,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax.models.gpt2_config import GPT2Config
+from lora_jax.quant import dequantize, is_quantized
 from tests.helpers import hf_model, max_diff, our_logits, random_ids, report_diff, save_random_hf, torch_logits_of
 
 TINY_GPT2 = dict(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4)
@@ -117,7 +118,6 @@ def test_refusals(model_dir, tmp_path):
 def test_quantized_base_equals_its_dequantised_weights(model_dir, kind):
     """QLoRA on GPT-2's Conv1D `[in, out]` weights: the quantised base's logits equal those of a
     plain model holding the dequantised kernels, and differ from the original by the rounding."""
-    from lora_jax.quant import dequantize, is_quantized
 
     cfg, params = lj.load_pretrained(model_dir, dtype="float32")
     qcfg, qparams = lj.load_pretrained(model_dir, dtype="float32", quantize=kind)

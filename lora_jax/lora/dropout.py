@@ -114,8 +114,7 @@ def dropout_project(x, a, key, rate):
     keeps the mask as packed bits (1 bit per element) beside x, which the frozen matmul keeps
     anyway: autodiff would keep a dropped copy of x and a bool mask per adapted projection (17x
     the bits), and drawing the mask again would double its cost."""
-    bits, keep_p = keep_bits(key, rate, x.size)
-    return _mm(_apply(x, bits, keep_p.astype(x.dtype)), a)
+    return _dropout_project_fwd(x, a, key, rate)[0]
 
 
 def _dropout_project_fwd(x, a, key, rate):

@@ -21,9 +21,7 @@ import optax
 
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.tree import is_adapter_leaf, is_trainable
-from lora_jax.models.layout import LAYOUTS
-
-_LAYER_STACKS = frozenset(layout.layers for layout in LAYOUTS.values())  # scanned layers: "layers", "h"
+from lora_jax.models.layout import LAYER_STACKS
 
 __all__ = ["lora_labels", "make_optimizer", "clip_by_global_norm"]
 
@@ -38,7 +36,7 @@ def _label(path, leaf_value, lcfg: LoraConfig) -> str:
         # PEFT's LoRA+ puts lora_B and every 1-d trainable tensor (DoRA's magnitude) in group B
         return "train_b" if lcfg.loraplus_lr_ratio and names[-1] in ("b", "m") else "train"
     # a 1-d module tensor (a norm's scale) is in LoRA+'s group B too; a scanned layer adds an axis
-    ndim = getattr(leaf_value, "ndim", 2) - any(n in _LAYER_STACKS for n in names[:-1])
+    ndim = getattr(leaf_value, "ndim", 2) - any(n in LAYER_STACKS for n in names[:-1])
     return "train_b" if lcfg.loraplus_lr_ratio and ndim == 1 else "train"
 
 

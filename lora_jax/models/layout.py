@@ -29,6 +29,7 @@ __all__ = [
     "GEMMA3_LAYOUT",
     "GPT2_LAYOUT",
     "LAYOUTS",
+    "LAYER_STACKS",
     "layout_of_params",
     "layout_of",
     "config_value",
@@ -264,6 +265,8 @@ LAYOUTS: dict[str, Layout] = {
     layout.family: layout for layout in (LLAMA_LAYOUT, QWEN2_LAYOUT, QWEN3_LAYOUT, MISTRAL_LAYOUT, GPT2_LAYOUT)
 }
 LAYOUTS[GEMMA3_LAYOUT.family] = GEMMA3_LAYOUT
+# the names of scanned layer stacks ("layers", GPT-2's "h"): a leaf under one has a leading layer axis
+LAYER_STACKS = frozenset(layout.layers for layout in LAYOUTS.values())
 
 
 def layout_of_params(params: Mapping[str, Any]) -> Layout:
