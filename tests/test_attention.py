@@ -205,6 +205,29 @@ def test_gpu_kernels_equal_the_reference_on_packed_rows(impl):
         assert rel(g.astype(jnp.float32), gr.astype(jnp.float32)) < 2e-2
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+@pytest.mark.parametrize("packed", [False, True])
+def test_cudnn_sliding_window_equals_the_reference(packed):
+    """bf16 on the GPU: cuDNN's window (Mistral, Gemma 3's local layers), packed and not, against the
+    XLA reference with the window in its mask; the window is narrower than the documents, so it
+    cuts, and the result differs from full causal attention."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(jax.random.key(8), t=512, b=2))
+    seg = jnp.asarray(np.repeat([[1, 1, 2, 2], [1, 1, 1, 0]], 128, axis=1), jnp.int32) if packed else None
+    w = jax.random.normal(jax.random.key(9), q.shape).astype(jnp.bfloat16)
+
+    def run(impl, window=100):
+        return lambda q, k, v: attention(q, k, v, seg, implementation=impl, max_segments=4, sliding_window=window)
+
+    f = lambda impl: lambda q, k, v: jnp.sum((w * run(impl)(q, k, v)).astype(jnp.float32))
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    out, ref = run("cudnn")(q, k, v).astype(jnp.float32), run("xla")(q, k, v).astype(jnp.float32)
+    assert not np.any(np.isnan(np.asarray(out)))
+    assert rel(out, ref) < 1e-2
+    assert rel(run("xla", None)(q, k, v).astype(jnp.float32), ref) > 0.05  # the window cuts
+    for g, gr in zip(jax.grad(f("cudnn"), (0, 1, 2))(q, k, v), jax.grad(f("xla"), (0, 1, 2))(q, k, v)):
+        assert rel(g.astype(jnp.float32), gr.astype(jnp.float32)) < 2e-2
+
+
 def test_auto_leaves_cudnn_when_its_packed_statistics_would_be_huge(monkeypatch):
     """On a GPU, "auto" sends packed rows to cuDNN unless its `[rows * M, heads, t]` statistics
     pass the limit (a long row of many documents), where the Pallas kernel takes them."""

@@ -89,14 +89,32 @@ def test_unsupported_model_type_refused(tmp_path):
         assert supported in message
 
 
-def test_sliding_window_refused_outside_xla(monkeypatch):
-    """A window narrower than the sequence is never silently dropped by a flash kernel."""
+def test_sliding_window_refused_by_pallas_and_kept_on_cudnn(monkeypatch):
+    """A window narrower than the sequence is never silently dropped by a kernel that lacks it: the
+    Pallas kernels refuse it, and "auto" keeps such a window on cuDNN (which takes it) even where it
+    would otherwise hand a packed row to Pallas."""
     monkeypatch.setattr(attention_module, "_platform", lambda: "gpu")
+    calls = []
+    monkeypatch.setattr(
+        attention_module, "_cudnn_packed", lambda q, *a, window=None, **k: calls.append(("packed", window)) or q
+    )
+    monkeypatch.setattr(
+        attention_module.jax.nn,
+        "dot_product_attention",
+        lambda q, *a, local_window_size=None, **k: calls.append(("cudnn", local_window_size)) or q,
+    )
     q = jnp.zeros((1, 16, 4, 8), jnp.bfloat16)
     kv = jnp.zeros((1, 16, 2, 8), jnp.bfloat16)
-    for impl in ("cudnn", "pallas", "auto"):
-        with pytest.raises(lj.ConfigError, match="sliding_window=4 .*use model.attention=xla"):
-            attention_module.attention(q, kv, kv, implementation=impl, sliding_window=4)
+    seg = jnp.ones((1, 16), jnp.int32)
+    with pytest.raises(lj.ConfigError, match="sliding_window=4 .*Pallas kernels take no window"):
+        attention_module.attention(q, kv, kv, implementation="pallas", sliding_window=4)
+    with pytest.raises(lj.ConfigError, match="packed attention needs the most segments.*no sliding window"):
+        attention_module.attention(q, kv, kv, seg, sliding_window=4)  # auto could not fall back to Pallas
+    huge = attention_module.CUDNN_PACKED_STATS_LIMIT  # statistics past the limit: auto would pick Pallas
+    attention_module.attention(q, kv, kv, seg, max_segments=huge, sliding_window=4)
+    attention_module.attention(q, kv, kv, implementation="cudnn", sliding_window=4)
+    attention_module.attention(q, kv, kv, implementation="cudnn", sliding_window=16)  # no narrower than t
+    assert calls == [("packed", 4), ("cudnn", (3, 0)), ("cudnn", None)]
 
 
 def test_sliding_window_only_for_mistral():

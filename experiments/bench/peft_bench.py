@@ -20,7 +20,7 @@ sweep several configs.
     python experiments/bench/peft_bench.py --shape 8b --batch 1 --seq 8192 --grad-ckpt
     python experiments/bench/peft_bench.py --max-seq-search            # 8B, batch 1, grad ckpt
     python experiments/bench/peft_bench.py --shape qwen3-1.7b --batch 8 --seq 2048 --mode eager compile
-    python experiments/bench/peft_bench.py --shape gemma-3-1b --batch 32 --seq 512 --mode eager compile
+    python experiments/bench/peft_bench.py --shape gemma-3-1b --batch 8 --seq 2048 --mode eager compile
     python experiments/bench/peft_bench.py --shape tiny --device cpu --batch 2 --seq 64 --steps 2
     python experiments/bench/peft_bench.py --shape gemma3-tiny --device cpu --batch 2 --seq 64 --steps 2 --warmup 1
 """

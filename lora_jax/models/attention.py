@@ -4,7 +4,8 @@ A packed row holds several documents, told apart by `segment_ids` (`[batch, t]`,
 document, 0 = padding; each segment a contiguous run of the row): a token attends to the earlier
 tokens of its own segment only. The implementations (`LlamaConfig.attention`):
 
-- `"cudnn"`: cuDNN's fused flash attention. Unpacked rows go through the public
+- `"cudnn"`: cuDNN's fused flash attention, with sliding windows (Mistral, Gemma 3's local
+  layers). Unpacked rows go through the public
   `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`. Packed rows use cuDNN's
   ragged ("packed") layout, which JAX reaches only through a private module (`_cudnn_packed`):
   each document of a row is a ragged sequence of its own, so the kernel skips every block across
@@ -133,35 +134,38 @@ def attention(
         its buffers by it, so without it "auto" takes the Pallas kernel for packed rows.
     interpret: run the Pallas kernel in interpret mode (its numerics on a CPU, for tests).
     sliding_window: each query attends to itself and the `sliding_window - 1` keys before it
-        (Mistral), or None. Only the XLA reference implements it: a window shorter than the
-        sequence with another implementation is refused, never ignored.
+        (Mistral, Gemma 3's local layers), or None. cuDNN (packed or not) and the XLA reference
+        implement it; the Pallas kernels take no window, so a window shorter than the sequence
+        keeps "auto" on cuDNN and is refused for "pallas", never ignored.
     """
     t = q.shape[1]
-    window = sliding_window is not None and sliding_window < t
+    window = sliding_window if sliding_window is not None and sliding_window < t else None
     impl = "pallas" if interpret else resolve_attention(implementation, q.dtype, q.shape[-1])
-    if window and impl != "xla":
+    if window is not None and impl == "pallas":
         raise ConfigError(
-            f"sliding_window={sliding_window} is shorter than the sequence ({t} tokens), and only the XLA "
-            f"attention implements the window (this call resolved model.attention={implementation!r} to "
-            f"{impl!r}); use model.attention=xla, or sequences of at most {sliding_window} tokens"
+            f"sliding_window={sliding_window} is shorter than the sequence ({t} tokens), and the Pallas "
+            f"kernels take no window (this call resolved model.attention={implementation!r} to 'pallas'); "
+            f"use model.attention=cudnn (bf16/fp16 on a GPU) or xla, or sequences of at most "
+            f"{sliding_window} tokens"
         )
-    if sliding_window is not None and window:
+    if window is not None and impl == "xla":
         mask = segment_mask(t, segment_ids)
         pos = jnp.arange(t)
-        mask = mask & (pos[None, :] > pos[:, None] - sliding_window)[None, None]
+        mask = mask & (pos[None, :] > pos[:, None] - window)[None, None]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     if impl == "cudnn" and segment_ids is not None and max_segments is None:
-        if implementation == "cudnn":
+        if implementation == "cudnn" or window is not None:
             raise ConfigError(
                 "cuDNN's packed attention needs the most segments a row holds "
-                "(LlamaConfig.max_segments; training sets it from the data); set it, "
-                "or use attention='pallas'"
+                "(LlamaConfig.max_segments; training sets it from the data); set it"
+                + (" (the Pallas kernels take no sliding window)" if window else ", or use attention='pallas'")
             )
         impl = "pallas"
     if (
         impl == "cudnn"
         and implementation == "auto"
         and segment_ids is not None
+        and window is None  # the Pallas kernels take no window
         and max_segments is not None  # always, here: a packed cuDNN call without it went to Pallas above
         and cudnn_packed_stats_bytes(q.shape, max_segments) > CUDNN_PACKED_STATS_LIMIT
     ):
@@ -173,8 +177,11 @@ def attention(
         return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(q.shape[1], segment_ids), implementation="xla")
     if impl == "cudnn":
         if segment_ids is None:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        return _cudnn_packed(q, k, v, segment_ids, scale, max_segments)
+            local = None if window is None else (window - 1, 0)  # JAX counts the keys left of the query
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="cudnn", local_window_size=local
+            )
+        return _cudnn_packed(q, k, v, segment_ids, scale, max_segments, window=window)
     if (_platform() == "tpu") and not interpret:
         return _pallas_tpu(q, k, v, segment_ids, scale)
     return _pallas_triton(q, k, v, segment_ids, scale, interpret)
@@ -230,7 +237,7 @@ def packed_segments(segment_ids: Array, max_segments: int, flatten: bool = False
     return lengths, offsets
 
 
-def _cudnn_packed(q, k, v, segment_ids, scale, max_segments, flatten=False):
+def _cudnn_packed(q, k, v, segment_ids, scale, max_segments, flatten=False, window=None):
     """cuDNN flash attention over the documents of packed rows (its ragged layout).
 
     JAX exposes the packed layout (`q_offsets`/`kv_offsets`) only in its private
@@ -239,6 +246,7 @@ def _cudnn_packed(q, k, v, segment_ids, scale, max_segments, flatten=False):
     the result to the XLA reference. cuDNN keeps softmax statistics of `[rows * M, heads, t]`, so
     `M` is the data's bound, not the worst case. flatten: the whole batch as one row (kept for
     the kernel benchmark; rows stay separate by default, so a data-parallel batch stays sharded).
+    window: cuDNN's `sliding_window_length`, the keys `(pos - window, pos]` of each query, or None.
     """
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
@@ -256,6 +264,7 @@ def _cudnn_packed(q, k, v, segment_ids, scale, max_segments, flatten=False):
         kv_offsets=offsets,
         mask_type=MaskType.CAUSAL,
         scale=scale,
+        sliding_window_length=window,
     )
     return out.reshape(b, t, n, d)
 
