@@ -39,6 +39,14 @@ delayed scaling (Transformer Engine's amax history) avoids that at the price of 
 through every call. Row and channel scales factor out of the contraction exactly, so they are
 applied once, to the GEMM's output.
 
+`quantize_fp8(scaling="tensor")` selects another recipe for x and dy (the weight's codes and
+per-channel scales unchanged): one power-of-two scale per tensor (`quantize_tensor`), written as
+`dot(convert(q) * scale, convert(codes))`, the pattern whose scalar scales XLA's GEMM rewriter
+folds into the cuBLASLt FP8 call: no rescaling pass after the input-gradient GEMM, and only the
+per-channel multiply after the forward one. The amax is then a reduction over the whole tensor;
+rows far smaller than the largest keep fewer significant bits. `experiments/bench/fp8_check.py`
+and `cli_bench.py --fp8-scaling` compare the two on the GPU; "row" stays the default.
+
 Where the device has no FP8 GEMM (the CPU, NVIDIA GPUs before Ada/Hopper, TPUs), `fp8_matmul`
 is not used: the model runs the same FP8 weights dequantised (`lora_jax.lora.kernel`), and
 `uses_fp8_gemm()` logs a notice once. `with_fp8_gemm(params, True)` forces the FP8 arithmetic
@@ -68,6 +76,8 @@ __all__ = [
     "fp8_scale",
     "saturate_cast",
     "quantize_rows",
+    "quantize_tensor",
+    "SCALINGS",
     "quantize_fp8",
     "dequantize_fp8",
     "is_fp8",
@@ -79,6 +89,7 @@ __all__ = [
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
 _GRAD_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+SCALINGS = ("row", "tensor")
 _log = logging.getLogger("lora_jax")
 
 
@@ -109,6 +120,18 @@ def quantize_rows(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     return saturate_cast(x, scale, dtype), scale
 
 
+def quantize_tensor(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """(codes, scale `[]`): all of `x` scaled by one power of two, the smallest that maps its amax
+    within the type's range (so the largest code lies in (max/2, max]). A power of two is exact in
+    any float type and in the product: the GEMM can take it as a scalar operand (bf16 or fp32)
+    without rounding it, and `codes * scale` is exactly what was cast."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
+    mantissa, exponent = jnp.frexp(amax / fp8_max(dtype))  # amax / max = mantissa * 2^exponent, mantissa in [0.5, 1)
+    exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent)  # an exact power of two is its own scale
+    scale = jnp.where(amax > 0, jnp.ldexp(jnp.float32(1), exponent), jnp.float32(1))
+    return saturate_cast(x, scale, dtype), scale
+
+
 class Fp8Spec(NamedTuple):
     """The static part of an `Fp8Kernel` (pytree auxiliary data)."""
 
@@ -117,6 +140,7 @@ class Fp8Spec(NamedTuple):
     dtype: str  # of the kernel it replaces (and of `dequantize_fp8` by default)
     grad_dtype: str = "float8_e4m3fn"  # of the output gradient in the input-gradient GEMM
     gemm: bool | None = None  # FP8 GEMMs (True), dequantised (False), or as the device allows (None)
+    scaling: str = "row"  # of x and dy in `fp8_matmul`: per row ("row") or one per tensor ("tensor")
 
 
 class _CodesKey(jax.tree_util.GetAttrKey):
@@ -209,21 +233,26 @@ def is_fp8(x) -> bool:
     return isinstance(x, Fp8Kernel)
 
 
-def quantize_fp8(w, *, dtype: Any = None, grad_dtype: str = "float8_e4m3fn") -> Fp8Kernel:
+def quantize_fp8(w, *, dtype: Any = None, grad_dtype: str = "float8_e4m3fn", scaling: str = "row") -> Fp8Kernel:
     """Quantise a kernel `[..., in, out]` (any leading axes) to e4m3fn with one fp32 scale per output
     channel (absmax / 448), computed in fp32 from `w` as given; traceable.
     dtype: what `dequantize_fp8` returns by default (default: `w`'s dtype).
     grad_dtype: FP8 type of the output gradient in the backward GEMM ("float8_e4m3fn" or
-        "float8_e5m2")."""
+        "float8_e5m2").
+    scaling: how `fp8_matmul` scales x and dy: "row" (one scale per row, applied after the GEMM) or
+        "tensor" (one power-of-two scale per tensor, a scalar operand of the GEMM); the weight's
+        per-channel scales are the same either way."""
     w = jnp.asarray(w)
     if w.ndim < 2:
         raise ConfigError(f"quantize_fp8() takes a kernel [..., in, out]; got shape {list(w.shape)}")
     if grad_dtype not in _GRAD_DTYPES:
         raise ConfigError(f"grad_dtype={grad_dtype!r}; choose one of {_GRAD_DTYPES}")
+    if scaling not in SCALINGS:
+        raise ConfigError(f"scaling={scaling!r}; choose one of {SCALINGS}")
     in_f, out_f = w.shape[-2:]
     wt = jnp.swapaxes(w.astype(jnp.float32), -1, -2)  # [..., out, in]
     codes, scale = quantize_rows(wt, E4M3)
-    spec = Fp8Spec(int(in_f), int(out_f), jnp.dtype(dtype or w.dtype).name, grad_dtype)
+    spec = Fp8Spec(int(in_f), int(out_f), jnp.dtype(dtype or w.dtype).name, grad_dtype, scaling=scaling)
     return Fp8Kernel(codes, scale[..., 0], spec)
 
 
@@ -256,9 +285,20 @@ def fp8_matmul(x: jax.Array, kernel: Fp8Kernel) -> jax.Array:
 
 
 def _forward(x, kernel: Fp8Kernel):
+    if kernel.spec.scaling == "tensor":
+        xq, sx = quantize_tensor(x, E4M3)
+        acc = _contract_last(_scaled_operand(xq, sx, x.dtype), kernel.codes.astype(x.dtype), x.dtype)
+        return (acc.astype(jnp.float32) * _row(kernel.scale, acc.ndim)).astype(x.dtype)
     xq, sx = quantize_rows(x, E4M3)
     acc = _contract_last(xq, kernel.codes, x.dtype)  # [..., out]
     return (acc.astype(jnp.float32) * sx * _row(kernel.scale, acc.ndim)).astype(x.dtype)
+
+
+def _scaled_operand(q, scale, dtype):
+    """`convert(q) * scale` in `dtype`, the operand form whose scalar scale XLA's GEMM rewriter folds
+    into the cuBLASLt FP8 call (`dot(convert(a_f8) * a_scale, convert(b_f8) * b_scale)`); exact,
+    the scale being a power of two."""
+    return q.astype(dtype) * scale.astype(dtype)
 
 
 def _fp8_fwd(x, kernel):
@@ -269,6 +309,13 @@ def _fp8_fwd(x, kernel):
 def _fp8_bwd(kernel, dy):
     # dy @ (codes * scale)^T = (dy * scale) @ codes^T: the channel scale rides on the gradient's cast
     g = dy.astype(jnp.float32) * _row(kernel.scale, dy.ndim)
+    if kernel.spec.scaling == "tensor":
+        gq, sg = quantize_tensor(g, jnp.dtype(kernel.spec.grad_dtype))
+        operand = _scaled_operand(gq, sg, dy.dtype)
+        dx = jax.lax.dot_general(
+            operand, kernel.codes.astype(dy.dtype), (((dy.ndim - 1,), (0,)), ((), ())), preferred_element_type=dy.dtype
+        )
+        return dx, None
     gq, sg = quantize_rows(g, jnp.dtype(kernel.spec.grad_dtype))
     acc = jax.lax.dot_general(gq, kernel.codes, (((gq.ndim - 1,), (0,)), ((), ())), preferred_element_type=dy.dtype)
     return (acc.astype(jnp.float32) * sg).astype(dy.dtype), None  # y, hence dy, has x's dtype

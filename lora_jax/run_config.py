@@ -63,6 +63,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: RematPolicy = "none"
     loss_chunk_tokens: int = 2048  # the LM-head cross-entropy runs over chunks of this many tokens
+    # the MLP runs over chunks of this many tokens of a row (each recomputed in the backward pass):
+    # bounds its intermediates at long context; null = the whole row at once
+    mlp_chunk_tokens: int | None = None
     # "nf4" (QLoRA) | "int8": a quantised frozen base (lora_jax.quant); "fp8": e4m3 projections
     # multiplied in FP8 on Hopper/Ada GPUs, dequantised elsewhere (lora_jax.fp8)
     quantize: Literal["nf4", "int8", "fp8"] | None = None
@@ -86,6 +89,8 @@ class ModelConfig:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
         _check_str(self, "path", "model.", "a Hugging Face model directory", allow_none=True)
         _check_int(self, "loss_chunk_tokens", "model.", hint=", e.g. 2048")
+        if self.mlp_chunk_tokens is not None:
+            _check_int(self, "mlp_chunk_tokens", "model.", hint=", e.g. 16384, or null")
         for name in ("scan_layers", "fuse_wide_adapters"):
             _check_bool(self, name, "model.")
 

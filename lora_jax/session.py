@@ -138,6 +138,7 @@ def load_model(model: ModelConfig, path: str | None = None, *, mesh=None, rules=
         rules=rules,
         scan_layers=model.scan_layers,
         remat_policy=model.remat_policy,
+        mlp_chunk_tokens=model.mlp_chunk_tokens,
         quantize=model.quantize,
         fuse_wide_adapters=model.fuse_wide_adapters,
         attention=model.attention,

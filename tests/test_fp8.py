@@ -189,6 +189,63 @@ def test_fp8_matmul_matches_numpy_reference(grad_dtype):
     assert rel(yb, yb_ref) < 0.005 and rel(dxb, dxb_ref) < 0.005  # bf16 output rounding: ~2^-9
 
 
+def np_pow2_scale(amax, big):
+    """The per-tensor recipe's scale: the smallest power of two with amax / scale <= big."""
+    return np.float32(2.0 ** np.ceil(np.log2(amax / big))) if amax > 0 else np.float32(1)
+
+
+def np_fp8_matmul_tensor(x, codes, scale, dy, grad_dtype="float8_e4m3fn"):
+    """`scaling="tensor"` written out: x and dy * scale each scaled by one power of two."""
+    x = np.asarray(x, np.float32)
+    c = np.asarray(codes, np.float64)
+    sx = np_pow2_scale(np.abs(x).max(), E4M3_MAX)
+    xq = np_cast(x, sx, "float8_e4m3fn").astype(np.float64)
+    y = (xq @ c.T) * sx * scale
+    g = np.asarray(dy, np.float32) * scale
+    sg = np_pow2_scale(np.abs(g).max(), E4M3_MAX if grad_dtype == "float8_e4m3fn" else E5M2_MAX)
+    return y, (np_cast(g, sg, grad_dtype).astype(np.float64) @ c) * sg
+
+
+def test_quantize_tensor_scale_is_the_smallest_power_of_two():
+    for amax, scale in [(448.0, 1.0), (449.0, 2.0), (224.0, 0.5), (1.0, 2.0**-8), (0.0, 1.0)]:
+        codes, s = fp8.quantize_tensor(jnp.asarray([amax, -amax / 3], jnp.float32), fp8.E4M3)
+        assert float(s) == scale, amax
+        assert float(np.abs(np.asarray(codes, np.float32)).max()) <= E4M3_MAX
+
+
+@pytest.mark.parametrize("grad_dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_per_tensor_scaling_matches_numpy_reference(grad_dtype):
+    """The selectable recipe (`scaling="tensor"`) against its numpy reference, with the same error
+    bounds against exact arithmetic as the per-row recipe on rows of one magnitude; its dots take
+    the FP8 codes converted and multiplied by scalar scales (the form the GPU's GEMM rewriter fuses)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 24, 64)) * rng.uniform(0.5, 2, (2, 24, 1))).astype(np.float32)
+    w = (rng.standard_normal((64, 48)) * 0.05).astype(np.float32)
+    dy = rng.standard_normal((2, 24, 48)).astype(np.float32)
+    k = fp8.quantize_fp8(jnp.asarray(w), grad_dtype=grad_dtype, scaling="tensor")
+    assert k.spec.scaling == "tensor"
+    y, vjp = jax.vjp(lambda x: fp8.fp8_matmul(x, k), jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(dy))
+    y_ref, dx_ref = np_fp8_matmul_tensor(x, np.asarray(k.codes), np.asarray(k.scale), dy, grad_dtype)
+    np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+    np.testing.assert_allclose(np.asarray(dx), dx_ref, rtol=1e-5, atol=1e-5 * np.abs(dx_ref).max())
+    assert 0.01 < rel(y, x @ w) < 0.06
+    assert 0.01 < rel(dx, dy @ w.T) < 0.12
+    yb, vjpb = jax.vjp(lambda x: fp8.fp8_matmul(x, k), jnp.asarray(x, jnp.bfloat16))
+    (dxb,) = vjpb(jnp.asarray(dy, jnp.bfloat16))
+    assert yb.dtype == dxb.dtype == jnp.bfloat16
+    xb, dyb = (np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32) for v in (x, dy))
+    yb_ref, dxb_ref = np_fp8_matmul_tensor(xb, np.asarray(k.codes), np.asarray(k.scale), dyb, grad_dtype)
+    assert rel(yb, yb_ref) < 0.005 and rel(dxb, dxb_ref) < 0.005
+    jaxpr = jax.make_jaxpr(lambda x, dy: jax.vjp(lambda x: fp8.fp8_matmul(x, k), x)[1](dy))(
+        jnp.asarray(xb, jnp.bfloat16), jnp.asarray(dyb, jnp.bfloat16)
+    )
+    casts = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "convert_element_type"]
+    assert sum(e.outvars[0].aval.dtype.itemsize == 1 for e in casts) == 2  # x and dy, each cast once
+    with pytest.raises(ConfigError, match="scaling"):
+        fp8.quantize_fp8(w, scaling="block")
+
+
 def test_e4m3_gradients_beat_e5m2():
     """The output gradient's FP8 type: with a scale fitted to each row's amax, range is never short,
     and e4m3's extra mantissa bit halves the rounding error; row magnitudes spread over three

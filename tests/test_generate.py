@@ -9,12 +9,16 @@ from lora_jax.generate import generate
 from tests.helpers import random_ids
 
 
-def _reference_greedy(model, variables_apply, prompt, n):
+def _reference_greedy(model, variables_apply, prompt, n, width=16):
+    """Argmax decoding by the full forward pass over the whole sequence so far. The row is padded
+    to a fixed `width` (causal attention: the padding after the last token changes nothing before
+    it), so one compiled program serves every step."""
     ids = list(prompt)
     out = []
+    forward = jax.jit(variables_apply)
     for _ in range(n):
-        logits = variables_apply(jnp.asarray([ids]))
-        tok = int(jnp.argmax(logits[0, -1]))
+        logits = forward(jnp.asarray([ids + [0] * (width - len(ids))]))
+        tok = int(jnp.argmax(logits[0, len(ids) - 1]))
         out.append(tok)
         ids.append(tok)
     return out

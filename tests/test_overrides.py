@@ -240,5 +240,5 @@ def test_config_reexports_the_moved_names():
 
     assert config.LoraConfig is lora_config.LoraConfig and config.ALL_LINEAR is lora_config.ALL_LINEAR
     assert config.LlamaConfig is llama_config.LlamaConfig and config.RunConfig is RunConfig
-    assert config.REMAT_POLICIES == ("none", "full", "dots", "dots_no_batch", "save_qkv", "save_qkv_out")
+    assert config.REMAT_POLICIES == ("none", "full", "dots", "dots_no_batch", "save_qkv", "save_qkv_out", "offload")
     assert all(hasattr(config, name) for name in config.__all__)

@@ -18,6 +18,14 @@ compile seconds.
     python experiments/bench/cli_bench.py --shape tiny --steps 5 --work /tmp/bench  # CPU smoke test
     python experiments/bench/cli_bench.py --shape gemma3-tiny --config experiments/configs/gemma-3-1b.yaml \\
         --steps 3 --set data.seq_len=64 --set train.batch_size=2 --doc-words 20 60 --work /tmp/bench  # CPU
+    python experiments/bench/cli_bench.py --shape 1b --config experiments/configs/llama-3.2-1b.yaml \\
+        --quantize fp8 --corpus zipf --steps 100 --hlo-dump hlo-1b-fp8    # FP8 base (issue #21)
+    python experiments/bench/cli_bench.py --shape tiny --steps 5 --quantize fp8 --fp8-gemm on \\
+        --fp8-scaling tensor --hlo-dump hlo --work /tmp/bench     # CPU: FP8 GEMMs emulated, HLO counted
+
+FP8 rows (`--quantize fp8`, the same as `--set model.quantize=fp8`) also report `mfu_1979`, MFU
+against the FP8 datasheet peak; every row reports `mfu_989` against the bf16 one, and `losses`, the
+loss of every step (`--corpus zipf` gives a corpus whose loss moves).
 
 The architecture is the shape's (shapes.py, each with its `model_type`); the config gives only the
 run settings, so pair a family's shape with its config. FLOPs and MFU are the loop's own
@@ -43,6 +51,7 @@ sys.path.insert(0, _ROOT)
 from shapes import config_for, get_shape  # noqa: E402
 
 GIB = 2**30
+PEAK_BF16, PEAK_FP8 = 989, 1979  # dense TFLOP/s, H100/H200 SXM datasheet (bf16, FP8)
 
 
 def make_model(shape: str, out: str) -> None:
@@ -80,17 +89,39 @@ def make_model(shape: str, out: str) -> None:
     os.replace(tmp, out)
 
 
-def make_corpus(path: str, n_tokens: int, words: tuple[int, int], vocab: int, seed: int = 0) -> None:
-    """`{"text"}` JSONL of random-length documents of random words, about `n_tokens` in all."""
+CORPORA = ("random", "zipf")
+
+
+def make_corpus(
+    path: str, n_tokens: int, words: tuple[int, int], vocab: int, seed: int = 0, kind: str = "random"
+) -> None:
+    """`{"text"}` JSONL of random-length documents, about `n_tokens` in all, of words drawn
+    uniformly ("random": nothing to learn, the loss stays near log(vocab)), or ("zipf") from 4,096
+    words of Zipfian frequency (exponent 1.1), each word followed half the time by its fixed
+    successor: something an adapter learns within a hundred steps (a loss curve that moves, for
+    comparing recipes). Token ids, hence step times, are alike either way."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     hi = min(vocab, 128000) if vocab > 128000 else vocab - 8  # keep clear of the special ids
+    words_k = np.arange(8, hi)
+    if kind == "zipf":
+        words_k = rng.permutation(words_k)[:4096]
+        p = 1.0 / np.arange(1, len(words_k) + 1) ** 1.1
+        p /= p.sum()
+        successor = dict(zip(words_k.tolist(), rng.permutation(words_k).tolist()))
     total = 0
     with open(path + ".tmp", "w") as f:
         while total < n_tokens:
             n = int(rng.integers(words[0], words[1] + 1))
-            ids = rng.integers(8, hi, n)
+            if kind == "zipf":
+                ids = rng.choice(words_k, n, p=p).tolist()
+                follow = rng.random(n) < 0.5
+                for i in range(1, n):
+                    if follow[i]:
+                        ids[i] = successor[ids[i - 1]]
+            else:
+                ids = rng.integers(8, hi, n).tolist()
             f.write(json.dumps({"text": " ".join(f"w{i}" for i in ids)}) + "\n")
             total += n
     os.replace(path + ".tmp", path)
@@ -105,6 +136,51 @@ def _step_times(run_dir: str) -> list[float]:
             if "step_s" in rec and rec["step"] > 1:
                 steps.append(rec["step_s"])
     return steps
+
+
+def _losses(run_dir: str) -> list[float]:
+    """The training loss of every step, in order (`metrics.jsonl` has one line per step)."""
+    out = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec and "step_s" in rec:
+                out.append(rec["loss"])
+    return out
+
+
+def apply_fp8_options(args) -> None:
+    """`--fp8-scaling` / `--fp8-gemm`: the settings of every `Fp8Kernel` the loader makes, through
+    the quantiser it calls (`lora_jax.quant.quantize_fp8`), since the run config has no field for
+    them. Part of each kernel's static spec, so of every jit cache key."""
+    if args.fp8_scaling is None and args.fp8_gemm == "auto":
+        return
+    from lora_jax import fp8, quant
+
+    def quantize_fp8(w, **kw):
+        k = fp8.quantize_fp8(w, scaling=args.fp8_scaling or "row", **kw)
+        return fp8.Fp8Kernel(k.codes, k.scale, k.spec._replace(gemm=True)) if args.fp8_gemm == "on" else k
+
+    quant.quantize_fp8 = quantize_fp8
+
+
+F8_CALL = "__cublas$lt$matmul$f8"
+
+
+def hlo_calls(dump_dir: str) -> dict[str, dict[str, int]]:
+    """{file: {custom-call target: count}} of each compiled train step under `dump_dir` (its
+    `*after_optimizations.txt`): FP8 GEMMs show as `__cublas$lt$matmul$f8`."""
+    import collections
+    import glob
+    import re
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(dump_dir, "*jit_train_step*after_optimizations.txt"))):
+        with open(path) as f:
+            out[os.path.basename(path)] = dict(
+                collections.Counter(re.findall(r'custom_call_target="([^"]+)"', f.read()))
+            )
+    return out
 
 
 def run(args) -> dict:
@@ -124,9 +200,11 @@ def run(args) -> dict:
     seq, batch = run_cfg.data.seq_len, run_cfg.train.batch_size
     need = int(args.steps * batch * seq * 1.3 / (1 - run_cfg.data.eval_fraction)) + 2 * seq
     vocab = get_shape(args.shape)["vocab_size"]
-    data = os.path.join(args.work, f"corpus-{args.shape}-{args.doc_words[0]}-{args.doc_words[1]}-{need}.jsonl")
+    corpus = "" if args.corpus == "random" else f"-{args.corpus}"
+    data = os.path.join(args.work, f"corpus-{args.shape}{corpus}-{args.doc_words[0]}-{args.doc_words[1]}-{need}.jsonl")
     if not os.path.isfile(data):
-        make_corpus(data, need, tuple(args.doc_words), vocab)
+        make_corpus(data, need, tuple(args.doc_words), vocab, kind=args.corpus)
+    apply_fp8_options(args)
     out = os.path.join(args.work, f"run-{args.shape}-{os.getpid()}")
     run_cfg = run_cfg.with_overrides([f"data.train_file={data}", f"train.output_dir={out}"])
     result = {
@@ -143,6 +221,11 @@ def run(args) -> dict:
         "remat": run_cfg.model.remat_policy,
         "attention": run_cfg.model.attention,
         "dropout": run_cfg.lora.lora_dropout,
+        "quantize": run_cfg.model.quantize,
+        **({"fp8_scaling": args.fp8_scaling or "row"} if run_cfg.model.quantize == "fp8" else {}),
+        **({"fp8_gemm": args.fp8_gemm} if args.fp8_gemm != "auto" else {}),
+        "corpus": args.corpus,
+        "output_dir": out,
         "gpu": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         **({"cudnn_layout": "flat"} if args.cudnn_flat else {}),
@@ -166,14 +249,19 @@ def run(args) -> dict:
         if steps:  # where the loop's time goes: a slow outlier shows against the median
             result["tokens_per_s_median_step"] = batch * seq / statistics.median(steps)
             result["step_s"] = [round(x, 4) for x in steps]
-        if result["mfu_798"]:
-            result["mfu_989"] = result["mfu_798"] * 798 / 989
+        result["losses"] = _losses(out)
+        if result["mfu_798"]:  # the loop divides by 798 TFLOP/s; the H200's datasheet peaks instead
+            result["mfu_989"] = result["mfu_798"] * 798 / PEAK_BF16
+            if run_cfg.model.quantize == "fp8":
+                result["mfu_1979"] = result["mfu_798"] * 798 / PEAK_FP8
     except Exception as e:  # an out-of-memory step is a result, not a crash of the suite
         msg = f"{type(e).__name__}: {e}"
         result.update(
             status="OOM" if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() else "error", error=msg[:2000]
         )
         traceback.print_exc()
+    if args.hlo_dump:
+        result["hlo_calls"] = hlo_calls(args.hlo_dump)
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         result["peak_gib"] = stats["peak_bytes_in_use"] / GIB
@@ -202,15 +290,40 @@ def main(argv=None) -> int:
         action="store_true",
         help="packed cuDNN attention over the whole batch as one row (the kernel's other layout)",
     )
+    p.add_argument("--corpus", choices=CORPORA, default="random", help="what the documents are made of (make_corpus)")
+    p.add_argument("--quantize", choices=("nf4", "int8", "fp8"), help="the same as --set model.quantize=...")
+    p.add_argument(
+        "--fp8-scaling",
+        choices=("row", "tensor"),
+        help="with an FP8 base: how x and dy are scaled (lora_jax.fp8.quantize_fp8; default row)",
+    )
+    p.add_argument(
+        "--fp8-gemm",
+        choices=("auto", "on"),
+        default="auto",
+        help="on: FP8 GEMMs even where the device has none (XLA emulates them: a CPU smoke test)",
+    )
+    p.add_argument(
+        "--hlo-dump",
+        metavar="DIR",
+        help="write the compiled HLO of the train step (module jit_train_step) under DIR, relative to --work "
+        "(XLA_FLAGS --xla_dump_to), and count its custom calls into the result (hlo_calls)",
+    )
     p.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quantize:
+        args.overrides = [f"model.quantize={args.quantize}", *args.overrides]
+    os.makedirs(args.work, exist_ok=True)
+    if args.hlo_dump:  # read when jax initialises its backend, after this
+        args.hlo_dump = os.path.join(args.work, args.hlo_dump)  # a relative path lies under --work
+        flags = f"--xla_dump_to={args.hlo_dump} --xla_dump_hlo_module_re=jit_train_step --xla_dump_hlo_as_text"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
     if args.cudnn_flat:
         import functools
 
         from lora_jax.models import attention as attention_module
 
         attention_module._cudnn_packed = functools.partial(attention_module._cudnn_packed, flatten=True)
-    os.makedirs(args.work, exist_ok=True)
     if args.make_model:
         make_model(args.make_model, os.path.join(args.work, f"model-{args.make_model}"))
         return 0

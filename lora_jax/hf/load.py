@@ -156,6 +156,7 @@ def load_pretrained(
     *,
     scan_layers: bool = True,
     remat_policy: str = "none",
+    mlp_chunk_tokens: int | None = None,
     compute_dtype: Any = None,
     rules=None,
     quantize: str | None = None,
@@ -176,6 +177,7 @@ def load_pretrained(
         embeddings, norms and the LM head stay in `dtype`. Such params run inside
         `lora_interception()` (`lj.apply`, training, `generate`).
     fuse_wide_adapters: `LlamaConfig.fuse_wide_adapters` (how the gate/up adapters run).
+    mlp_chunk_tokens: run the MLP over chunks of this many tokens (long rows), or None.
     attention: `LlamaConfig.attention`, the attention kernel (`lora_jax.models.attention`).
     place: `(path, host array) -> array`, replacing the default placement; with `quantize`, it is
         called with the kernel's path for each array of a quantised kernel (assembled on the host).
@@ -202,6 +204,7 @@ def load_pretrained(
         dtype=compute_dtype or dtype,
         scan_layers=scan_layers,
         remat_policy=remat_policy,
+        mlp_chunk_tokens=mlp_chunk_tokens,
         fuse_wide_adapters=fuse_wide_adapters,
         attention=attention,
     )

@@ -7,13 +7,12 @@ of a training step, which is why its bits and its backward pass are hand-made he
 
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
 import jax.numpy as jnp
 
-__all__ = ["keep_bits", "unpack_keep", "dropout_keep_mask", "dropped", "dropout_project"]
+from lora_jax.lora.dropout_mask import dropout_keep_mask, keep_bits, unpack_keep
+
+__all__ = ["keep_bits", "unpack_keep", "dropout_keep_mask", "dropped", "dropout_project", "dropout_project_xla"]
 
 
 def _mm(x, w):
@@ -31,74 +30,6 @@ def _over_tokens(a, b):
     return jax.lax.dot_general(a, b, ((lead, lead), ((), ())))
 
 
-def _mix32(x):
-    """A bijective 32-bit integer hash (C. Wellons' "lowbias32", found by his hash-prospector
-    search for low avalanche bias): two multiply-xorshift rounds."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x21F0AAAD)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x735A2D97)
-    return x ^ (x >> 15)
-
-
-def _key_words(key) -> tuple[jax.Array, jax.Array]:
-    """Two 32-bit words from a key of any PRNG implementation (its words folded by xor)."""
-    data = jax.random.key_data(key).reshape(-1)
-    return functools.reduce(jnp.bitwise_xor, data[0::2]), functools.reduce(jnp.bitwise_xor, data[1::2])
-
-
-def keep_bits(key, rate, n: int) -> tuple[jax.Array, jax.Array]:
-    """`(bits uint8 [ceil(n/8)], keep probability)`: the keep-mask of `n` elements, eight to a byte
-    (element `8j + b` is bit `b` of byte `j`).
-
-    Each 32-bit word `i` of the stream is `mix(mix(i ^ k0) + k1)` for the key's words `k0, k1`, and
-    gives two 16-bit draws; an element is dropped when its draw is below `round(rate * 2**16)`.
-    Why not `jax.random.bernoulli`: it spends a Threefry hash (20 rounds) per element, and LoRA
-    dropout draws a mask over the input of seven projections per layer, so the hashes were a large
-    part of a training step (JAX's Philox and RBG implementations cost about the same, see
-    experiments/bench/kernel_bench.py); two multiply-xorshift rounds per two elements cost a
-    fraction of that, and the masks pass the tests of tests/test_dropout.py (drop rate, independent
-    neighbours, rows and keys). The drop probability is `rate` rounded to a multiple of 2**-16 (0.05
-    becomes 0.0500031) and kept values are scaled by the exact keep probability, so the layer stays
-    unbiased. The stream runs over the flat index, so a mask does not depend on sharding or `vmap`,
-    and packed bits are what the backward pass keeps: 1 bit per element instead of a second draw.
-    """
-    if n >= 2**33:
-        raise ValueError(f"a dropout mask of {n} elements is more than the 2**33 its 32-bit word counter covers")
-    rate = jnp.asarray(rate, jnp.float32)
-    threshold = jnp.round(rate * 65536.0)
-    k0, k1 = _key_words(key)
-    t = threshold.astype(jnp.uint32)
-    byte = jax.lax.iota(jnp.uint32, -(-n // 8))
-    bits = jnp.zeros_like(byte)
-    for w in range(4):  # word 4j + w gives bits 2w (its high half) and 2w + 1 (its low half)
-        h = _mix32(_mix32((byte * 4 + w) ^ k0) + k1)
-        bits = (
-            bits
-            | ((h >> 16) >= t).astype(jnp.uint32) << (2 * w)
-            | ((h & 0xFFFF) >= t).astype(jnp.uint32) << (2 * w + 1)
-        )
-    # one elementwise expression per byte: it fuses into a single loop, with no per-word array
-    return bits.astype(jnp.uint8), 1.0 - threshold / 65536.0
-
-
-def unpack_keep(bits, shape) -> jax.Array:
-    """The bool keep-mask `[shape]` from `keep_bits`'s bytes. Unpacked in uint8 so that an
-    unfused intermediate costs a byte per element, not four."""
-    n = math.prod(shape)
-    flat = ((bits[:, None] >> jax.lax.iota(jnp.uint8, 8)[None, :]) & jnp.uint8(1)).reshape(-1)
-    if flat.shape[0] != n:
-        flat = flat[:n]
-    return flat.reshape(shape) != 0
-
-
-def dropout_keep_mask(key, rate, shape) -> tuple[jax.Array, jax.Array]:
-    """`(keep [shape] bool, keep probability)` for inverted dropout at `rate` (a number or a
-    traced scalar); see `keep_bits` for how it is drawn."""
-    bits, keep_p = keep_bits(key, rate, math.prod(shape))
-    return unpack_keep(bits, shape), keep_p
-
-
 def dropped(x, key, rate):
     keep, keep_p = dropout_keep_mask(key, rate, x.shape)
     return keep, keep_p.astype(x.dtype)
@@ -108,12 +39,28 @@ def _apply(x, bits, keep_p):
     return jnp.where(unpack_keep(bits, x.shape), x / keep_p, 0).astype(x.dtype)
 
 
-@jax.custom_vjp
 def dropout_project(x, a, key, rate):
-    """`dropout(x) @ a`, the adapter's first product under LoRA dropout. For the backward pass it
-    keeps the mask as packed bits (1 bit per element) beside x, which the frozen matmul keeps
-    anyway: autodiff would keep a dropped copy of x and a bool mask per adapted projection (17x
-    the bits), and drawing the mask again would double its cost."""
+    """`dropout(x) @ a`, the adapter's first product under LoRA dropout, for `x [..., in]`,
+    `a [in, r]` and `rate` a number or a traced scalar. On one GPU, for shapes the kernels take
+    (`dropout_kernel.fits`), it runs the fused Pallas kernels of lora_jax/lora/dropout_kernel.py,
+    which draw the mask where they read x and never write a dropped copy; elsewhere it runs
+    `dropout_project_xla`. Both draw `keep_bits`'s mask, so they train the same adapter.
+    Over several devices the XLA path runs: a Pallas call is opaque to XLA's sharding
+    propagation, which would gather x around it."""
+    if jax.default_backend() == "gpu" and jax.device_count() == 1:
+        import lora_jax.lora.dropout_kernel as dropout_kernel  # Pallas is loaded only where it runs
+
+        if dropout_kernel.fits(x.shape, a.shape, x.dtype) and a.dtype == x.dtype:
+            return dropout_kernel.dropout_project_fused(x, a, key, rate)
+    return dropout_project_xla(x, a, key, rate)
+
+
+@jax.custom_vjp
+def dropout_project_xla(x, a, key, rate):
+    """`dropout(x) @ a` in XLA (any platform, any shape: the CPU path and the kernels' oracle). For
+    the backward pass it keeps the mask as packed bits (1 bit per element) beside x, which the
+    frozen matmul keeps anyway: autodiff would keep a dropped copy of x and a bool mask per adapted
+    projection (17x the bits), and drawing the mask again would double its cost."""
     return _dropout_project_fwd(x, a, key, rate)[0]
 
 
@@ -135,4 +82,4 @@ def _dropout_project_bwd(res, g):
     return dx, _over_tokens(xd, g).astype(a.dtype), None, jnp.zeros_like(rate)
 
 
-dropout_project.defvjp(_dropout_project_fwd, _dropout_project_bwd)
+dropout_project_xla.defvjp(_dropout_project_fwd, _dropout_project_bwd)

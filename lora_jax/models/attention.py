@@ -298,16 +298,18 @@ def _pallas_triton(q, k, v, segment_ids, scale, interpret):
     sizes = BlockSizes(
         block_q=128, block_k=128, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32
     )  # the kernel's defaults
-    out = mha(
-        q,
-        _repeat_kv(q, k),
-        _repeat_kv(q, v),
-        segment_ids,
-        sm_scale=scale,
-        causal=True,
-        block_sizes=sizes,
-        interpret=interpret,
-    )
+    with warnings.catch_warnings():  # and warns again when it is traced
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = mha(
+            q,
+            _repeat_kv(q, k),
+            _repeat_kv(q, v),
+            segment_ids,
+            sm_scale=scale,
+            causal=True,
+            block_sizes=sizes,
+            interpret=interpret,
+        )
     return out[:, :t]
 
 

@@ -1,11 +1,13 @@
 """The plumbing the decoder models (`llama.py`, `gemma3.py`, `gpt2.py`) share to the letter, in one
 place so that a fix reaches every family: the remat policies, the projections' and embeddings'
-construction, rotary tables, the KV-cache write and mask, and running the layers scanned or unrolled.
+construction, rotary tables, the KV-cache write and mask, running the layers scanned or unrolled,
+and running a token-wise module (the MLP) over chunks of the sequence.
 
 Only what is the same computation in every family lives here; what differs (the norms, the MLP
 activations, RoPE frequencies, the attention scale, the block's wiring) stays in the family's file,
 so each model still reads on its own. Nothing here knows of LoRA: adapters reach the `nn.Dense`
-projections built by `dense` through method interception, as everywhere.
+projections built by `dense` through method interception, as everywhere (inside `token_chunked`'s
+scan too: it broadcasts every variable collection, the adapters' included).
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ConfigError
+
 __all__ = [
+    "LAYER_INPUT",
     "remat_block",
+    "token_chunked",
     "dense",
     "embedding",
     "default_positions",
@@ -33,6 +39,13 @@ __all__ = [
 
 Array = jax.Array
 
+# The `checkpoint_name` of each layer's input (every family's block names it first thing), which
+# remat_policy "offload" keeps in host memory: under scanned layers it is the one activation saved
+# per layer for the backward pass, stacked over all layers ([layers, batch, seq, hidden])
+LAYER_INPUT = "layer_input"
+# where "offload" keeps it: page-locked host memory, which the device copies to and from directly
+_OFFLOAD_KIND = "pinned_host"
+
 # `remat_policy` (`lora_jax.models.config_base.REMAT_POLICIES`, "none" aside) -> what a layer keeps
 # for the backward pass; "qkv" and "attn_out" are the `checkpoint_name`s each family's attention gives
 _POLICIES = {
@@ -41,14 +54,62 @@ _POLICIES = {
     "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_qkv": lambda: jax.checkpoint_policies.save_only_these_names("qkv"),
     "save_qkv_out": lambda: jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
+    "offload": lambda: jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst=_OFFLOAD_KIND,
+    ),
 }
+
+
+def _check_offload() -> None:
+    """Remat policy "offload" needs host memory the device can address; refuse, naming the fix, a
+    platform without it. (A CPU has it: there the copy to it compiles to nothing, as the device's
+    memory is the host's.)"""
+    kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
+    if _OFFLOAD_KIND not in kinds:
+        raise ConfigError(
+            f"remat_policy='offload' keeps each layer's input in {_OFFLOAD_KIND!r} memory, but this "
+            f"{jax.default_backend()!r} device addresses only {sorted(kinds)}; use remat_policy='full' "
+            "(the same numbers, the layer inputs kept on the device)"
+        )
 
 
 def remat_block(block: Any, cfg: Any) -> Any:
     """`block` (a layer's module class) rematerialised as `cfg.remat_policy` says; as it is for "none"."""
     if cfg.remat_policy == "none":
         return block
+    if cfg.remat_policy == "offload":
+        _check_offload()
     return nn.remat(block, policy=_POLICIES[cfg.remat_policy](), prevent_cse=not cfg.scan_layers)
+
+
+def token_chunked(module: nn.Module, x: Array, chunk_tokens: int | None) -> Array:
+    """`module(x)` for a token-wise `module` (an MLP) of `x [batch, seq, hidden]`, run over chunks of
+    `chunk_tokens` tokens of the sequence (an `nn.scan` with every variable collection broadcast,
+    so the parameters and adapters keep their paths), each chunk rematerialised: the backward
+    pass keeps each chunk's input and recomputes one chunk's activations at a time. The sequence is
+    zero-padded to a whole number of chunks. Each chunk draws its own dropout rng. Without
+    `chunk_tokens`, or for a sequence no longer than one chunk: `module(x)`."""
+    b, t, d = x.shape
+    if chunk_tokens is None or t <= chunk_tokens:
+        return module(x)
+    n = -(-t // chunk_tokens)
+    padded = jnp.pad(x, ((0, 0), (0, n * chunk_tokens - t), (0, 0)))
+    chunks = padded.reshape(b, n, chunk_tokens, d).swapaxes(0, 1)  # [n, b, chunk, d]
+
+    def body(mdl, carry, xc):
+        return carry, mdl(xc)
+
+    scan = nn.scan(
+        nn.remat(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False),
+        variable_broadcast=True,
+        split_rngs={"params": False, "dropout": True},
+        length=n,
+    )
+    _, out = scan(module, None, chunks)
+    return out.swapaxes(0, 1).reshape(b, n * chunk_tokens, -1)[:, :t]
 
 
 def dense(cfg: Any, features: int, name: str, bias: bool) -> nn.Dense:

@@ -28,8 +28,10 @@ __all__ = ["FamilyConfig", "REMAT_POLICIES", "ATTENTION_IMPLS", "RematPolicy", "
 
 # What each layer keeps for the backward pass: nothing recomputed ("none"), everything recomputed
 # ("full"), q/k/v kept ("save_qkv": more memory, no recomputing them), q/k/v and the
-# attention output ("save_qkv_out"), every matmul output ("dots", "dots_no_batch")
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "save_qkv", "save_qkv_out"]
+# attention output ("save_qkv_out"), every matmul output ("dots", "dots_no_batch"), everything
+# recomputed and each layer's input kept in host memory, not the device's ("offload": the least
+# device memory, for the longest context; on a CPU, whose device memory is the host's, "full")
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "save_qkv", "save_qkv_out", "offload"]
 REMAT_POLICIES = get_args(RematPolicy)
 # The attention kernel (`lora_jax.models.attention`): "auto" picks the fastest correct one for the
 # platform; "xla" is the reference (materialises [t, t] scores: the CPU and tests only).
@@ -109,9 +111,22 @@ def _check_str(obj, name: str, where: str, what: str, allow_none: bool = False) 
 
 
 # ---------------------------------------------------------------- the base of every family's config
-class FamilyConfig:
+@dataclasses.dataclass(frozen=True)
+class _SharedRunFields:
+    """Run options every family's config holds as dataclass fields, declared once here. They are
+    keyword-only, so they follow each family's own fields in its `__init__`."""
+
+    # the MLP runs over chunks of this many tokens of the sequence, each recomputed in the backward
+    # pass, so its [tokens, intermediate] activations and their gradients exist for one chunk at a
+    # time (the numbers are the same; a row is zero-padded to a whole number of chunks); None: the
+    # whole sequence at once (fastest; for long context, e.g. 16384)
+    mlp_chunk_tokens: int | None = dataclasses.field(default=None, kw_only=True)
+
+
+class FamilyConfig(_SharedRunFields):
     """The machinery every family's config shares; a family's frozen dataclass derives from it and
-    declares its fields (HF names first, then the run options below) and its HF conversion."""
+    declares its fields (HF names first, then the run options below) and its HF conversion. The
+    run options all families declare alike (`_SharedRunFields`) are inherited as fields."""
 
     # How to run the model (not part of the HF architecture), declared by every family's dataclass.
     scan_layers: bool
@@ -142,6 +157,8 @@ class FamilyConfig:
             raise ConfigError(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
         if self.max_segments is not None:
             _check_int(self, "max_segments", "", hint=" or None")
+        if self.mlp_chunk_tokens is not None:
+            _check_int(self, "mlp_chunk_tokens", "", hint=" or None (no chunking), e.g. 16384")
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
         if isinstance(self.eos_token_id, list):

@@ -170,12 +170,14 @@ class Gemma3Block(nn.Module):
     @nn.compact
     def __call__(self, x, rope, seg_mask, cache, sliding):
         cfg = self.config
+        x = checkpoint_name(x, common.LAYER_INPUT)  # remat_policy "offload" keeps it on the host
         norm = lambda name: Gemma3RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
         attn, new_cache = Gemma3Attention(cfg, name="self_attn")(
             norm("input_layernorm")(x), rope, seg_mask, cache, sliding
         )
         x = x + norm("post_attention_layernorm")(attn)
-        mlp = Gemma3MLP(cfg, name="mlp")(norm("pre_feedforward_layernorm")(x))
+        h = norm("pre_feedforward_layernorm")(x)
+        mlp = common.token_chunked(Gemma3MLP(cfg, name="mlp"), h, cfg.mlp_chunk_tokens)
         return x + norm("post_feedforward_layernorm")(mlp), new_cache
 
 

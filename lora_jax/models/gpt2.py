@@ -81,9 +81,11 @@ class GPT2Block(nn.Module):
     @nn.compact
     def __call__(self, x, seg_mask, cache):
         cfg = self.config
+        x = checkpoint_name(x, common.LAYER_INPUT)  # remat_policy "offload" keeps it on the host
         attn, new_cache = GPT2Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x), seg_mask[0], seg_mask[1], cache)
         x = x + attn
-        x = x + GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x))
+        mlp = GPT2MLP(cfg, name="mlp")
+        x = x + common.token_chunked(mlp, _layer_norm(cfg, "ln_2")(x), cfg.mlp_chunk_tokens)
         return x, new_cache
 
 

@@ -204,12 +204,14 @@ class LlamaBlock(nn.Module):
     @nn.compact
     def __call__(self, x, rope, seg_mask, cache):
         cfg = self.config
+        x = checkpoint_name(x, common.LAYER_INPUT)  # remat_policy "offload" keeps it on the host
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         attn, new_cache = LlamaAttention(cfg, name="self_attn")(
             norm("input_layernorm")(x), rope[0], rope[1], seg_mask[0], seg_mask[1], cache
         )
         x = x + attn
-        x = x + LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        mlp = LlamaMLP(cfg, name="mlp")
+        x = x + common.token_chunked(mlp, norm("post_attention_layernorm")(x), cfg.mlp_chunk_tokens)
         return x, new_cache
 
 
