@@ -144,9 +144,9 @@ def _batch(vocab):
     return unpacked_batch(ids, np.roll(ids, -1, 1), mask)
 
 
-def _run(model_dir, lcfg, lora, mesh):
+def _run(model_dir, lcfg, lora, mesh, remat_policy="none"):
     """(logits, loss, gradients) of the family's tiny model with `lora` on `mesh`, loaded onto it."""
-    cfg, params = lj.load_pretrained(model_dir, mesh=mesh)
+    cfg, params = lj.load_pretrained(model_dir, mesh=mesh, remat_policy=remat_policy)
     for path, spec in _flat(tree_shardings(params, mesh)).items():  # the loader put each leaf at its rule
         assert _flat(params)[path].sharding.spec == spec.spec, path
     model = lj.build_model(cfg)
@@ -188,6 +188,19 @@ def test_sharded_forward_and_step_equal_unsharded(family):
         r = ref[path]
         assert np.abs(r).max() > 0, path  # every trainable leaf gets a gradient
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=RTOL * np.abs(r).max(), err_msg="/".join(path))
+
+
+@pytest.mark.parametrize("family", ["qwen3"], indirect=True)
+def test_offloaded_layer_inputs_under_a_mesh(family):
+    """remat_policy "offload" (each layer's input in host memory) under FSDP x tensor parallelism:
+    the sharded step gives the unsharded, un-rematerialised step's loss and gradients."""
+    model_dir, cfg, _, lcfg, lora = family
+    _, ref_loss, ref_grads = _run(model_dir, lcfg, lora, lj.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    _, loss, grads = _run(model_dir, lcfg, lora, lj.make_mesh(*BOTH), remat_policy="offload")
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
+    ref = _flat(ref_grads)
+    for path, g in _flat(grads).items():
+        np.testing.assert_allclose(g, ref[path], rtol=1e-4, atol=RTOL * np.abs(ref[path]).max(), err_msg="/".join(path))
 
 
 # ------------------------------------------------------------------------------------------ quantised bases
