@@ -63,9 +63,9 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lora_jax.errors import ConfigError
+from lora_jax.stored_kernel import StoredKernel
 
 __all__ = [
     "Fp8Kernel",
@@ -159,7 +159,7 @@ class _ScaleKey(jax.tree_util.GetAttrKey):
     key: ClassVar[str] = "bias"
 
 
-class Fp8Kernel:
+class Fp8Kernel(StoredKernel):
     """A frozen projection kernel in FP8 (e4m3fn) with per-output-channel fp32 scales; see the
     module docstring for the layout. Answers `.shape`, `.ndim`, `.size`, `.dtype` as the kernel it
     replaces does; `.astype(dtype)` dequantises and `k[i]` takes layer i, so targeting, merging,
@@ -175,25 +175,8 @@ class Fp8Kernel:
         return tuple(self.scale.shape[:-1]) + (self.spec.in_features, self.spec.out_features)
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def dtype(self):
-        return jnp.dtype(self.spec.dtype)
-
-    @property
     def kind(self) -> str:
         return "fp8"
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually stored (codes and scales)."""
-        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in self.arrays())
 
     def arrays(self) -> tuple:
         return (self.codes, self.scale)

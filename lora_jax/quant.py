@@ -51,6 +51,7 @@ from flax import traverse_util
 from lora_jax.errors import ConfigError
 from lora_jax.fp8 import Fp8Kernel, dequantize_fp8, quantize_fp8
 from lora_jax.models.layout import projection_names
+from lora_jax.stored_kernel import StoredKernel
 
 __all__ = [
     "QUANT_KINDS",
@@ -160,7 +161,7 @@ class PartKey(jax.tree_util.GetAttrKey):
 _FIELDS = ("codes", "scales_q", "scales_scale", "scales_offset")
 
 
-class QuantizedKernel:
+class QuantizedKernel(StoredKernel):
     """A frozen projection kernel in 4 (NF4) or 8 (int8) bits; see the module docstring for layout."""
 
     __slots__ = _FIELDS + ("spec",)
@@ -180,25 +181,8 @@ class QuantizedKernel:
         return tuple(self.scales_offset.shape) + (self.spec.in_features, self.spec.out_features)
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def dtype(self):
-        return jnp.dtype(self.spec.dtype)
-
-    @property
     def kind(self) -> str:
         return self.spec.kind
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually stored (codes and scales)."""
-        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in self.arrays())
 
     def arrays(self) -> tuple:
         return tuple(getattr(self, f) for f in _FIELDS)

@@ -250,6 +250,18 @@ def steps_logged(run_dir) -> int:
         return max([json.loads(x).get("step", 0) for x in f if x.endswith("\n") and '"loss"' in x] or [0])
 
 
+def bench_script(name: str):
+    """The module of `experiments/bench/<name>.py`, loaded from its file (the scripts are not a
+    package): tests reuse their shapes and run them on tiny inputs."""
+    import importlib.util
+
+    path = os.path.join(REPO, "experiments", "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def module_imports(path) -> set[str]:
     """The module names a Python file imports (`import a.b` and `from a.b import c` give `a.b`), at
     any depth of its source; a relative `path` is read from the checkout's root."""

@@ -2,29 +2,23 @@
 API would first show there, costing device time: every script must import, and the step harness
 must run one step of a tiny shape on the CPU."""
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
 
+from tests.helpers import bench_script
+
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "bench"
 
 
-def _load(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCH.glob("*.py")))
 def test_script_imports(script):
-    assert hasattr(_load(BENCH / script), "main") or script == "shapes.py"
+    assert hasattr(bench_script(script), "main") or script == "shapes"
 
 
 def test_step_harness_runs_a_tiny_shape_with_dropout(capsys):
-    jax_bench = _load(BENCH / "jax_bench.py")
+    jax_bench = bench_script("jax_bench")
     argv = ["--shape", "tiny", "--batch", "2", "--seq", "64", "--steps", "1", "--warmup", "0"]
     assert jax_bench.main([*argv, "--attention", "xla", "--dropout", "0.05"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT ")]

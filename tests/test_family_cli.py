@@ -30,6 +30,7 @@ from lora_jax.train.step import eval_step
 from tests.helpers import (
     FP32_ATOL,
     REPO,
+    bench_script,
     cli_error,
     hf_model,
     make_hf_family,
@@ -207,20 +208,10 @@ def test_sweep_runs_on_family(family, tmp_path, corpus):
 
 
 # ------------------------------------------------------------------------------ shipped run configs
-# each family's shipped run config and the config.json essentials of the model it is for
+# each family's shipped run config and the config.json of the model it is for (the benchmark's
+# shape where it has one: experiments/bench/shapes.py)
 SHIPPED = {
-    "qwen3-1.7b.yaml": dict(
-        model_type="qwen3",
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-        tie_word_embeddings=True,
-    ),
+    "qwen3-1.7b.yaml": bench_script("shapes").get_shape("qwen3-1.7b"),
     "mistral-7b.yaml": dict(
         model_type="mistral",
         vocab_size=32000,
@@ -232,22 +223,7 @@ SHIPPED = {
         max_position_embeddings=32768,
         sliding_window=4096,  # v0.1
     ),
-    "gemma-3-1b.yaml": dict(
-        model_type="gemma3_text",
-        vocab_size=262144,
-        hidden_size=1152,
-        intermediate_size=6912,
-        num_hidden_layers=26,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=256,
-        sliding_window=512,
-        sliding_window_pattern=6,
-        query_pre_attn_scalar=256,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        rope_local_base_freq=10_000.0,
-    ),
+    "gemma-3-1b.yaml": bench_script("shapes").get_shape("gemma-3-1b"),
     "gpt2.yaml": dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
 }
 

@@ -25,6 +25,7 @@ lowers to a logical shift and `>=` to an unsigned compare, which is what the has
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import NamedTuple
 
@@ -60,9 +61,7 @@ def fits(x_shape, a_shape, dtype) -> bool:
     """Whether the fused kernels take `x [..., in] @ a [in, r]` in `dtype` (on a GPU; the tests run
     any float dtype in interpret mode)."""
     k, r = a_shape
-    n = 1
-    for d in x_shape:
-        n *= d
+    n = math.prod(x_shape)
     return (
         jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and x_shape[-1] == k
